@@ -1,0 +1,1 @@
+"""The agent processes: WITNESS, ARCHITECT and EXECUTOR, on a shared base."""

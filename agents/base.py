@@ -1,0 +1,126 @@
+"""The base of every Trinity process: initialize / loop / shutdown, a clock injected.
+
+``run()`` installs SIGTERM/SIGINT handlers that only set a flag; the loop polls
+its socket with a short timeout, so a stop request is honoured within one poll
+interval and the process exits 0 after closing its sockets and database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from types import FrameType
+from typing import Any, ClassVar
+
+from trinity.bus.journal import Journal, Transaction
+from trinity.bus.message import Message
+from trinity.bus.node import BusNode
+from trinity.bus.topology import DEFAULT_TOPOLOGY, HEARTBEATS, Topology
+from trinity.clock import Clock, ScaledClock, now_ms
+from trinity.errors import InvalidPayload, MalformedMessage
+from trinity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class BaseProcess:
+    name: ClassVar[str] = "process"
+    publishes: ClassVar[tuple[str, ...]] = ()
+    sends_heartbeats: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        topology: Topology = DEFAULT_TOPOLOGY,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or ScaledClock(settings.time_scale)
+        self.topology = topology
+        self.stopping = False
+        self._next_heartbeat = 0.0
+        self.journal: Journal
+        self.node: BusNode
+
+    # -- lifecycle --------------------------------------------------------
+
+    def initialize(self) -> None:
+        self.journal = Journal(self.settings.messages_db, source=self.name)
+        self.node = BusNode(
+            self.name, self.settings, self.journal, self.topology, publishes=self.publishes
+        )
+
+    def loop(self) -> None:
+        """One turn: receive, apply, beat, then the subclass's periodic work."""
+        self.node.receive(timeout_ms=int(self.settings.poll_interval_s * 500))
+        self.node.drain(self.handle)
+        inbox, self.node.ephemeral_inbox = self.node.ephemeral_inbox, []
+        for msg in inbox:
+            self.handle_ephemeral(msg)
+        now = self.clock.monotonic()
+        if self.sends_heartbeats and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.settings.heartbeat_interval_s
+            self.node.send_ephemeral(HEARTBEATS, self.heartbeat())
+        self.tick()
+
+    def shutdown(self) -> None:
+        self.node.close()
+        self.journal.close()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.initialize()
+        log.info("%s started", self.name, extra={"pid": os.getpid()})
+        try:
+            while not self.stopping:
+                self.loop()
+        finally:
+            self.shutdown()
+        log.info("%s stopped cleanly", self.name)
+        return 0
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    # -- what subclasses fill in ----------------------------------------
+
+    def handle(self, msg: Message, tx: Transaction) -> None:
+        """Apply one journaled message inside ``tx``; raise InvalidPayload to dead-letter it."""
+        raise NotImplementedError
+
+    def handle_ephemeral(self, msg: Message) -> None:
+        """A heartbeat or other unjournaled message addressed to this process."""
+
+    def tick(self) -> None:
+        """Periodic work after each loop turn."""
+
+    def heartbeat(self) -> dict[str, Any]:
+        return {
+            "agent": self.name,
+            "pid": os.getpid(),
+            "ts_ms": now_ms(),
+            "counters": self.node.counters.as_dict(),
+            "heads": self.node.heads(),
+            "cursors": self.node.cursors(),
+        }
+
+
+def event_fields(msg: Message, required: dict[str, type]) -> dict[str, Any]:
+    """The payload as a dict, with each required field present and of its type."""
+    try:
+        payload = msg.json()
+    except MalformedMessage as exc:
+        raise InvalidPayload(exc.reason) from None
+    for key, kind in required.items():
+        if key not in payload:
+            raise InvalidPayload(f"missing field {key!r}")
+        value = payload[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidPayload(
+                f"field {key!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+    return payload
+

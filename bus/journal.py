@@ -1,0 +1,296 @@
+"""The SQLite journal: outbox, per-consumer cursors, dead letters.
+
+Every durable message is committed here before it is sent on ZeroMQ, with a
+per-stream sequence number and a unique id. A consumer applies messages by
+reading the journal after its durable cursor and advancing the cursor in the same
+transaction as its own state change and its outputs, so a ``kill -9`` at any
+instant leaves either all of an application or none of it.
+
+Writes open with ``BEGIN IMMEDIATE`` (a deferred transaction that later writes
+gets SQLITE_BUSY without waiting for the busy handler); WAL with
+``synchronous=NORMAL`` keeps every commit across a process crash.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from trinity.bus.message import MAX_ID_LEN, Message
+from trinity.clock import now_ms
+from trinity.errors import JournalError
+
+_ID_NAMESPACE = uuid.UUID("5b6f1f3e-7f0e-4d0a-9a55-1c1a2f7e9b10")
+DEAD_LETTER_RAW_LIMIT = 4096
+
+
+def message_id(stream: str, key: str | None) -> str:
+    """A fresh id, or one derived from ``key`` so that re-publishing is a no-op."""
+    if key is None:
+        return uuid.uuid4().hex
+    readable = f"{stream}/{key}"
+    if len(readable) <= MAX_ID_LEN:
+        return readable
+    return f"{stream}/{uuid.uuid5(_ID_NAMESPACE, key).hex}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    stream: str
+    consumer: str
+    head: int
+    cursor: int
+
+    @property
+    def pending(self) -> int:
+        return self.head - self.cursor
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    created_ms: int
+    consumer: str
+    stream: str | None
+    msg_id: str | None
+    reason: str
+    size: int
+    raw: bytes
+
+
+class Transaction:
+    """One open write transaction. Published messages are sent after commit."""
+
+    def __init__(self, conn: sqlite3.Connection, source: str) -> None:
+        self.conn = conn
+        self.source = source
+        self.published: list[Message] = []
+        self._heads: dict[str, int] = {}
+
+    def _head(self, stream: str) -> int:
+        head = self._heads.get(stream)
+        if head is None:
+            self.conn.execute("INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
+            row = self.conn.execute("SELECT head FROM streams WHERE stream=?", (stream,)).fetchone()
+            head = int(row[0])
+            self._heads[stream] = head
+        return head
+
+    def publish(self, stream: str, payload: bytes, *, key: str | None = None) -> Message | None:
+        """Journal one message; returns None if a message with the same key already exists."""
+        seq = self._head(stream) + 1
+        msg = Message(
+            stream=stream,
+            seq=seq,
+            msg_id=message_id(stream, key),
+            source=self.source,
+            ts_ms=now_ms(),
+            payload=payload,
+        )
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO messages(stream, seq, msg_id, source, created_ms, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (stream, seq, msg.msg_id, msg.source, msg.ts_ms, payload),
+        )
+        if cur.rowcount != 1:
+            return None
+        self._heads[stream] = seq
+        self.published.append(msg)
+        return msg
+
+    def publish_many(
+        self, stream: str, items: Iterable[tuple[bytes, str | None]]
+    ) -> list[Message]:
+        return [m for payload, key in items if (m := self.publish(stream, payload, key=key))]
+
+    def advance_cursor(self, consumer: str, stream: str, seq: int) -> None:
+        self.conn.execute(
+            "INSERT INTO cursors(consumer, stream, seq, updated_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(consumer, stream) DO UPDATE SET seq=excluded.seq,"
+            " updated_ms=excluded.updated_ms WHERE excluded.seq > cursors.seq",
+            (consumer, stream, seq, now_ms()),
+        )
+
+    def dead_letter(
+        self,
+        consumer: str,
+        reason: str,
+        raw: bytes,
+        *,
+        stream: str | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO dead_letters(created_ms, consumer, stream, msg_id, reason, size, raw)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now_ms(), consumer, stream, msg_id, reason, len(raw), raw[:DEAD_LETTER_RAW_LIMIT]),
+        )
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo just this block's writes on error (the outer transaction goes on)."""
+        heads = dict(self._heads)
+        published = len(self.published)
+        self.conn.execute("SAVEPOINT apply_one")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO apply_one")
+            self.conn.execute("RELEASE apply_one")
+            self._heads = heads
+            del self.published[published:]
+            raise
+        self.conn.execute("RELEASE apply_one")
+
+    def _flush_heads(self) -> None:
+        self.conn.executemany(
+            "UPDATE streams SET head=? WHERE stream=? AND head < ?",
+            [(head, stream, head) for stream, head in self._heads.items()],
+        )
+
+
+class Journal:
+    """One process's connection to ``trinity_messages.db``. Not shared between threads."""
+
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS streams ("
+        " stream TEXT PRIMARY KEY, head INTEGER NOT NULL DEFAULT 0)",
+        "CREATE TABLE IF NOT EXISTS messages ("
+        " stream TEXT NOT NULL, seq INTEGER NOT NULL, msg_id TEXT NOT NULL UNIQUE,"
+        " source TEXT NOT NULL, created_ms INTEGER NOT NULL, payload BLOB NOT NULL,"
+        " PRIMARY KEY (stream, seq))",
+        "CREATE TABLE IF NOT EXISTS cursors ("
+        " consumer TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0,"
+        " updated_ms INTEGER NOT NULL, PRIMARY KEY (consumer, stream))",
+        "CREATE TABLE IF NOT EXISTS dead_letters ("
+        " id INTEGER PRIMARY KEY, created_ms INTEGER NOT NULL, consumer TEXT NOT NULL,"
+        " stream TEXT, msg_id TEXT, reason TEXT NOT NULL, size INTEGER NOT NULL, raw BLOB)",
+    )
+
+    def __init__(self, path: Path | str, *, source: str, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.source = source
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=busy_timeout_ms / 1000,
+                check_same_thread=False,
+            )
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self._write() as conn:
+                for ddl in self.SCHEMA:
+                    conn.execute(ddl)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+        try:
+            self.path.chmod(0o600)
+        except OSError:
+            pass
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction; sqlite errors surface as JournalError."""
+        tx = Transaction(self.conn, self.source)
+        try:
+            with self._write():
+                yield tx
+                tx._flush_heads()
+        except sqlite3.Error as exc:
+            tx.published.clear()
+            raise JournalError(f"journal write failed: {exc}") from exc
+
+    def declare(self, stream: str, consumers: Iterable[str]) -> None:
+        """Create the stream and a cursor at 0 for each declared consumer (idempotent).
+
+        Declared consumers hold back pruning from the start, so a consumer that
+        starts late still finds every message it has not applied.
+        """
+        ts = now_ms()
+        with self.transaction() as tx:
+            tx.conn.execute("INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
+            tx.conn.executemany(
+                "INSERT OR IGNORE INTO cursors(consumer, stream, seq, updated_ms) VALUES (?, ?, 0, ?)",
+                [(consumer, stream, ts) for consumer in consumers],
+            )
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+
+    def read_after(self, stream: str, after_seq: int, limit: int) -> list[Message]:
+        rows = self._read(
+            "SELECT seq, msg_id, source, created_ms, payload FROM messages"
+            " WHERE stream=? AND seq>? ORDER BY seq LIMIT ?",
+            (stream, after_seq, limit),
+        )
+        return [Message(stream, seq, mid, src, ts, bytes(p)) for seq, mid, src, ts, p in rows]
+
+    def ids_between(self, stream: str, lo: int, hi: int) -> dict[int, str]:
+        rows = self._read(
+            "SELECT seq, msg_id FROM messages WHERE stream=? AND seq BETWEEN ? AND ?",
+            (stream, lo, hi),
+        )
+        return {int(seq): str(mid) for seq, mid in rows}
+
+    def head(self, stream: str) -> int:
+        rows = self._read("SELECT head FROM streams WHERE stream=?", (stream,))
+        return int(rows[0][0]) if rows else 0
+
+    def heads(self) -> dict[str, int]:
+        return {s: int(h) for s, h in self._read("SELECT stream, head FROM streams")}
+
+    def cursor(self, consumer: str, stream: str) -> int:
+        rows = self._read(
+            "SELECT seq FROM cursors WHERE consumer=? AND stream=?", (consumer, stream)
+        )
+        return int(rows[0][0]) if rows else 0
+
+    def backlogs(self) -> list[Backlog]:
+        """Per queue and consumer: published head minus the consumer's durable cursor."""
+        rows = self._read(
+            "SELECT s.stream, c.consumer, s.head, c.seq FROM streams s"
+            " JOIN cursors c ON c.stream = s.stream ORDER BY s.stream, c.consumer"
+        )
+        return [Backlog(s, c, int(h), int(q)) for s, c, h, q in rows]
+
+    def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        sql = "SELECT id, created_ms, consumer, stream, msg_id, reason, size, raw FROM dead_letters"
+        params: tuple[object, ...] = ()
+        if consumer is not None:
+            sql += " WHERE consumer=?"
+            params = (consumer,)
+        rows = self._read(sql + " ORDER BY id", params)
+        return [
+            DeadLetter(int(i), int(t), c, s, m, r, int(n), bytes(raw or b""))
+            for i, t, c, s, m, r, n, raw in rows
+        ]
+
+    def prune(self) -> int:
+        """Delete messages every consumer of their stream has applied; returns the count."""
+        with self.transaction() as tx:
+            cur = tx.conn.execute(
+                "DELETE FROM messages WHERE seq <= ("
+                " SELECT min(c.seq) FROM cursors c WHERE c.stream = messages.stream)"
+            )
+            return int(cur.rowcount)
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,341 @@
+"""A process's place on the bus: one PUB socket out, one SUB socket in.
+
+Publishing commits to the journal first and sends after the commit, so a message
+on the wire is always already durable. Consuming never trusts the wire: a live
+message only says "stream S has something at seq N"; the node then applies what
+the journal holds after its durable cursor, in order, inside one transaction per
+batch that also advances the cursor and journals the handler's outputs. That one
+mechanism gives dedupe (seq <= cursor is skipped), gap repair and slow-joiner /
+high-water-mark repair (the journal has what the socket dropped), and replay
+after a restart (the cursor is durable).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from trinity.bus.journal import Journal, Transaction
+from trinity.bus.message import Message, decode, encode_payload
+from trinity.bus.topology import Topology
+from trinity.clock import now_ms
+from trinity.errors import (
+    InvalidPayload,
+    JournalError,
+    MalformedMessage,
+    RetryableError,
+)
+from trinity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, Transaction], None]
+
+_RETRY_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
+# Live messages are only hints (the journal is applied); past this many unapplied
+# hints a stream just stays awake until the journal is drained.
+_MAX_LIVE_HINTS = 10_000
+
+
+@dataclass
+class NodeCounters:
+    received: int = 0
+    applied: int = 0
+    applied_live: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    ignored: int = 0
+    published: int = 0
+    retries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _StreamState:
+    cursor: int
+    live: dict[int, str] = field(default_factory=dict)  # seq -> msg id, seen on the wire
+    seen: list[tuple[int, str]] = field(default_factory=list)  # live copies of applied seqs
+    wake: bool = True
+    retry_at: float = 0.0
+    failures: int = 0
+
+
+class BusNode:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        journal: Journal,
+        topology: Topology,
+        *,
+        publishes: Iterable[str] = (),
+        context: zmq.Context[Any] | None = None,
+        rcvhwm: int = 1000,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.journal = journal
+        self.topology = topology
+        self.counters = NodeCounters()
+        self.ephemeral_inbox: list[Message] = []
+        self._ctx = context or zmq.Context.instance()
+        self._last_journal_check = 0.0
+
+        for stream, consumers in topology.consumers.items():
+            if stream not in topology.ephemeral:
+                journal.declare(stream, consumers)
+        self._streams = {
+            s: _StreamState(cursor=journal.cursor(name, s)) for s in topology.consumed_by(name)
+        }
+
+        settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.sub: zmq.Socket[bytes] | None = None
+        if topology.listens(name):
+            sub = self._ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, rcvhwm)
+            # Far above the application limit, so oversized payloads reach decode()
+            # and are dead-lettered with a reason instead of dropped by libzmq.
+            sub.setsockopt(zmq.MAXMSGSIZE, max(settings.max_payload_bytes * 16, 16 << 20))
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.bind(topology.endpoint(name, settings.run_dir))
+            self.endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.sub = sub
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 500)
+        pub.setsockopt(zmq.RECONNECT_IVL, 100)
+        pub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        pub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        for peer in topology.peers_for(publishes or topology.streams, exclude=name):
+            pub.connect(topology.endpoint(peer, settings.run_dir))
+        self.pub: zmq.Socket[bytes] = pub
+
+    # -- publishing -------------------------------------------------------
+
+    def send(self, messages: Iterable[Message]) -> None:
+        for msg in messages:
+            try:
+                self.pub.send_multipart(msg.frames(), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the journal has it; the consumer's journal check repairs the drop
+            self.counters.published += 1
+
+    def publish(self, stream: str, payload: dict[str, Any], *, key: str | None = None) -> Message | None:
+        """Journal and send one message; None if ``key`` was published before."""
+        with self.journal.transaction() as tx:
+            msg = tx.publish(stream, encode_payload(payload), key=key)
+        self.send(tx.published)
+        return msg
+
+    def send_ephemeral(self, stream: str, payload: dict[str, Any]) -> None:
+        msg = Message(stream, 0, f"{self.name}/{time.monotonic_ns()}", self.name, now_ms(),
+                      encode_payload(payload))
+        self.send([msg])
+
+    # -- receiving --------------------------------------------------------
+
+    def receive(self, timeout_ms: int, max_messages: int = 1000) -> int:
+        """Read what the socket has (waiting up to timeout_ms for the first); returns the count."""
+        if self.sub is None:
+            time.sleep(timeout_ms / 1000)
+            return 0
+        if not self.sub.poll(timeout_ms):
+            return 0
+        malformed: list[tuple[str, bytes]] = []
+        count = 0
+        while count < max_messages:
+            try:
+                frames = self.sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            count += 1
+            self.counters.received += 1
+            try:
+                msg = decode(frames, self.settings.max_payload_bytes)
+            except MalformedMessage as exc:
+                malformed.append((exc.reason, b"\x00|".join(frames)))
+                continue
+            self._note(msg, malformed)
+        if malformed:
+            self._dead_letter_raw(malformed)
+        return count
+
+    def _note(self, msg: Message, malformed: list[tuple[str, bytes]]) -> None:
+        if msg.stream in self.topology.ephemeral:
+            if self.name in self.topology.consumers.get(msg.stream, ()):
+                self.ephemeral_inbox.append(msg)
+            self._wake_from_heads(msg)
+            return
+        state = self._streams.get(msg.stream)
+        if state is None:
+            if msg.stream in self.topology.consumers:
+                self.counters.ignored += 1
+            else:
+                malformed.append((f"unknown stream {msg.stream!r}", b"".join(msg.frames())))
+            return
+        if msg.seq == 0:
+            malformed.append((f"durable stream {msg.stream!r} message without a sequence number",
+                              b"".join(msg.frames())))
+            return
+        if msg.seq <= state.cursor:
+            if len(state.seen) < _MAX_LIVE_HINTS:
+                state.seen.append((msg.seq, msg.msg_id))
+            return
+        if len(state.live) < _MAX_LIVE_HINTS:
+            state.live[msg.seq] = msg.msg_id
+        state.wake = True
+
+    def _wake_from_heads(self, msg: Message) -> None:
+        """A heartbeat carrying a head beyond our cursor means we missed something."""
+        try:
+            heads = msg.json().get("heads")
+        except MalformedMessage:
+            return
+        if isinstance(heads, dict):
+            for stream, head in heads.items():
+                state = self._streams.get(stream)
+                if state is not None and isinstance(head, int) and head > state.cursor:
+                    state.wake = True
+
+    def _dead_letter_raw(self, items: list[tuple[str, bytes]]) -> None:
+        with self.journal.transaction() as tx:
+            for reason, raw in items:
+                tx.dead_letter(self.name, reason, raw)
+        self.counters.dead_lettered += len(items)
+        for reason, _ in items[:5]:
+            log.warning("dead-lettered a malformed message: %s", reason)
+
+    # -- applying ---------------------------------------------------------
+
+    def drain(self, handler: Handler, *, max_batches: int = 4) -> int:
+        """Apply journaled messages after our cursors; returns how many were applied."""
+        now = time.monotonic()
+        if now - self._last_journal_check >= self.settings.poll_interval_s:
+            self._last_journal_check = now
+            for stream, state in self._streams.items():
+                if self.journal.head(stream) > state.cursor:
+                    state.wake = True
+        applied = 0
+        for stream, state in self._streams.items():
+            if state.seen:
+                self._check_duplicates(stream, state)
+            batches = 0
+            while state.wake and now >= state.retry_at and batches < max_batches:
+                batches += 1
+                applied += self._apply_batch(stream, state, handler)
+        return applied
+
+    def _apply_batch(self, stream: str, state: _StreamState, handler: Handler) -> int:
+        rows = self.journal.read_after(stream, state.cursor, self.settings.batch_size)
+        if not rows:
+            self._reject_unjournaled(stream, state)
+            state.wake = False
+            return 0
+        done: list[Message] = []
+        failed: list[tuple[Message, str]] = []
+        outputs: list[Message] = []
+        retry = False
+        try:
+            with self.journal.transaction() as tx:
+                for msg in rows:
+                    try:
+                        with tx.savepoint():
+                            handler(msg, tx)
+                    except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
+                        log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+                        retry = True
+                        break
+                    except (InvalidPayload, MalformedMessage) as exc:
+                        failed.append((msg, exc.reason))
+                        tx.dead_letter(self.name, exc.reason, msg.payload, stream=stream,
+                                       msg_id=msg.msg_id)
+                    except Exception as exc:  # the loop never dies of one message
+                        reason = f"handler error: {type(exc).__name__}: {exc}"
+                        log.error("%s\n%s", reason, traceback.format_exc())
+                        failed.append((msg, reason))
+                        tx.dead_letter(self.name, reason, msg.payload, stream=stream,
+                                       msg_id=msg.msg_id)
+                    done.append(msg)
+                if done:
+                    tx.advance_cursor(self.name, stream, done[-1].seq)
+                outputs = tx.published
+        except JournalError as exc:
+            log.error("journal transaction failed on %s: %s", stream, exc)
+            retry = True
+            done, failed, outputs = [], [], []
+        self.send(outputs)
+        if done:
+            state.cursor = done[-1].seq
+        self.counters.applied += len(done) - len(failed)
+        self.counters.dead_lettered += len(failed)
+        for msg in done:
+            live_id = state.live.pop(msg.seq, None)
+            if live_id is None:
+                continue
+            self.counters.applied_live += 1
+            if live_id != msg.msg_id:
+                self._dead_letter_raw([(
+                    f"live message id {live_id!r} does not match journal id {msg.msg_id!r}"
+                    f" at {stream} seq {msg.seq}", b"")])
+        if retry:
+            state.failures += 1
+            self.counters.retries += 1
+            state.retry_at = time.monotonic() + _RETRY_BACKOFF_S[
+                min(state.failures, len(_RETRY_BACKOFF_S)) - 1]
+        else:
+            state.failures = 0
+            state.retry_at = 0.0
+            state.wake = len(rows) == self.settings.batch_size or bool(state.live)
+        return len(done)
+
+    def _check_duplicates(self, stream: str, state: _StreamState) -> None:
+        """Live copies of applied messages are dropped; forged ones are dead-lettered."""
+        seen, state.seen = state.seen, []
+        lo, hi = min(s for s, _ in seen), max(s for s, _ in seen)
+        journaled = self.journal.ids_between(stream, lo, hi)
+        forged = []
+        for seq, msg_id in seen:
+            expected = journaled.get(seq)
+            if expected is None or expected == msg_id:  # pruned rows cannot be checked
+                self.counters.duplicates += 1
+            else:
+                forged.append((f"live message id {msg_id!r} does not match journal id "
+                               f"{expected!r} at {stream} seq {seq}", b""))
+        if forged:
+            self._dead_letter_raw(forged)
+
+    def _reject_unjournaled(self, stream: str, state: _StreamState) -> None:
+        """Live messages beyond the journal head were never journaled: not ours to apply."""
+        if state.live:
+            items = [(f"{stream} seq {seq} (id {mid!r}) is not in the journal", b"")
+                     for seq, mid in sorted(state.live.items())]
+            state.live.clear()
+            self._dead_letter_raw(items)
+
+    # -- status -----------------------------------------------------------
+
+    def cursors(self) -> dict[str, int]:
+        return {s: st.cursor for s, st in self._streams.items()}
+
+    def heads(self) -> dict[str, int]:
+        heads = self.journal.heads()
+        return {s: heads.get(s, 0) for s in self._streams}
+
+    def backlog(self) -> int:
+        heads = self.heads()
+        return sum(heads[s] - st.cursor for s, st in self._streams.items())
+
+    def close(self) -> None:
+        if self.sub is not None:
+            self.sub.close(0)
+        self.pub.close()

@@ -1,0 +1,89 @@
+"""Alerts: built here, journaled on the ``alerts`` stream, written to alerts.log by the controller.
+
+An alert is journaled before anything else happens to it, so one raised while the
+controller is down is written to ``alerts.log`` once the controller is back.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trinity.bus.message import Message
+from trinity.clock import now_ms
+from trinity.errors import MalformedMessage
+
+SEVERITIES = ("info", "warning", "error", "critical")
+
+
+def make_alert(
+    kind: str,
+    severity: str,
+    message: str,
+    *,
+    agent: str | None = None,
+    alert_id: str | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    if severity not in SEVERITIES:
+        raise ValueError(f"unknown severity {severity!r}")
+    ts = now_ms()
+    return {
+        "alert_id": alert_id or uuid.uuid4().hex,
+        "ts": datetime.fromtimestamp(ts / 1000, UTC).isoformat(timespec="milliseconds"),
+        "ts_ms": ts,
+        "kind": kind,
+        "severity": severity,
+        "agent": agent,
+        "message": message,
+        "details": details,
+    }
+
+
+class AlertLog:
+    """``alerts.log``: one JSON object per line, each alert once even across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._written: set[str] = set()
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    self._written.add(str(json.loads(line)["alert_id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def write(self, msg: Message) -> bool:
+        """Append the alert carried by ``msg``; False if it was already written."""
+        try:
+            alert = msg.json()
+        except MalformedMessage:
+            alert = {"alert_id": msg.msg_id, "kind": "malformed_alert", "severity": "warning"}
+        alert_id = str(alert.get("alert_id") or msg.msg_id)
+        if alert_id in self._written:
+            return False
+        alert.setdefault("alert_id", alert_id)
+        alert["source"] = msg.source
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(alert, default=str) + "\n")
+        self._written.add(alert_id)
+        return True
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    """Every well-formed alert in an alerts.log (a torn last line is skipped)."""
+    if not path.exists():
+        return []
+    alerts = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            alerts.append(value)
+    return alerts

@@ -1,0 +1,61 @@
+"""supervisord event listener: records every unexpected exit as an alert.
+
+supervisord runs this as ``[eventlistener:crashwatch]`` subscribed to
+PROCESS_STATE_EXITED and PROCESS_STATE_FATAL. stdout is the listener protocol
+channel, so nothing else may be printed there; diagnostics go to stderr.
+An exit is unexpected when supervisord says ``expected:0`` (a kill -9, a crash,
+an exit code not in ``exitcodes``). The alert is journaled, so it reaches
+alerts.log even when the process that exited was the controller itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from supervisor import childutils
+
+from trinity.bus.journal import Journal
+from trinity.bus.message import encode_payload
+from trinity.bus.topology import ALERTS
+from trinity.controller.alerts import make_alert
+from trinity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def alert_for(event_name: str, payload: dict[str, str]) -> dict[str, Any] | None:
+    """The alert an event deserves, or None for an expected exit."""
+    process = payload.get("processname", "?")
+    if event_name == "PROCESS_STATE_EXITED" and payload.get("expected") == "0":
+        return make_alert(
+            "agent_crashed", "critical",
+            f"{process} exited unexpectedly (pid {payload.get('pid', '?')}, "
+            f"from {payload.get('from_state', '?')})",
+            agent=process, pid=payload.get("pid"), from_state=payload.get("from_state"),
+        )
+    if event_name == "PROCESS_STATE_FATAL":
+        return make_alert(
+            "agent_fatal", "critical",
+            f"supervisord gave up restarting {process} (too many failed starts)",
+            agent=process, from_state=payload.get("from_state"),
+        )
+    return None
+
+
+def main(settings: Settings) -> int:
+    journal = Journal(settings.messages_db, source="crashwatch")
+    while True:
+        headers, body = childutils.listener.wait(sys.stdin, sys.stdout)
+        try:
+            event_payload, _ = childutils.eventdata(body + "\n")
+            alert = alert_for(headers.get("eventname", ""), event_payload)
+            if alert is not None:
+                alert["details"]["group"] = event_payload.get("groupname")
+                with journal.transaction() as tx:
+                    tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+                log.warning("recorded %s", alert["message"])
+        except Exception:  # the listener must answer supervisord whatever happens
+            log.exception("crashwatch could not record an event: %r", body[:500])
+        childutils.listener.ok(sys.stdout)

@@ -1,0 +1,49 @@
+"""Heartbeat monitor: ``last_seen[name]`` and a deadline of interval × max missed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class AgentHealth:
+    last_seen: float
+    pid: int | None = None
+    silent: bool = False
+    beats: int = 0
+    last_payload: dict[str, Any] = field(default_factory=dict)
+
+
+class HeartbeatMonitor:
+    def __init__(self, agents: tuple[str, ...], deadline_s: float, now: float) -> None:
+        self.deadline_s = deadline_s
+        # An agent that never beat gets one deadline from the monitor's start.
+        self.agents = {name: AgentHealth(last_seen=now) for name in agents}
+
+    def beat(self, name: str, payload: dict[str, Any], now: float) -> bool:
+        """Record a heartbeat; True if the agent had been silent (it recovered)."""
+        health = self.agents.get(name)
+        if health is None:
+            return False
+        recovered = health.silent
+        health.last_seen = now
+        health.silent = False
+        health.beats += 1
+        pid = payload.get("pid")
+        health.pid = pid if isinstance(pid, int) else health.pid
+        health.last_payload = payload
+        return recovered
+
+    def newly_silent(self, now: float) -> list[tuple[str, float]]:
+        """Agents past their deadline that were not yet reported, with their silence in s."""
+        found = []
+        for name, health in self.agents.items():
+            quiet = now - health.last_seen
+            if not health.silent and quiet > self.deadline_s:
+                health.silent = True
+                found.append((name, quiet))
+        return found
+
+    def ages(self, now: float) -> dict[str, float]:
+        return {name: now - h.last_seen for name, h in self.agents.items()}

@@ -1,0 +1,148 @@
+"""Starting, querying and stopping supervisord through its own XML-RPC interface.
+
+The config's ``%(here)s`` paths make everything relative to the config file's
+folder: the control socket in ``.run/``, program logs in ``logs/supervisor/``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from xmlrpc.client import Fault, ServerProxy
+
+import psutil
+from supervisor import xmlrpc
+from supervisor.options import ClientOptions
+
+from trinity.errors import TrinityError
+
+PROGRAMS = ("controller", "witness", "architect", "executor")
+_OUR_COMMANDS = (("trinity", "agent"), ("trinity", "controller"), ("trinity", "crashwatch"))
+
+
+class SupervisorError(TrinityError):
+    """supervisord could not be started, reached or stopped."""
+
+
+class Supervisor:
+    def __init__(self, config: Path) -> None:
+        self.config = config.resolve()
+        if not self.config.is_file():
+            raise SupervisorError(f"supervisor config {self.config} does not exist")
+        self.here = self.config.parent
+        options = ClientOptions()
+        options.realize(args=["-c", str(self.config)], doc="")
+        self.serverurl: str = options.serverurl
+        self.socket_path = Path(self.serverurl.removeprefix("unix://"))
+
+    def proxy(self) -> Any:
+        transport = xmlrpc.SupervisorTransport(None, None, serverurl=self.serverurl)
+        return ServerProxy("http://127.0.0.1", transport=transport)
+
+    def is_running(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        try:
+            return bool(self.proxy().supervisor.getState()["statename"] == "RUNNING")
+        except (OSError, Fault):
+            return False
+
+    def process_info(self) -> list[dict[str, Any]]:
+        return list(self.proxy().supervisor.getAllProcessInfo())
+
+    def states(self) -> dict[str, str]:
+        return {p["name"]: p["statename"] for p in self.process_info()}
+
+    def start(self, env: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> None:
+        """Start supervisord (it daemonizes) and wait until every program is RUNNING."""
+        if self.is_running():
+            raise SupervisorError(
+                f"supervisord is already running for {self.here} (socket {self.socket_path}); "
+                "use 'make stop' first or 'supervisorctl -c supervisor.conf status' to inspect it"
+            )
+        for folder in (self.socket_path.parent,):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
+        (self.here / "logs" / "supervisor").mkdir(parents=True, exist_ok=True)
+        cleanup_orphans(self.here)
+        child_env = dict(os.environ if env is None else env)
+        bin_dir = str(Path(sys.executable).parent)
+        child_env["PATH"] = bin_dir + os.pathsep + child_env.get("PATH", "")
+        result = subprocess.run(
+            [os.path.join(bin_dir, "supervisord"), "-c", str(self.config)],
+            cwd=self.here, env=child_env, capture_output=True, text=True, timeout=30,
+        )
+        if result.returncode != 0:
+            raise SupervisorError(f"supervisord failed to start: {result.stderr or result.stdout}")
+        self.wait_running(timeout_s)
+
+    def wait_running(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            if self.is_running():
+                states = self.states()
+                if all(states.get(p) == "RUNNING" for p in PROGRAMS):
+                    return
+            time.sleep(0.2)
+        raise SupervisorError(f"programs not RUNNING after {timeout_s:.0f} s: {states}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the programs and supervisord, then kill any orphan of ours."""
+        if self.is_running():
+            proxy = self.proxy()
+            try:
+                proxy.supervisor.stopAllProcesses()
+            except Fault:
+                pass
+            pid = int(proxy.supervisor.getPID())
+            try:
+                proxy.supervisor.shutdown()
+            except (OSError, Fault):
+                pass
+            _wait_gone(pid, timeout_s)
+        cleanup_orphans(self.here)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and psutil.pid_exists(pid):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+
+
+def _is_ours(proc: psutil.Process, here: Path) -> bool:
+    try:
+        cmd = proc.cmdline()
+        cwd = proc.cwd()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    if Path(cwd).resolve() != here:
+        return False
+    names = [Path(part).name for part in cmd[:3]]
+    return any(a in names and b in cmd for a, b in _OUR_COMMANDS) or (
+        "supervisord" in names and any(str(here) in part for part in cmd)
+    )
+
+
+def cleanup_orphans(here: Path) -> list[int]:
+    """Kill Trinity processes left behind by a supervisord that was itself killed."""
+    here = here.resolve()
+    found = [p for p in psutil.process_iter() if p.pid != os.getpid() and _is_ours(p, here)]
+    for proc in found:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(found, timeout=5)
+    return [p.pid for p in found]

@@ -1,0 +1,144 @@
+"""The ``trinity`` command: a thin click layer that parses and delegates."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trinity.errors import ConfigError, TrinityError
+from trinity.settings import Settings
+
+DEFAULT_CONFIG = "supervisor.conf"
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="trinity")
+def main() -> None:
+    """Trinity: supervised WITNESS / ARCHITECT / EXECUTOR agents on a durable bus."""
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["witness", "architect", "executor"]))
+def agent(name: str) -> None:
+    """Run one agent process (supervisord starts these)."""
+    from trinity import logs
+    from trinity.agents.architect import Architect
+    from trinity.agents.executor import Executor
+    from trinity.agents.witness import Witness
+
+    logs.configure(name)
+    cls = {"witness": Witness, "architect": Architect, "executor": Executor}[name]
+    sys.exit(cls(_settings()).run())
+
+
+@main.command()
+def controller() -> None:
+    """Run the controller process (supervisord starts it)."""
+    from trinity import logs
+    from trinity.controller.controller import Controller
+
+    logs.configure("controller")
+    sys.exit(Controller(_settings()).run())
+
+
+@main.command()
+def crashwatch() -> None:
+    """supervisord event listener that records unexpected exits (not for interactive use)."""
+    from trinity import logs
+    from trinity.controller import crashwatch as watch
+
+    logs.configure("crashwatch")
+    sys.exit(watch.main(_settings()))
+
+
+@main.command()
+@click.option("--duration", "duration_h", type=float, help="Simulated hours [TRINITY_TEST_DURATION, 24].")
+@click.option("--time-scale", type=float, help="Simulated seconds per real second [TRINITY_TIME_SCALE, 1].")
+@click.option("--event-interval", "event_interval_min", type=float,
+              help="Simulated minutes between events [TRINITY_EVENT_INTERVAL, 30].")
+@click.option("--resume", is_flag=True, help="Continue the latest run instead of starting a new one.")
+@click.option("--detach", is_flag=True, help="Start under supervisord and return at once.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
+def run(duration_h: float | None, time_scale: float | None, event_interval_min: float | None,
+        resume: bool, detach: bool, config: Path) -> None:
+    """Start a run under supervisord; in the foreground, wait for it and stop cleanly."""
+    from trinity.controller import runner
+
+    settings = _settings(duration_h=duration_h, time_scale=time_scale,
+                         event_interval_min=event_interval_min)
+    try:
+        code = runner.start(settings, config, resume=resume, detach=detach)
+    except TrinityError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
+def stop(config: Path) -> None:
+    """Stop the programs and supervisord, and clean up orphans of a killed supervisord."""
+    from trinity.controller.supervision import Supervisor
+
+    try:
+        sup = Supervisor(config)
+        was_running = sup.is_running()
+        sup.stop()
+    except TrinityError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("stopped" if was_running else "supervisord was not running (orphans cleaned up)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
+def status(as_json: bool, config: Path) -> None:
+    """Run progress, queue backlogs, agents and their last heartbeat age."""
+    from trinity.controller import runner
+
+    report = runner.status(_settings(), config)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(runner.format_status(report))
+
+
+@main.command("dead-letters")
+@click.option("--limit", type=int, default=20, show_default=True, help="How many, newest first.")
+def dead_letters(limit: int) -> None:
+    """List dead-lettered messages with their reasons."""
+    from trinity.bus.journal import Journal
+
+    settings = _settings()
+    if not settings.messages_db.exists():
+        click.echo(f"no journal at {settings.messages_db}")
+        return
+    journal = Journal(settings.messages_db, source="cli")
+    try:
+        letters = journal.dead_letters()[-limit:]
+    finally:
+        journal.close()
+    if not letters:
+        click.echo("no dead letters")
+    for letter in reversed(letters):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.created_ms / 1000))
+        click.echo(f"{stamp}  {letter.consumer:<10} {letter.stream or '-':<18} "
+                   f"{letter.size:>8} B  {letter.reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""What a run records beside the bus: runs, the events the controller emitted, outcomes.
+
+These tables live in the journal database so that an agent records its outcome
+in the same transaction that advances its cursor: exactly once, by construction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS runs ("
+    " run_id TEXT PRIMARY KEY, started_ms INTEGER NOT NULL, ended_ms INTEGER,"
+    " status TEXT NOT NULL, config TEXT NOT NULL, sim_elapsed_s REAL NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS events ("
+    " event_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, cycle INTEGER NOT NULL,"
+    " category TEXT NOT NULL, emitted_ms INTEGER NOT NULL, sim_elapsed_s REAL NOT NULL,"
+    " UNIQUE (run_id, cycle))",
+    "CREATE TABLE IF NOT EXISTS outcomes ("
+    " task_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, run_id TEXT,"
+    " delegate TEXT NOT NULL, status TEXT NOT NULL, recorded_ms INTEGER NOT NULL,"
+    " product TEXT)",
+    "CREATE INDEX IF NOT EXISTS outcomes_event ON outcomes(event_id)",
+)
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for ddl in SCHEMA:
+            conn.execute(ddl)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,125 @@
+"""Settings: one frozen dataclass, built once from ``TRINITY_*`` variables and flags.
+
+Units are in the names (``_s``, ``_min``, ``_h``, ``_bytes``). ``validate()``
+raises :class:`ConfigError` with a message naming the variable, before anything
+starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trinity.errors import ConfigError
+
+# Unix socket paths are limited to 108 bytes including the terminator; leave room
+# for the longest file name placed in the run directory.
+_MAX_RUN_DIR_LEN = 80
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
+
+def default_run_dir(data_dir: Path) -> Path:
+    """Where sockets live: ``<data_dir>/.run``, or a short path under /tmp if that is too long."""
+    candidate = data_dir / ".run"
+    if len(str(candidate)) <= _MAX_RUN_DIR_LEN:
+        return candidate
+    digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"trinity-{os.getuid()}-{digest}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    log_dir: Path
+    run_dir: Path
+    time_scale: float = 1.0
+    duration_h: float = 24.0
+    event_interval_min: float = 30.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_max_missed: int = 3
+    poll_interval_s: float = 0.2
+    max_payload_bytes: int = 1 << 20
+    batch_size: int = 500
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from the environment; keyword overrides (from CLI flags) win."""
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("TRINITY_DATA_DIR") or os.getcwd()).resolve()
+        log_dir = Path(env.get("TRINITY_LOG_DIR") or data_dir / "logs" / "24h_test")
+        run_dir_raw = env.get("TRINITY_RUN_DIR")
+        values: dict[str, Any] = {
+            "data_dir": data_dir,
+            "log_dir": log_dir if log_dir.is_absolute() else data_dir / log_dir,
+            "run_dir": Path(run_dir_raw).resolve() if run_dir_raw else default_run_dir(data_dir),
+            "time_scale": _env_float(env, "TRINITY_TIME_SCALE", 1.0),
+            "duration_h": _env_float(env, "TRINITY_TEST_DURATION", 24.0),
+            "event_interval_min": _env_float(env, "TRINITY_EVENT_INTERVAL", 30.0),
+            "heartbeat_interval_s": _env_float(env, "TRINITY_HEARTBEAT_INTERVAL", 1.0),
+            "heartbeat_max_missed": _env_int(env, "TRINITY_HEARTBEAT_MAX_MISSED", 3),
+            "max_payload_bytes": _env_int(env, "TRINITY_MAX_PAYLOAD_BYTES", 1 << 20),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = {
+            "time_scale (TRINITY_TIME_SCALE)": self.time_scale,
+            "duration_h (TRINITY_TEST_DURATION)": self.duration_h,
+            "event_interval_min (TRINITY_EVENT_INTERVAL)": self.event_interval_min,
+            "heartbeat_interval_s (TRINITY_HEARTBEAT_INTERVAL)": self.heartbeat_interval_s,
+            "poll_interval_s": self.poll_interval_s,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+        if self.heartbeat_max_missed < 1:
+            raise ConfigError("heartbeat_max_missed must be at least 1")
+        if not 1024 <= self.max_payload_bytes <= 64 << 20:
+            raise ConfigError("max_payload_bytes must be between 1 KiB and 64 MiB")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be at least 1")
+        if len(str(self.run_dir)) > _MAX_RUN_DIR_LEN + 20:
+            raise ConfigError(
+                f"run directory {self.run_dir} is too long for unix sockets; "
+                "set TRINITY_RUN_DIR to a shorter path"
+            )
+
+    @property
+    def messages_db(self) -> Path:
+        return self.data_dir / "trinity_messages.db"
+
+    @property
+    def heartbeat_deadline_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_max_missed
+
+    def replace(self, **changes: Any) -> Settings:
+        updated = dataclasses.replace(self, **changes)
+        updated.validate()
+        return updated
