@@ -1,0 +1,43 @@
+# Trinity — every target uses .venv and installs it first when it is missing.
+VENV      ?= .venv
+PYTHON    ?= python3
+STAMP     := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# The demo: the 24-hour plan compressed (2880 simulated seconds per real second).
+DEMO_TIME_SCALE ?= 2880
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test start-24h stop status bench-bus clean
+
+help: ## List the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv with everything Trinity needs (idempotent)
+
+demo: install ## Run the main job on embedded defaults: a compressed 24-hour run in the foreground
+	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE)
+
+test: install ## Run the test suite
+	pytest
+
+start-24h: install ## Start the 24-hour run under supervisord in the background
+	trinity run --detach
+
+stop: install ## Stop the programs and supervisord (and orphans of a killed supervisord)
+	trinity stop
+
+status: install ## Show run progress, queues and agents
+	trinity status
+
+bench-bus: install ## Benchmark: journaled bus vs raw pyzmq PUB/SUB (exit 1 if target missed)
+	python benchmarks/bench_bus.py
+
+clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
+	rm -rf trinity_*.db trinity_*.db-* logs/24h_test logs/supervisor reports .run
