@@ -41,20 +41,25 @@ class Supervisor:
         self.serverurl: str = options.serverurl
         self.socket_path = Path(self.serverurl.removeprefix("unix://"))
 
-    def proxy(self) -> Any:
+    def call(self, method: str, *args: Any) -> Any:
+        """One XML-RPC call on the ``supervisor`` namespace, on a connection of its own."""
         transport = xmlrpc.SupervisorTransport(None, None, serverurl=self.serverurl)
-        return ServerProxy("http://127.0.0.1", transport=transport)
+        try:
+            proxy = ServerProxy("http://127.0.0.1", transport=transport)
+            return getattr(proxy.supervisor, method)(*args)
+        finally:
+            transport.close()
 
     def is_running(self) -> bool:
         if not self.socket_path.exists():
             return False
         try:
-            return bool(self.proxy().supervisor.getState()["statename"] == "RUNNING")
+            return bool(self.call("getState")["statename"] == "RUNNING")
         except (OSError, Fault):
             return False
 
     def process_info(self) -> list[dict[str, Any]]:
-        return list(self.proxy().supervisor.getAllProcessInfo())
+        return list(self.call("getAllProcessInfo"))
 
     def states(self) -> dict[str, str]:
         return {p["name"]: p["statename"] for p in self.process_info()}
@@ -96,14 +101,13 @@ class Supervisor:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the programs and supervisord, then kill any orphan of ours."""
         if self.is_running():
-            proxy = self.proxy()
             try:
-                proxy.supervisor.stopAllProcesses()
+                self.call("stopAllProcesses")
             except Fault:
                 pass
-            pid = int(proxy.supervisor.getPID())
+            pid = int(self.call("getPID"))
             try:
-                proxy.supervisor.shutdown()
+                self.call("shutdown")
             except (OSError, Fault):
                 pass
             _wait_gone(pid, timeout_s)

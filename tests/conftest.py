@@ -1,0 +1,93 @@
+"""Shared fixtures: short temporary project folders and a real supervisord.
+
+Unix socket paths are limited to ~107 bytes, so project folders live directly
+under /tmp rather than under pytest's (long) tmp_path. In CI (``CI=true``) a
+missing resource fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from trinity.controller.supervision import Supervisor, cleanup_orphans
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll until ``predicate()`` is truthy; fail the test with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Project:
+    """A throwaway Trinity project folder with the repo's supervisor.conf."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "supervisor.conf"
+        shutil.copy(ROOT / "supervisor.conf", self.config)
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("TRINITY_")
+        }
+        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env["TRINITY_DATA_DIR"] = str(root)
+
+    @property
+    def db(self) -> Path:
+        return root_db(self.root)
+
+    @property
+    def alerts_log(self) -> Path:
+        return self.root / "logs" / "24h_test" / "alerts.log"
+
+    def trinity(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "trinity"), *args], cwd=self.root, env=self.env,
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", str(self.config), *args], cwd=self.root,
+            env=self.env, capture_output=True, text=True, timeout=30,
+        )
+
+    def supervisor(self) -> Supervisor:
+        return Supervisor(self.config)
+
+
+def root_db(root: Path) -> Path:
+    return root / "trinity_messages.db"
+
+
+@pytest.fixture
+def project(short_dir: Path) -> Iterator[Project]:
+    proj = Project(short_dir)
+    yield proj
+    try:
+        proj.supervisor().stop()
+    finally:
+        cleanup_orphans(short_dir)
