@@ -14,16 +14,17 @@ import json
 import logging
 from typing import Any, ClassVar
 
-from trinity import records
 from trinity.agents.base import BaseProcess
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, TELEMETRY
-from trinity.clock import ScaledClock, now_ms
 from trinity.controller import runs
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.scenario import event_for_cycle
+
+from trinity import records
+from trinity.clock import ScaledClock, now_ms
 from trinity.errors import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,8 @@ class Controller(BaseProcess):
     # -- messages ---------------------------------------------------------
 
     def handle(self, msg: Message, tx: Transaction) -> None:
-        if msg.stream == ALERTS:
-            if self.alert_log.write(msg):
-                log.warning("alert: %s", msg.payload.decode("utf-8", "replace")[:500])
+        if msg.stream == ALERTS and self.alert_log.write(msg):
+            log.warning("alert: %s", msg.payload.decode("utf-8", "replace")[:500])
 
     def handle_ephemeral(self, msg: Message) -> None:
         try:

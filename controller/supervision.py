@@ -6,6 +6,7 @@ folder: the control socket in ``.run/``, program logs in ``logs/supervisor/``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -101,15 +102,11 @@ class Supervisor:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the programs and supervisord, then kill any orphan of ours."""
         if self.is_running():
-            try:
+            with contextlib.suppress(Fault):
                 self.call("stopAllProcesses")
-            except Fault:
-                pass
             pid = int(self.call("getPID"))
-            try:
+            with contextlib.suppress(OSError, Fault):
                 self.call("shutdown")
-            except (OSError, Fault):
-                pass
             _wait_gone(pid, timeout_s)
         cleanup_orphans(self.here)
 
@@ -144,9 +141,7 @@ def cleanup_orphans(here: Path) -> list[int]:
     here = here.resolve()
     found = [p for p in psutil.process_iter() if p.pid != os.getpid() and _is_ours(p, here)]
     for proc in found:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(found, timeout=5)
     return [p.pid for p in found]

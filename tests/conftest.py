@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from trinity.controller.supervision import Supervisor, cleanup_orphans
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -64,11 +64,14 @@ def crashwatch() -> None:
 
 
 @main.command()
-@click.option("--duration", "duration_h", type=float, help="Simulated hours [TRINITY_TEST_DURATION, 24].")
-@click.option("--time-scale", type=float, help="Simulated seconds per real second [TRINITY_TIME_SCALE, 1].")
+@click.option("--duration", "duration_h", type=float,
+              help="Simulated hours [TRINITY_TEST_DURATION, 24].")
+@click.option("--time-scale", type=float,
+              help="Simulated seconds per real second [TRINITY_TIME_SCALE, 1].")
 @click.option("--event-interval", "event_interval_min", type=float,
               help="Simulated minutes between events [TRINITY_EVENT_INTERVAL, 30].")
-@click.option("--resume", is_flag=True, help="Continue the latest run instead of starting a new one.")
+@click.option("--resume", is_flag=True,
+              help="Continue the latest run instead of starting a new one.")
 @click.option("--detach", is_flag=True, help="Start under supervisord and return at once.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")

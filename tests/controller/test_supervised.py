@@ -11,10 +11,10 @@ import time
 
 import psutil
 import pytest
-
-from tests.conftest import Project, wait_for
 from trinity.controller.alerts import read_alerts
 from trinity.controller.supervision import PROGRAMS
+
+from tests.conftest import Project, wait_for
 
 pytestmark = pytest.mark.slow
 
