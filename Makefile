@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_TIME_SCALE ?= 2880
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test start-24h stop status bench-bus clean
+.PHONY: help install demo test lint start-24h stop status bench-bus clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,3 +41,8 @@ bench-bus: install ## Benchmark: journaled bus vs raw pyzmq PUB/SUB (exit 1 if t
 
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
 	rm -rf trinity_*.db trinity_*.db-* logs/24h_test logs/supervisor reports .run
+
+lint: install ## ruff, and mypy --strict on the installed package layout
+	ruff check trinity bus agents controller tests benchmarks
+	rm -rf build/typecheck && pip install --quiet --no-deps --target build/typecheck .
+	cd build && MYPYPATH=typecheck mypy --config-file ../setup.cfg -p trinity

@@ -50,8 +50,8 @@ class Controller(BaseProcess):
             "CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, pid INTEGER,"
             " last_heartbeat_ms INTEGER NOT NULL, heartbeat TEXT NOT NULL)"
         )
-        self.run: runs.Run | None = None
-        self.run_clock: ScaledClock | None = None
+        self.active: runs.Run | None = None
+        self.active_clock: ScaledClock | None = None
         self._next_checkpoint = 0.0
         self._next_prune = self.clock.monotonic() + PRUNE_EVERY_S
         self._duration_reached_at: float | None = None
@@ -63,9 +63,9 @@ class Controller(BaseProcess):
         if run is None:
             log.info("no active run: monitoring only")
             return
-        self.run = run
+        self.active = run
         # Continue simulated time from the last checkpoint: downtime is not run time.
-        self.run_clock = ScaledClock(run.time_scale, sim_offset_s=run.sim_elapsed_s)
+        self.active_clock = ScaledClock(run.time_scale, sim_offset_s=run.sim_elapsed_s)
         log.info("continuing run %s at simulated %.0f s", run.run_id, run.sim_elapsed_s)
 
     # -- messages ---------------------------------------------------------
@@ -103,9 +103,9 @@ class Controller(BaseProcess):
 
     def raise_alert(self, kind: str, severity: str, message: str, **details: Any) -> None:
         alert = make_alert(kind, severity, message, **details)
-        if self.run is not None and self.run_clock is not None:
-            alert["run_id"] = self.run.run_id
-            alert["sim_elapsed_s"] = round(self.run_clock.sim_elapsed_s(), 3)
+        if self.active is not None and self.active_clock is not None:
+            alert["run_id"] = self.active.run_id
+            alert["sim_elapsed_s"] = round(self.active_clock.sim_elapsed_s(), 3)
         self.node.publish(ALERTS, alert, key=alert["alert_id"])
 
     # -- periodic work ------------------------------------------------------
@@ -119,15 +119,15 @@ class Controller(BaseProcess):
                 f"({self.settings.heartbeat_max_missed} missed)",
                 agent=agent, silent_s=round(quiet, 3),
             )
-        if self.run is not None:
+        if self.active is not None:
             self._drive_run(now)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_S
             self.journal.prune()
 
     def _drive_run(self, now: float) -> None:
-        assert self.run is not None and self.run_clock is not None
-        run, sim = self.run, self.run_clock.sim_elapsed_s()
+        assert self.active is not None and self.active_clock is not None
+        run, sim = self.active, self.active_clock.sim_elapsed_s()
         state = runs.progress(self.journal.conn, run.run_id)
         next_cycle = state["last_cycle"] + 1
         if next_cycle <= run.total_cycles and (next_cycle - 1) * run.event_interval_s <= sim:
@@ -159,12 +159,12 @@ class Controller(BaseProcess):
         log.info("emitted cycle %d (%s)", cycle, category, extra={"event_id": event_id})
 
     def _end_run(self, status: str, state: dict[str, int]) -> None:
-        assert self.run is not None
-        runs.finish(self.journal.conn, self.run.run_id, status)
-        log.info("run %s %s: %s", self.run.run_id, status, state)
+        assert self.active is not None
+        runs.finish(self.journal.conn, self.active.run_id, status)
+        log.info("run %s %s: %s", self.active.run_id, status, state)
         if status != runs.COMPLETED:
             self.raise_alert("run_incomplete", "error",
                              f"{state['emitted'] - state['completed']} events without an outcome "
                              f"after the drain timeout", **state)
-        self.run = None
-        self.run_clock = None
+        self.active = None
+        self.active_clock = None
