@@ -12,6 +12,7 @@ from trinity.agents.base import BaseProcess, event_fields
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, EXECUTION, HEARTBEATS
+from trinity.errors import InvalidPayload
 
 
 class Architect(BaseProcess):
@@ -20,6 +21,8 @@ class Architect(BaseProcess):
 
     def handle(self, msg: Message, tx: Transaction) -> None:
         signal = event_fields(msg, {"event_id": str})
+        if not signal["event_id"].strip():
+            raise InvalidPayload("field 'event_id' is empty")
         task_id = f"{signal['event_id']}/t1"
         task = {
             "task_id": task_id,

@@ -97,12 +97,12 @@ class Settings:
             "poll_interval_s": self.poll_interval_s,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a finite number greater than 0, got {value!r}")
         if self.heartbeat_max_missed < 1:
-            raise ConfigError("heartbeat_max_missed must be at least 1")
+            raise ConfigError("heartbeat_max_missed (TRINITY_HEARTBEAT_MAX_MISSED) must be >= 1")
         if not 1024 <= self.max_payload_bytes <= 64 << 20:
-            raise ConfigError("max_payload_bytes must be between 1 KiB and 64 MiB")
+            raise ConfigError("max_payload_bytes (TRINITY_MAX_PAYLOAD_BYTES) must be 1 KiB..64 MiB")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if len(str(self.run_dir)) > _MAX_RUN_DIR_LEN + 20:

@@ -1,0 +1,228 @@
+"""The ``trinity`` command line: help, settings errors, status and dead letters on no run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from trinity.bus.journal import Journal
+from trinity.cli import main
+
+COMMANDS = sorted(main.commands)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="tr"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str | None]:
+    """The environment for one invocation: no inherited TRINITY_* variable leaks in."""
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("TRINITY_")}
+    env["TRINITY_DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def invoke(args: list[str], env: dict[str, str | None] | None = None) -> Result:
+    return CliRunner().invoke(main, args, env=env, prog_name="trinity", catch_exceptions=False)
+
+
+# -- help ------------------------------------------------------------------------
+
+def test_top_level_help_lists_every_command() -> None:
+    result = invoke(["--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: trinity [OPTIONS] COMMAND [ARGS]...")
+    for name in COMMANDS:
+        assert f"  {name} " in result.output, f"{name} missing from --help"
+
+
+def test_no_arguments_prints_usage() -> None:
+    result = invoke([])
+    assert "Usage: trinity" in result.output
+    assert result.exit_code in (0, 2)  # click >= 8.2 exits 2 for a group without a command
+
+
+def test_there_are_commands() -> None:
+    assert {"agent", "controller", "run", "stop", "status", "dead-letters"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_subcommand_has_help(name: str) -> None:
+    result = invoke([name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: trinity {name}")
+    command = main.commands[name]
+    assert command.help, f"{name} has no help text"
+    assert command.get_short_help_str(limit=200).rstrip(".")[:30] in " ".join(result.output.split())
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.opts[-1] in result.output, f"{name} --help does not show {param.opts}"
+
+
+def test_version() -> None:
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert version("trinity") in result.output
+
+
+def test_unknown_command_fails_with_usage() -> None:
+    result = invoke(["no-such-command"])
+    assert result.exit_code == 2
+    assert "No such command 'no-such-command'" in result.output
+
+
+# -- invalid settings: a clear error naming the variable, before anything starts ---
+
+INVALID_RUNS = [
+    ({"TRINITY_TIME_SCALE": "abc"}, [], "TRINITY_TIME_SCALE='abc' is not a number"),
+    ({"TRINITY_TEST_DURATION": "24h"}, [], "TRINITY_TEST_DURATION"),
+    ({"TRINITY_EVENT_INTERVAL": "-5"}, [], "TRINITY_EVENT_INTERVAL"),
+    ({"TRINITY_HEARTBEAT_INTERVAL": "0"}, [], "TRINITY_HEARTBEAT_INTERVAL"),
+    ({"TRINITY_HEARTBEAT_MAX_MISSED": "1.5"}, [], "TRINITY_HEARTBEAT_MAX_MISSED"),
+    ({"TRINITY_MAX_PAYLOAD_BYTES": "12"}, [], "TRINITY_MAX_PAYLOAD_BYTES"),
+    ({"TRINITY_RUN_DIR": "/tmp/" + "r" * 120}, [], "TRINITY_RUN_DIR"),
+    ({}, ["--time-scale", "0"], "time_scale (TRINITY_TIME_SCALE) must be"),
+    ({}, ["--duration", "-1"], "duration_h (TRINITY_TEST_DURATION) must be"),
+    ({}, ["--event-interval", "0"], "event_interval_min (TRINITY_EVENT_INTERVAL) must be"),
+    ({"TRINITY_TIME_SCALE": "0"}, ["--resume", "--detach"], "TRINITY_TIME_SCALE"),
+]
+
+
+@pytest.mark.parametrize(("env", "args", "expected"), INVALID_RUNS)
+def test_run_with_an_invalid_setting_fails_before_starting(
+    data_dir: Path, env: dict[str, str], args: list[str], expected: str
+) -> None:
+    # A config that does not exist: had settings not been checked first, the error
+    # would be about the config (exit 1) instead of the setting (usage error, exit 2).
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["run", "--config", str(config), *args], env=_env(data_dir, **env))
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output
+    assert expected in result.output
+    assert "supervisor config" not in result.output
+    assert list(data_dir.iterdir()) == [], "something was created before the settings check"
+
+
+def test_a_flag_that_is_not_a_number_is_rejected_by_click(data_dir: Path) -> None:
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["run", "--config", str(config), "--time-scale", "fast"], env=_env(data_dir))
+    assert result.exit_code == 2
+    assert "Invalid value for '--time-scale'" in result.output
+    assert list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["status"], ["dead-letters"]])
+def test_read_only_commands_reject_invalid_settings_too(data_dir: Path, args: list[str]) -> None:
+    result = invoke(args, env=_env(data_dir, TRINITY_TIME_SCALE="abc"))
+    assert result.exit_code == 2
+    assert "TRINITY_TIME_SCALE" in result.output
+
+
+@pytest.mark.parametrize("args", [["agent", "witness"], ["controller"], ["crashwatch"]])
+def test_process_commands_reject_invalid_settings_before_starting(
+    data_dir: Path, args: list[str]
+) -> None:
+    # In a child process: these commands configure the root logger.
+    env = {k: v for k, v in _env(data_dir, TRINITY_TIME_SCALE="abc").items() if v is not None}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRINITY_")}, **env}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trinity.cli", *args], env=env, cwd=data_dir,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "TRINITY_TIME_SCALE='abc' is not a number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (data_dir / "trinity_messages.db").exists()
+    assert not (data_dir / ".run").exists()
+
+
+def test_agent_rejects_an_unknown_name() -> None:
+    result = invoke(["agent", "oracle"])
+    assert result.exit_code == 2
+    assert "Invalid value for '{witness|architect|executor}'" in result.output
+
+
+# -- status and dead letters when there is no run ------------------------------------
+
+def test_status_on_an_empty_data_dir_says_there_is_no_run(data_dir: Path) -> None:
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["status", "--config", str(config)], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    assert "no run recorded yet" in result.output
+    assert "supervisord:" in result.output
+    assert not (data_dir / "trinity_messages.db").exists(), "status must not create a journal"
+
+
+def test_status_json_on_an_empty_data_dir(data_dir: Path) -> None:
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["status", "--json", "--config", str(config)], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["run"] is None
+    assert report["data_dir"] == str(data_dir)
+    assert report["supervisord"] != "running"
+
+
+def test_status_with_the_default_config_in_an_empty_folder(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(data_dir)  # no supervisor.conf here
+    result = invoke(["status"], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    assert "no run recorded yet" in result.output
+
+
+def test_dead_letters_on_an_empty_data_dir_says_there_is_no_journal(data_dir: Path) -> None:
+    result = invoke(["dead-letters"], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"no journal at {data_dir / 'trinity_messages.db'}"
+    assert not (data_dir / "trinity_messages.db").exists()
+
+
+def test_dead_letters_on_an_empty_journal_says_there_are_none(data_dir: Path) -> None:
+    Journal(data_dir / "trinity_messages.db", source="test").close()
+    result = invoke(["dead-letters"], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "no dead letters"
+
+
+def test_dead_letters_lists_reasons_newest_first(data_dir: Path) -> None:
+    journal = Journal(data_dir / "trinity_messages.db", source="test")
+    try:
+        with journal.transaction() as tx:
+            tx.dead_letter("witness", "expected 3 frames [topic, envelope, payload], got 1", b"x")
+            tx.dead_letter("executor", "missing field 'task_id'", b"{}",
+                           stream="execution_queue", msg_id="execution_queue/t1")
+    finally:
+        journal.close()
+    result = invoke(["dead-letters"], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2
+    assert "executor" in lines[0] and "execution_queue" in lines[0]
+    assert lines[0].endswith("missing field 'task_id'")
+    assert "witness" in lines[1] and lines[1].endswith("got 1")
+    newest = invoke(["dead-letters", "--limit", "1"], env=_env(data_dir))
+    assert newest.output.strip().splitlines() == lines[:1]
+
+
+def test_stop_with_a_missing_config_is_a_clear_error(data_dir: Path) -> None:
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["stop", "--config", str(config)], env=_env(data_dir))
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "does not exist" in result.output
