@@ -17,7 +17,6 @@ from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message
 from trinity.bus.node import BusNode
 from trinity.bus.topology import DEFAULT_TOPOLOGY, HEARTBEATS, Topology
-
 from trinity.clock import Clock, ScaledClock, now_ms
 from trinity.errors import InvalidPayload, MalformedMessage
 from trinity.settings import Settings

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from trinity import records
 from trinity.agents.base import BaseProcess, event_fields
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message
 from trinity.bus.topology import ALERTS, HEARTBEATS
-
-from trinity import records
 from trinity.clock import now_ms
 
 

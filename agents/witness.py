@@ -12,7 +12,6 @@ from trinity.agents.base import BaseProcess, event_fields
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, HEARTBEATS, IMPROVEMENT
-
 from trinity.errors import InvalidPayload
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 from trinity.errors import MalformedMessage
@@ -36,23 +37,22 @@ class Message:
         return decode_payload(self.payload)
 
     def frames(self) -> list[bytes]:
-        envelope = {
-            "v": ENVELOPE_VERSION,
-            "id": self.msg_id,
-            "stream": self.stream,
-            "seq": self.seq,
-            "ts_ms": self.ts_ms,
-            "src": self.source,
-        }
-        return [
-            self.stream.encode("ascii"),
-            json.dumps(envelope, separators=(",", ":")).encode(),
-            self.payload,
-        ]
+        # Byte for byte what json.dumps(envelope, separators=(",", ":")) gives, at a
+        # third of the cost: this runs once per message sent.
+        envelope = (
+            f'{{"v":{ENVELOPE_VERSION:d},"id":{_json_str(self.msg_id)},'
+            f'"stream":{_json_str(self.stream)},"seq":{self.seq:d},"ts_ms":{self.ts_ms:d},'
+            f'"src":{_json_str(self.source)}}}'
+        )
+        return [self.stream.encode("ascii"), envelope.encode("ascii"), self.payload]
+
+
+# json.dumps with non-default options builds a new encoder on every call.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _PAYLOAD_ENCODER.encode(payload).encode("utf-8")
 
 
 def decode_payload(raw: bytes) -> dict[str, Any]:
@@ -64,6 +64,8 @@ def decode_payload(raw: bytes) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MalformedMessage(f"payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise MalformedMessage(f"payload is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedMessage("payload JSON is nested too deeply") from None
     if not isinstance(value, dict):
@@ -122,4 +124,5 @@ def decode(frames: list[bytes], max_payload_bytes: int) -> Message:
         raise MalformedMessage(f"sequence number must be >= 0, got {seq}")
     ts_ms = _require(envelope, "ts_ms", int, "an integer")
     source = _require(envelope, "src", str, "a string")
+    decode_payload(payload)  # the payload must be a UTF-8 JSON object, as documented above
     return Message(stream=topic, seq=seq, msg_id=msg_id, source=source, ts_ms=ts_ms, payload=payload)

@@ -42,6 +42,8 @@ _RETRY_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 # Live messages are only hints (the journal is applied); past this many unapplied
 # hints a stream just stays awake until the journal is drained.
 _MAX_LIVE_HINTS = 10_000
+_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_SEND_LAST = int(zmq.NOBLOCK)
 
 
 @dataclass
@@ -123,9 +125,13 @@ class BusNode:
     # -- publishing -------------------------------------------------------
 
     def send(self, messages: Iterable[Message]) -> None:
+        send = self.pub.send  # send_multipart, without its per-call type checks and enum ops
         for msg in messages:
+            topic, envelope, payload = msg.frames()
             try:
-                self.pub.send_multipart(msg.frames(), flags=zmq.NOBLOCK)
+                send(topic, _SEND_MORE)
+                send(envelope, _SEND_MORE)
+                send(payload, _SEND_LAST)
             except zmq.Again:
                 pass  # the journal has it; the consumer's journal check repairs the drop
             self.counters.published += 1
