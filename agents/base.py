@@ -28,6 +28,9 @@ class BaseProcess:
     name: ClassVar[str] = "process"
     publishes: ClassVar[tuple[str, ...]] = ()
     sends_heartbeats: ClassVar[bool] = True
+    # False where handlers only write inside the journal transaction (or are
+    # idempotent outside it): a batch then runs without a savepoint per message.
+    isolate_each_message: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -49,7 +52,8 @@ class BaseProcess:
     def initialize(self) -> None:
         self.journal = Journal(self.settings.messages_db, source=self.name)
         self.node = BusNode(
-            self.name, self.settings, self.journal, self.topology, publishes=self.publishes
+            self.name, self.settings, self.journal, self.topology, publishes=self.publishes,
+            isolate_each=self.isolate_each_message,
         )
 
     def loop(self) -> None:

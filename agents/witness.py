@@ -18,6 +18,7 @@ from trinity.errors import InvalidPayload
 class Witness(BaseProcess):
     name: ClassVar[str] = "witness"
     publishes: ClassVar[tuple[str, ...]] = (IMPROVEMENT, ALERTS, HEARTBEATS)
+    isolate_each_message: ClassVar[bool] = False
 
     def handle(self, msg: Message, tx: Transaction) -> None:
         event = event_fields(msg, {"message": str})

@@ -17,7 +17,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +75,8 @@ class Transaction:
     def _head(self, stream: str) -> int:
         head = self._heads.get(stream)
         if head is None:
-            self.conn.execute("INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
+            self.conn.execute(
+                "INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
             row = self.conn.execute("SELECT head FROM streams WHERE stream=?", (stream,)).fetchone()
             head = int(row[0])
             self._heads[stream] = head
@@ -106,7 +107,34 @@ class Transaction:
     def publish_many(
         self, stream: str, items: Iterable[tuple[bytes, str | None]]
     ) -> list[Message]:
-        return [m for payload, key in items if (m := self.publish(stream, payload, key=key))]
+        """Journal a batch in one statement; keys already journaled (or repeated) are skipped.
+
+        Same result as calling :meth:`publish` for each item, at a fraction of the cost.
+        """
+        batch = [(payload, message_id(stream, key)) for payload, key in items]
+        existing: set[str] = set()
+        ids = [msg_id for _, msg_id in batch]
+        for lo in range(0, len(ids), 900):
+            chunk = ids[lo:lo + 900]
+            marks = ",".join("?" * len(chunk))
+            existing.update(row[0] for row in self.conn.execute(
+                f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
+        head, ts = self._head(stream), now_ms()
+        fresh: list[Message] = []
+        for payload, msg_id in batch:
+            if msg_id in existing:
+                continue
+            existing.add(msg_id)
+            head += 1
+            fresh.append(Message(stream, head, msg_id, self.source, ts, payload))
+        self.conn.executemany(
+            "INSERT INTO messages(stream, seq, msg_id, source, created_ms, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(m.stream, m.seq, m.msg_id, m.source, m.ts_ms, m.payload) for m in fresh],
+        )
+        self._heads[stream] = head
+        self.published.extend(fresh)
+        return fresh
 
     def advance_cursor(self, consumer: str, stream: str, seq: int) -> None:
         self.conn.execute(
@@ -177,7 +205,7 @@ class Journal:
         "CREATE TABLE IF NOT EXISTS messages ("
         " stream TEXT NOT NULL, seq INTEGER NOT NULL, msg_id TEXT NOT NULL UNIQUE,"
         " source TEXT NOT NULL, created_ms INTEGER NOT NULL, payload BLOB NOT NULL,"
-        " PRIMARY KEY (stream, seq))",
+        " PRIMARY KEY (stream, seq)) WITHOUT ROWID",
         "CREATE TABLE IF NOT EXISTS cursors ("
         " consumer TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0,"
         " updated_ms INTEGER NOT NULL, PRIMARY KEY (consumer, stream))",
@@ -204,10 +232,8 @@ class Journal:
                     conn.execute(ddl)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
-        try:
+        with suppress(OSError):
             self.path.chmod(0o600)
-        except OSError:
-            pass
 
     def _begin_immediate(self) -> None:
         """``BEGIN IMMEDIATE``, polling for the write lock every 50 us to 0.5 ms.
@@ -280,7 +306,8 @@ class Journal:
         with self.transaction() as tx:
             tx.conn.execute("INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
             tx.conn.executemany(
-                "INSERT OR IGNORE INTO cursors(consumer, stream, seq, updated_ms) VALUES (?, ?, 0, ?)",
+                "INSERT OR IGNORE INTO cursors(consumer, stream, seq, updated_ms)"
+                " VALUES (?, ?, 0, ?)",
                 [(consumer, stream, ts) for consumer in consumers],
             )
 

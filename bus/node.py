@@ -42,8 +42,13 @@ _RETRY_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 # Live messages are only hints (the journal is applied); past this many unapplied
 # hints a stream just stays awake until the journal is drained.
 _MAX_LIVE_HINTS = 10_000
+_LIVE_READS_WHILE_BEHIND = 64
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
+
+
+class _BatchFailed(Exception):
+    """A handler raised in an unisolated batch: roll it back, run it isolated."""
 
 
 @dataclass
@@ -64,9 +69,12 @@ class NodeCounters:
 @dataclass
 class _StreamState:
     cursor: int
-    live: dict[int, str] = field(default_factory=dict)  # seq -> msg id, seen on the wire
+    # seq -> ids seen on the wire for it; the publisher sends each message once, so
+    # any id beyond the journaled one's single copy is forged or replayed.
+    live: dict[int, list[str]] = field(default_factory=dict)
     seen: list[tuple[int, str]] = field(default_factory=list)  # live copies of applied seqs
     wake: bool = True
+    behind: bool = False  # the last journal batch was full: more is waiting
     retry_at: float = 0.0
     failures: int = 0
 
@@ -82,8 +90,13 @@ class BusNode:
         publishes: Iterable[str] = (),
         context: zmq.Context[Any] | None = None,
         rcvhwm: int = 1000,
+        isolate_each: bool = True,
     ) -> None:
+        """``isolate_each=False`` lets a batch run without a savepoint per message; a
+        failing batch is then run again, isolated, so handlers must have no effects
+        outside ``tx`` that would matter if repeated (a model call would)."""
         self.name = name
+        self.isolate_each = isolate_each
         self.settings = settings
         self.journal = journal
         self.topology = topology
@@ -98,6 +111,7 @@ class BusNode:
         self._streams = {
             s: _StreamState(cursor=journal.cursor(name, s)) for s in topology.consumed_by(name)
         }
+        self._durable_topics = frozenset(s.encode() for s in topology.durable_streams())
 
         settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sub: zmq.Socket[bytes] | None = None
@@ -136,7 +150,9 @@ class BusNode:
                 pass  # the journal has it; the consumer's journal check repairs the drop
             self.counters.published += 1
 
-    def publish(self, stream: str, payload: dict[str, Any], *, key: str | None = None) -> Message | None:
+    def publish(
+        self, stream: str, payload: dict[str, Any], *, key: str | None = None
+    ) -> Message | None:
         """Journal and send one message; None if ``key`` was published before."""
         with self.journal.transaction() as tx:
             msg = tx.publish(stream, encode_payload(payload), key=key)
@@ -151,10 +167,19 @@ class BusNode:
     # -- receiving --------------------------------------------------------
 
     def receive(self, timeout_ms: int, max_messages: int = 1000) -> int:
-        """Read what the socket has (waiting up to timeout_ms for the first); returns the count."""
+        """Read what the socket has (waiting up to timeout_ms for the first); returns the count.
+
+        While a stream is behind (its last batch from the journal was full), only a
+        few live messages are read per call: the journal already has them, reading it
+        in bulk is far cheaper than the wire message by message, and what the socket
+        drops at its high-water mark meanwhile is exactly what the journal repairs.
+        """
         if self.sub is None:
             time.sleep(timeout_ms / 1000)
             return 0
+        if any(st.behind for st in self._streams.values()):
+            max_messages = min(max_messages, _LIVE_READS_WHILE_BEHIND)
+            timeout_ms = 0
         if not self.sub.poll(timeout_ms):
             return 0
         malformed: list[tuple[str, bytes]] = []
@@ -167,7 +192,8 @@ class BusNode:
             count += 1
             self.counters.received += 1
             try:
-                msg = decode(frames, self.settings.max_payload_bytes)
+                msg = decode(frames, self.settings.max_payload_bytes,
+                             check_payload=frames[0] not in self._durable_topics)
             except MalformedMessage as exc:
                 malformed.append((exc.reason, b"\x00|".join(frames)))
                 continue
@@ -198,7 +224,7 @@ class BusNode:
                 state.seen.append((msg.seq, msg.msg_id))
             return
         if len(state.live) < _MAX_LIVE_HINTS:
-            state.live[msg.seq] = msg.msg_id
+            state.live.setdefault(msg.seq, []).append(msg.msg_id)
         state.wake = True
 
     def _wake_from_heads(self, msg: Message) -> None:
@@ -245,54 +271,48 @@ class BusNode:
         rows = self.journal.read_after(stream, state.cursor, self.settings.batch_size)
         if not rows:
             self._reject_unjournaled(stream, state)
-            state.wake = False
+            state.wake = state.behind = False
             return 0
         done: list[Message] = []
         failed: list[tuple[Message, str]] = []
         outputs: list[Message] = []
         retry = False
-        try:
-            with self.journal.transaction() as tx:
-                for msg in rows:
-                    try:
-                        with tx.savepoint():
-                            handler(msg, tx)
-                    except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
-                        log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
-                        retry = True
-                        break
-                    except (InvalidPayload, MalformedMessage) as exc:
-                        failed.append((msg, exc.reason))
-                        tx.dead_letter(self.name, exc.reason, msg.payload, stream=stream,
-                                       msg_id=msg.msg_id)
-                    except Exception as exc:  # the loop never dies of one message
-                        reason = f"handler error: {type(exc).__name__}: {exc}"
-                        log.error("%s\n%s", reason, traceback.format_exc())
-                        failed.append((msg, reason))
-                        tx.dead_letter(self.name, reason, msg.payload, stream=stream,
-                                       msg_id=msg.msg_id)
-                    done.append(msg)
-                if done:
-                    tx.advance_cursor(self.name, stream, done[-1].seq)
-                outputs = tx.published
-        except JournalError as exc:
-            log.error("journal transaction failed on %s: %s", stream, exc)
-            retry = True
-            done, failed, outputs = [], [], []
+        # Unisolated first when allowed: one pass, no savepoint per message. If a
+        # handler raises, that whole transaction is rolled back and the batch runs
+        # again with a savepoint around each message.
+        for isolate in ((True,) if self.isolate_each else (False, True)):
+            try:
+                with self.journal.transaction() as tx:
+                    done, failed, retry = self._run_handlers(tx, stream, rows, handler, isolate)
+                    if done:
+                        tx.advance_cursor(self.name, stream, done[-1].seq)
+                    outputs = tx.published
+                break
+            except _BatchFailed:
+                continue
+            except JournalError as exc:
+                log.error("journal transaction failed on %s: %s", stream, exc)
+                retry = True
+                done, failed, outputs = [], [], []
+                break
         self.send(outputs)
         if done:
             state.cursor = done[-1].seq
         self.counters.applied += len(done) - len(failed)
         self.counters.dead_lettered += len(failed)
+        unconfirmed: list[tuple[str, bytes]] = []
         for msg in done:
-            live_id = state.live.pop(msg.seq, None)
-            if live_id is None:
+            live_ids = state.live.pop(msg.seq, None)
+            if live_ids is None:
                 continue
-            self.counters.applied_live += 1
-            if live_id != msg.msg_id:
-                self._dead_letter_raw([(
-                    f"live message id {live_id!r} does not match journal id {msg.msg_id!r}"
-                    f" at {stream} seq {msg.seq}", b"")])
+            if msg.msg_id in live_ids:
+                self.counters.applied_live += 1
+                live_ids.remove(msg.msg_id)
+            unconfirmed += [(f"live message id {mid!r} at {stream} seq {msg.seq} is not the"
+                             f" journaled one ({msg.msg_id!r}) or a repeated copy", b"")
+                            for mid in live_ids]
+        if unconfirmed:
+            self._dead_letter_raw(unconfirmed)
         if retry:
             state.failures += 1
             self.counters.retries += 1
@@ -301,8 +321,40 @@ class BusNode:
         else:
             state.failures = 0
             state.retry_at = 0.0
-            state.wake = len(rows) == self.settings.batch_size or bool(state.live)
+            state.behind = len(rows) == self.settings.batch_size
+            state.wake = state.behind or bool(state.live)
         return len(done)
+
+    def _run_handlers(
+        self, tx: Transaction, stream: str, rows: list[Message], handler: Handler, isolate: bool
+    ) -> tuple[list[Message], list[tuple[Message, str]], bool]:
+        """Run ``handler`` on each row; returns (done, dead-lettered, stopped for a retry)."""
+        done: list[Message] = []
+        failed: list[tuple[Message, str]] = []
+        for msg in rows:
+            try:
+                if isolate:
+                    with tx.savepoint():
+                        handler(msg, tx)
+                else:
+                    handler(msg, tx)
+            except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
+                if not isolate:
+                    raise _BatchFailed from exc
+                log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+                return done, failed, True
+            except Exception as exc:  # the loop never dies of one message
+                if not isolate:
+                    raise _BatchFailed from exc
+                if isinstance(exc, InvalidPayload | MalformedMessage):
+                    reason = exc.reason
+                else:
+                    reason = f"handler error: {type(exc).__name__}: {exc}"
+                    log.error("%s\n%s", reason, traceback.format_exc())
+                failed.append((msg, reason))
+                tx.dead_letter(self.name, reason, msg.payload, stream=stream, msg_id=msg.msg_id)
+            done.append(msg)
+        return done, failed, False
 
     def _check_duplicates(self, stream: str, state: _StreamState) -> None:
         """Live copies of applied messages are dropped; forged ones are dead-lettered."""
@@ -324,7 +376,7 @@ class BusNode:
         """Live messages beyond the journal head were never journaled: not ours to apply."""
         if state.live:
             items = [(f"{stream} seq {seq} (id {mid!r}) is not in the journal", b"")
-                     for seq, mid in sorted(state.live.items())]
+                     for seq, ids in sorted(state.live.items()) for mid in ids]
             state.live.clear()
             self._dead_letter_raw(items)
 

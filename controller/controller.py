@@ -14,17 +14,16 @@ import json
 import logging
 from typing import Any, ClassVar
 
+from trinity import records
 from trinity.agents.base import BaseProcess
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, TELEMETRY
+from trinity.clock import ScaledClock, now_ms
 from trinity.controller import runs
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.scenario import event_for_cycle
-
-from trinity import records
-from trinity.clock import ScaledClock, now_ms
 from trinity.errors import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ class Controller(BaseProcess):
     name: ClassVar[str] = "controller"
     publishes: ClassVar[tuple[str, ...]] = (TELEMETRY, ALERTS)
     sends_heartbeats: ClassVar[bool] = False
+    isolate_each_message: ClassVar[bool] = False
 
     def initialize(self) -> None:
         super().initialize()

@@ -24,7 +24,7 @@ from trinity.bus.message import (
     encode_payload,
 )
 from trinity.bus.node import BusNode
-from trinity.errors import JournalError, MalformedMessage
+from trinity.errors import InvalidPayload, JournalError, MalformedMessage
 from trinity.settings import Settings
 
 MAX_PAYLOAD = 1024
@@ -266,6 +266,44 @@ def test_node_rolls_back_a_failing_message_and_dead_letters_it(
     assert letters[0].stream == ALPHA and letters[0].msg_id is not None
     assert letters[0].reason.startswith("handler error: KeyError")
     assert node.counters.applied == 4 and node.counters.dead_lettered == 1
+
+
+@pytest.mark.parametrize("isolate_each", [True, False])
+def test_unisolated_batches_give_the_same_result_as_isolated_ones(
+    bus_settings: Settings, journal: Journal, zmq_ctx: zmq.Context[zmq.Socket[bytes]],
+    isolate_each: bool,
+) -> None:
+    """Without per-message savepoints a failing batch is re-run isolated: same writes, once."""
+    journal.conn.execute("CREATE TABLE state (i INTEGER)")
+    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx,
+                   isolate_each=isolate_each)
+    calls: list[int] = []
+    try:
+        with journal.transaction() as tx:
+            for i in range(6):
+                tx.publish(ALPHA, _payload(i))
+
+        def handler(msg: Message, tx: Transaction) -> None:
+            i = json.loads(msg.payload)["i"]
+            calls.append(i)
+            tx.conn.execute("INSERT INTO state VALUES (?)", (i,))
+            tx.publish("outputs", _payload(i), key=f"out-{i}")
+            if i == 3:
+                raise InvalidPayload("three is not allowed")
+
+        assert node.drain(handler) == 6
+    finally:
+        node.close()
+    assert [r[0] for r in journal.conn.execute("SELECT i FROM state ORDER BY rowid")] == [
+        0, 1, 2, 4, 5,
+    ]
+    assert [json.loads(m.payload)["i"] for m in journal.read_after("outputs", 0, 100)] == [
+        0, 1, 2, 4, 5,
+    ]
+    assert journal.cursor(CONSUMER, ALPHA) == 6
+    assert [d.reason for d in journal.dead_letters(CONSUMER)] == ["three is not allowed"]
+    # The unisolated pass ran 0..3 before failing; the isolated pass ran all six.
+    assert calls == ([0, 1, 2, 3, 4, 5] if isolate_each else [0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
 
 
 # -- a failed COMMIT must not leave the connection inside a transaction --------
