@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from trinity.bus.message import Message
-
 from trinity.clock import now_ms
 from trinity.errors import MalformedMessage
 

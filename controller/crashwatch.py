@@ -15,11 +15,11 @@ import sys
 from typing import Any
 
 from supervisor import childutils
+
 from trinity.bus.journal import Journal
 from trinity.bus.message import encode_payload
 from trinity.bus.topology import ALERTS
 from trinity.controller.alerts import make_alert
-
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from trinity.bus.journal import Journal
 from trinity.controller import runs
 from trinity.controller.alerts import read_alerts
 from trinity.controller.supervision import Supervisor
-
 from trinity.settings import Settings
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from trinity.controller.supervision import Supervisor, cleanup_orphans
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import time
 
 import psutil
 import pytest
-from trinity.controller.alerts import read_alerts
-from trinity.controller.supervision import PROGRAMS
 
 from tests.conftest import Project, wait_for
+from trinity.controller.alerts import read_alerts
+from trinity.controller.supervision import PROGRAMS
 
 pytestmark = pytest.mark.slow
 
