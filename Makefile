@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_TIME_SCALE ?= 2880
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint start-24h stop status bench-bus clean
+.PHONY: help install demo test lint start-24h stop status bench-bus eval-witness bench-witness clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m trinity.agents.knowledge
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv with everything Trinity needs (idempotent)
@@ -38,6 +39,12 @@ status: install ## Show run progress, queues and agents
 
 bench-bus: install ## Benchmark: journaled bus vs raw pyzmq PUB/SUB (exit 1 if target missed)
 	python benchmarks/bench_bus.py
+
+eval-witness: install ## WITNESS cross-validated accuracy, P/R, macro-F1, FP on none, ECE (exit 1 if missed)
+	trinity witness eval
+
+bench-witness: install ## Benchmark: WITNESS latency and RSS at 1k/10k/100k exemplars (exit 1 if missed)
+	python benchmarks/bench_witness.py
 
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
 	rm -rf trinity_*.db trinity_*.db-* logs/24h_test logs/supervisor reports .run

@@ -1,40 +1,77 @@
-"""WITNESS: reads telemetry_stream, turns each event into a signal on improvement_queue.
+"""WITNESS: classifies each event on telemetry_stream and learns from what it sees.
 
-The detector here is a placeholder that forwards every event unclassified; the
-pattern detector replaces it.
+For each event it asks the detector (static embeddings + learned classifier +
+nearest exemplars from the pattern store) for a pattern and a calibrated
+confidence. A detection is published to improvement_queue as a signal and becomes
+an exemplar in the store; an abstention is recorded as the event's outcome
+("no_pattern"), so every event ends recorded exactly once either way. WITNESS runs
+locally and costs nothing.
+
+The store is a separate database, so its writes cannot share the journal
+transaction; they are keyed by event id instead, and a message re-applied after a
+crash reuses the detection already stored rather than classifying again.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+import time
+from typing import Any, ClassVar
 
-from trinity.agents.base import BaseProcess, event_fields
+from trinity import records
+from trinity.agents.base import BaseProcess
+from trinity.agents.knowledge import Knowledge
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, HEARTBEATS, IMPROVEMENT
-from trinity.errors import InvalidPayload
+from trinity.clock import now_ms
+from trinity.errors import InvalidPayload, MalformedMessage
+
+log = logging.getLogger(__name__)
 
 
 class Witness(BaseProcess):
     name: ClassVar[str] = "witness"
     publishes: ClassVar[tuple[str, ...]] = (IMPROVEMENT, ALERTS, HEARTBEATS)
+    # Store writes are idempotent by event id, so a batch may be re-run.
     isolate_each_message: ClassVar[bool] = False
 
+    def initialize(self) -> None:
+        super().initialize()
+        records.ensure_schema(self.journal.conn)
+        self.knowledge = Knowledge.open(self.settings)
+
+    def shutdown(self) -> None:
+        self.knowledge.close()
+        super().shutdown()
+
     def handle(self, msg: Message, tx: Transaction) -> None:
-        event = event_fields(msg, {"message": str})
-        if not event["message"].strip():
-            raise InvalidPayload("field 'message' is empty")
+        try:
+            event = msg.json()
+        except MalformedMessage as exc:
+            raise InvalidPayload(exc.reason) from None
         event_id = event.get("event_id")
-        if not isinstance(event_id, str) or not event_id:
+        if not isinstance(event_id, str) or not event_id.strip():
             event_id = msg.msg_id
-        signal = {
+        run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
+        started = time.perf_counter()
+        outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
+                                         started=started)
+        if outcome.pattern is None:
+            tx.conn.execute(
+                "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"
+                " product) VALUES (?, ?, ?, 'witness', 'no_pattern', ?, ?)",
+                (f"{event_id}/no_pattern", event_id, run_id, now_ms(), outcome.reason))
+            return
+        signal: dict[str, Any] = {
             "signal_id": event_id,
             "event_id": event_id,
-            "run_id": event.get("run_id"),
+            "run_id": run_id,
             "cycle": event.get("cycle"),
-            "pattern": None,
-            "confidence": 0.0,
-            "detector": "placeholder",
+            "pattern": outcome.pattern,
+            "confidence": round(outcome.confidence, 4),
+            "severity": event.get("severity") if isinstance(event.get("severity"), str) else None,
+            "detector": "witness",
             "message": event["message"][:2000],
         }
         # Keyed by the event: re-applying after a crash cannot publish it twice.

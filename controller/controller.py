@@ -44,7 +44,8 @@ class Controller(BaseProcess):
         super().initialize()
         self.alert_log = AlertLog(self.settings.log_dir / "alerts.log")
         self.monitor = HeartbeatMonitor(
-            AGENTS, self.settings.heartbeat_deadline_s, self.clock.monotonic()
+            AGENTS, self.settings.heartbeat_deadline_s, self.clock.monotonic(),
+            startup_grace_s=self.settings.startup_grace_s,
         )
         self.journal.conn.execute(
             "CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, pid INTEGER,"

@@ -16,10 +16,12 @@ class AgentHealth:
 
 
 class HeartbeatMonitor:
-    def __init__(self, agents: tuple[str, ...], deadline_s: float, now: float) -> None:
+    def __init__(self, agents: tuple[str, ...], deadline_s: float, now: float,
+                 startup_grace_s: float = 0.0) -> None:
         self.deadline_s = deadline_s
-        # An agent that never beat gets one deadline from the monitor's start.
-        self.agents = {name: AgentHealth(last_seen=now) for name in agents}
+        # An agent that never beat gets the startup grace on top of one deadline: starting
+        # all processes at once on a small machine (and loading models) takes a while.
+        self.agents = {name: AgentHealth(last_seen=now + startup_grace_s) for name in agents}
 
     def beat(self, name: str, payload: dict[str, Any], now: float) -> bool:
         """Record a heartbeat; True if the agent had been silent (it recovered)."""
@@ -45,5 +47,6 @@ class HeartbeatMonitor:
                 found.append((name, quiet))
         return found
 
-    def ages(self, now: float) -> dict[str, float]:
-        return {name: now - h.last_seen for name, h in self.agents.items()}
+    def ages(self, now: float) -> dict[str, float | None]:
+        """Seconds since each agent's last heartbeat (None before its first)."""
+        return {name: (now - h.last_seen) if h.beats else None for name, h in self.agents.items()}

@@ -120,6 +120,41 @@ def status(as_json: bool, config: Path) -> None:
         click.echo(runner.format_status(report))
 
 
+@main.command()
+@click.argument("source", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+                default="-")
+@click.option("--no-learn", is_flag=True, help="Classify without adding exemplars.")
+def classify(source: Any, no_learn: bool) -> None:
+    """Classify JSON Lines events from SOURCE (a file, or - for stdin).
+
+    Writes one JSON line per input line, in order: {"id", "pattern", "confidence"},
+    or {"error": reason} for a line that cannot be classified. Uses the same
+    detector and pattern store as the WITNESS process (TRINITY_DATA_DIR).
+    """
+    from trinity.agents import classify as classify_lines
+
+    settings = _settings()
+    for result in classify_lines.run(settings, source, learn=not no_learn):
+        click.echo(json.dumps(result))  # ASCII-escaped: lone surrogates stay printable
+
+
+@main.group()
+def witness() -> None:
+    """WITNESS tools: evaluation on the labelled dev set."""
+
+
+@witness.command("eval")
+@click.option("--folds", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def witness_eval(folds: int, seed: int, as_json: bool) -> None:
+    """Cross-validate the detector on the dev set; exit 1 if a target is missed."""
+    from trinity.agents import evaluate
+
+    argv = ["--folds", str(folds), "--seed", str(seed)] + (["--json"] if as_json else [])
+    sys.exit(evaluate.main(argv))
+
+
 @main.command("dead-letters")
 @click.option("--limit", type=int, default=20, show_default=True, help="How many, newest first.")
 def dead_letters(limit: int) -> None:

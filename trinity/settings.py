@@ -61,6 +61,7 @@ class Settings:
     event_interval_min: float = 30.0
     heartbeat_interval_s: float = 1.0
     heartbeat_max_missed: int = 3
+    startup_grace_s: float = 30.0
     poll_interval_s: float = 0.2
     max_payload_bytes: int = 1 << 20
     batch_size: int = 500
@@ -81,6 +82,7 @@ class Settings:
             "event_interval_min": _env_float(env, "TRINITY_EVENT_INTERVAL", 30.0),
             "heartbeat_interval_s": _env_float(env, "TRINITY_HEARTBEAT_INTERVAL", 1.0),
             "heartbeat_max_missed": _env_int(env, "TRINITY_HEARTBEAT_MAX_MISSED", 3),
+            "startup_grace_s": _env_float(env, "TRINITY_STARTUP_GRACE", 30.0),
             "max_payload_bytes": _env_int(env, "TRINITY_MAX_PAYLOAD_BYTES", 1 << 20),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -99,6 +101,10 @@ class Settings:
         for name, value in positive.items():
             if not 0 < value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number greater than 0, got {value!r}")
+        if not 0 <= self.startup_grace_s < float("inf"):
+            raise ConfigError(
+                f"startup_grace_s (TRINITY_STARTUP_GRACE) must be a finite number >= 0, "
+                f"got {self.startup_grace_s!r}")
         if self.heartbeat_max_missed < 1:
             raise ConfigError("heartbeat_max_missed (TRINITY_HEARTBEAT_MAX_MISSED) must be >= 1")
         if not 1024 <= self.max_payload_bytes <= 64 << 20:
@@ -114,6 +120,10 @@ class Settings:
     @property
     def messages_db(self) -> Path:
         return self.data_dir / "trinity_messages.db"
+
+    @property
+    def patterns_db(self) -> Path:
+        return self.data_dir / "trinity_patterns.db"
 
     @property
     def heartbeat_deadline_s(self) -> float:

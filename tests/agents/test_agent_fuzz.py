@@ -542,7 +542,7 @@ def _j(value: Any) -> bytes:
 PAYLOAD_CASES = {
     "witness": PayloadCase(
         invalid=[
-            (_j({"message": 42}), ["'message'", "must be str", "got int"]),
+            (_j({"message": 42}), ["'message'", "must be a string", "got int"]),
             (_j({"msg": "disk full"}), ["missing field 'message'"]),
             (_j({"message": "  \n\t"}), ["'message'", "empty"]),
             (_j({"message": None}), ["'message'", "got NoneType"]),

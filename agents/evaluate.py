@@ -1,0 +1,348 @@
+"""Cross-validate WITNESS's detector on the shipped dev set: ``python -m trinity.agents.evaluate``.
+
+Folds are grouped by repository (``origin`` ``github:owner/repo...``), so no repository
+straddles train and test: a held-out fold is text from projects the model never saw,
+which is the closest the dev set gets to "real-world events it has never seen".
+
+In each fold the model is trained on the training part only (its own inner folds choose
+the calibration and threshold; the held-out fold is never looked at), the training
+part's events are loaded as exemplars (as the pattern store is seeded), and each held-out
+event is classified once, without learning from it.
+
+Reported, over all held-out predictions pooled:
+
+* accuracy - a decision is correct when the returned pattern equals the label, or when
+  the detector abstains and the label is ``none``;
+* per-class precision / recall / F1 and macro-F1 over the six decisions (abstention =
+  ``none``);
+* false-positive rate on none - share of ``none`` events given any pattern;
+* ECE - expected calibration error of the decision's confidence: 15 equal-width bins on
+  [0, 1] over ``Detection.confidence`` (the calibrated probability of the returned
+  pattern, or of ``none`` when abstaining), ECE = sum_b (n_b / n) * |acc_b - conf_b|
+  with acc_b the share of correct decisions in the bin.
+
+Exit status 1 unless accuracy >= 0.95, FP on none <= 0.05 and ECE <= 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
+
+from trinity.agents.detector import (
+    LABELS,
+    NONE,
+    Detector,
+    InMemoryExemplars,
+    event_text,
+    load_devset,
+    train,
+)
+from trinity.agents.embedding import StaticEmbedder, load_embedder
+
+TARGET_ACCURACY = 0.95
+TARGET_NONE_FP = 0.05
+TARGET_ECE = 0.05
+ECE_BINS = 15
+
+PLAN_EVENTS: tuple[tuple[dict[str, Any], str, float], ...] = (
+    (
+        {
+            "message": "Fatal error: NoneType in production payment processing",
+            "severity": "critical",
+            "file": "payments/stripe.py",
+            "line": 142,
+            "error_type": "AttributeError",
+            "stack_trace": "...",
+            "timestamp": "2025-10-01T12:30:45Z",
+        },
+        "critical_error",
+        0.9,
+    ),
+    (
+        {
+            "message": "Type safety violation: Dict[Any, Any] in user model",
+            "file": "models/user.py",
+            "line": 23,
+            "severity": "high",
+            "violation_type": "strict_typing",
+            "keywords": ["type_safety", "constitution"],
+        },
+        "constitution_violation",
+        0.85,
+    ),
+    (
+        {
+            "message": "User requests dark mode toggle in settings",
+            "source": "personal_context_stream",
+            "priority": "NORMAL",
+            "user_intent": "feature_request",
+            "complexity": "medium",
+        },
+        "feature_request",
+        0.7,
+    ),
+    (
+        {
+            "message": "Duplicate validation logic found in 3 files",
+            "files": ["auth.py", "api.py", "utils.py"],
+            "duplication_ratio": 0.85,
+            "pattern": "refactoring_opportunity",
+        },
+        "duplication",
+        0.8,
+    ),
+    (
+        {
+            "message": "Test test_concurrent_transactions fails 40% of the time",
+            "test_file": "tests/test_payments.py",
+            "test_name": "test_concurrent_transactions",
+            "failure_rate": "40%",
+            "last_10_runs": [False, True, False, False, True, True, False, True, False, True],
+        },
+        "flaky_test",
+        0.75,
+    ),
+)
+
+SANITY_NEGATIVES = (
+    "hello world",
+    "Server started on port 8080",
+    "Bump requests from 2.31.0 to 2.32.0",
+    "Added tests for error handling",
+)
+
+_REPO = re.compile(r"^github:([^/#\s]+/[^/#\s]+)")
+
+
+def repository(origin: str) -> str:
+    """``github:owner/repo#12`` / ``github:owner/repo/path`` -> ``owner/repo`` (lower-case)."""
+    m = _REPO.match(origin)
+    return (m.group(1) if m else origin).lower()
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin b holds (edges[b], edges[b+1]]; confidence 0 goes to the first bin
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def per_class(truth: Sequence[str], decided: Sequence[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    t = np.array(truth)
+    d = np.array(decided)
+    for label in LABELS:
+        tp = int(((d == label) & (t == label)).sum())
+        fp = int(((d == label) & (t != label)).sum())
+        fn = int(((d != label) & (t == label)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        out[label] = {"precision": p, "recall": r, "f1": f1, "support": int((t == label).sum())}
+    return out
+
+
+def _detector_for(
+    embedder: StaticEmbedder,
+    train_items: Sequence[tuple[Mapping[str, Any], str, str]],
+) -> tuple[Detector, float]:
+    started = time.perf_counter()
+    model = train(
+        [(e, lab) for e, lab, _ in train_items],
+        embedder,
+        groups=[repository(o) for _, _, o in train_items],
+    )
+    seconds = time.perf_counter() - started
+    exemplars = InMemoryExemplars(embedder.dim)
+    vectors = embedder.embed([event_text(e).text for e, _, _ in train_items])
+    exemplars.add(vectors, [lab for _, lab, _ in train_items], "seed")
+    return Detector(embedder, model, exemplars), seconds
+
+
+def cross_validate(folds: int, seed: int, embedder: StaticEmbedder) -> dict[str, Any]:
+    data = load_devset()
+    labels = np.array([lab for _, lab, _ in data])
+    groups = np.array([repository(o) for _, _, o in data])
+    truth: list[str] = []
+    decided: list[str] = []
+    confidence: list[float] = []
+    train_seconds: list[float] = []
+    errors: list[dict[str, Any]] = []
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for tr, te in splitter.split(np.zeros(len(data)), labels, groups):
+        detector, seconds = _detector_for(embedder, [data[i] for i in tr])
+        train_seconds.append(seconds)
+        for i in te:
+            event, label, origin = data[i]
+            det = detector.classify(event)
+            decision = det.pattern or NONE
+            truth.append(label)
+            decided.append(decision)
+            confidence.append(det.confidence)
+            if decision != label:
+                errors.append(
+                    {
+                        "origin": origin,
+                        "label": label,
+                        "decided": decision,
+                        "best": det.label,
+                        "confidence": round(det.confidence, 3),
+                        "message": event["message"][:120],
+                    }
+                )
+    t = np.array(truth)
+    d = np.array(decided)
+    correct = (t == d).astype(np.float64)
+    classes = per_class(truth, decided)
+    none_mask = t == NONE
+    return {
+        "folds": folds,
+        "seed": seed,
+        "n": len(truth),
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(np.mean([c["f1"] for c in classes.values()])),
+        "none_fp_rate": float((d[none_mask] != NONE).mean()),
+        "ece": expected_calibration_error(np.array(confidence), correct),
+        "mean_confidence": float(np.mean(confidence)),
+        "per_class": classes,
+        "train_seconds_mean": float(np.mean(train_seconds)),
+        "errors": errors,
+    }
+
+
+def plan_results(embedder: StaticEmbedder) -> dict[str, Any]:
+    """The test plan's events and the sanity negatives, model and exemplars = full dev set."""
+    data = load_devset()
+    detector, seconds = _detector_for(embedder, data)
+    plan = []
+    for event, expected, minimum in PLAN_EVENTS:
+        det = detector.classify(event)
+        plan.append(
+            {
+                "message": event["message"],
+                "expected": expected,
+                "minimum": minimum,
+                "pattern": det.pattern,
+                "confidence": det.confidence,
+                "ok": det.pattern == expected and det.confidence > minimum,
+            }
+        )
+    negatives = []
+    for message in SANITY_NEGATIVES:
+        det = detector.classify({"message": message})
+        negatives.append(
+            {
+                "message": message,
+                "pattern": det.pattern,
+                "best": det.label,
+                "confidence": det.confidence,
+                "ok": det.pattern is None,
+            }
+        )
+    return {
+        "train_seconds_full": seconds,
+        "threshold": detector.model.threshold,
+        "temperature": detector.model.temperature,
+        "plan": plan,
+        "negatives": negatives,
+    }
+
+
+def _print_report(cv: Mapping[str, Any], plan: Mapping[str, Any], show_errors: bool) -> None:
+    print(
+        f"{cv['folds']}-fold cross-validation grouped by repository (seed {cv['seed']}), "
+        f"n={cv['n']}"
+    )
+    print(f"{'label':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for label, c in cv["per_class"].items():
+        print(
+            f"{label:<24}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
+            f"{c['support']:>10d}"
+        )
+    print(f"accuracy        {cv['accuracy']:.3f}   (target >= {TARGET_ACCURACY})")
+    print(f"macro-F1        {cv['macro_f1']:.3f}")
+    print(f"FP rate on none {cv['none_fp_rate']:.3f}   (target <= {TARGET_NONE_FP})")
+    print(
+        f"ECE ({ECE_BINS} bins)   {cv['ece']:.3f}   (target <= {TARGET_ECE}; "
+        "confidence of the returned decision, p(none) for abstentions)"
+    )
+    print(
+        f"train time      {cv['train_seconds_mean']:.2f} s per fold, "
+        f"{plan['train_seconds_full']:.2f} s on the full dev set"
+    )
+    print(
+        f"threshold {plan['threshold']:.2f}, temperature {plan['temperature']:.2f} "
+        "(full-dev-set model)"
+    )
+    print("test-plan events (model and exemplars = full dev set):")
+    for r in plan["plan"]:
+        mark = "ok " if r["ok"] else "FAIL"
+        print(
+            f"  {mark} {r['expected']:<23} > {r['minimum']:.2f}: got {r['pattern']} "
+            f"{r['confidence']:.3f}  | {r['message']}"
+        )
+    print("sanity negatives (must abstain):")
+    for r in plan["negatives"]:
+        mark = "ok " if r["ok"] else "FAIL"
+        print(
+            f"  {mark} {r['pattern']} (best {r['best']}, confidence {r['confidence']:.3f})"
+            f"  | {r['message']}"
+        )
+    if show_errors:
+        print("held-out errors:")
+        for e in cv["errors"]:
+            print(
+                f"  {e['label']:<23}-> {e['decided']:<23}{e['confidence']:.2f} "
+                f"{e['origin']}: {e['message']!r}"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trinity.agents.evaluate",
+        description=__doc__.split("\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--errors", action="store_true", help="list held-out errors")
+    args = parser.parse_args(argv)
+    embedder = load_embedder()
+    cv = cross_validate(args.folds, args.seed, embedder)
+    plan = plan_results(embedder)
+    passed = (
+        cv["accuracy"] >= TARGET_ACCURACY
+        and cv["none_fp_rate"] <= TARGET_NONE_FP
+        and cv["ece"] <= TARGET_ECE
+    )
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        if not args.errors:
+            cv = {k: v for k, v in cv.items() if k != "errors"}
+        print(json.dumps({"cv": cv, **plan, "max_rss_mb": rss_mb, "passed": passed}, indent=2))
+    else:
+        _print_report(cv, plan, args.errors)
+        print(f"max RSS {rss_mb:.0f} MB")
+        print("PASS" if passed else "FAIL: targets not met")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""What WITNESS and ``trinity classify`` share: embedder, pattern store and detector.
+
+Opening it seeds a fresh store with the shipped labelled examples and loads the
+trained model from the cache (training it once when the cache has none for this
+dev set and embedding table), so it works on a fresh install with no prior run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trinity.agents import detector as det
+from trinity.agents.embedding import StaticEmbedder, default_table_path, load_embedder
+from trinity.agents.patterns import PatternStore
+from trinity.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DATA = Path(det.__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class Observation:
+    pattern: str | None
+    label: str
+    confidence: float
+    reason: str | None
+    new: bool  # False when the event had been recorded before
+
+
+def _model_key(embedder: StaticEmbedder) -> str:
+    digest = hashlib.sha256(embedder.fingerprint.encode())
+    for path in sorted(DATA.glob("devset_*.jsonl")):
+        digest.update(path.read_bytes())
+    digest.update(Path(det.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None) -> det.TrainedModel:
+    """The model trained on the shipped dev set, from the cache or trained now (seconds)."""
+    cache_dir = cache_dir or default_table_path().parent
+    path = cache_dir / f"witness_model-{_model_key(embedder)}.pkl"
+    if path.exists():
+        try:
+            with path.open("rb") as fh:
+                model: det.TrainedModel = pickle.load(fh)
+            return model
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            log.warning("retraining: cached model %s unreadable (%s)", path, exc)
+    started = time.perf_counter()
+    model = det.train([(event, label) for event, label, _ in det.load_devset()], embedder)
+    log.info("trained the WITNESS model in %.1f s", time.perf_counter() - started)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump(model, fh)
+    os.replace(tmp, path)
+    return model
+
+
+class Knowledge:
+    def __init__(self, embedder: StaticEmbedder, store: PatternStore,
+                 model: det.TrainedModel) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.detector = det.Detector(embedder, model, store)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Knowledge:
+        embedder = load_embedder()
+        store = PatternStore(settings.patterns_db, embedder)
+        devset = det.load_devset()
+        seeded = store.seed([(det.event_text(event).text, label, origin)
+                             for event, label, origin in devset])
+        if seeded:
+            log.info("seeded the pattern store with %d labelled examples", seeded)
+        return cls(embedder, store, load_model(embedder))
+
+    def observe(self, event: dict[str, Any], *, event_id: str, run_id: str | None = None,
+                started: float | None = None, learn: bool = True) -> Observation:
+        """Classify and record an event once (raises InvalidPayload for bad input).
+
+        Without ``learn`` nothing is written: the event is classified against what
+        the store knows and left out of its counts and exemplars.
+        """
+        stored = self.store.detection(event_id)
+        if stored is not None:
+            return Observation(stored.pattern, stored.pattern or det.NONE, stored.confidence,
+                               "recorded before", new=False)
+        started = time.perf_counter() if started is None else started
+        detection = self.detector.classify(event)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if learn:
+            self.store.record(detection, event_id=event_id, text=det.event_text(event).text,
+                              run_id=run_id, latency_ms=latency_ms)
+        reason = None
+        if detection.pattern is None:
+            reason = (f"no pattern: best label {detection.label} "
+                      f"(p={detection.probabilities.get(detection.label, 0.0):.2f})")
+        return Observation(detection.pattern, detection.label, detection.confidence, reason,
+                           new=True)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def warm() -> None:
+    """Build the embedding table and train the model into the cache (``make install``)."""
+    embedder = load_embedder()
+    started = time.perf_counter()
+    load_model(embedder)
+    print(f"WITNESS model ready in the cache ({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    warm()

@@ -1,0 +1,358 @@
+"""The pattern store: what WITNESS knows, in SQLite, with a FAISS index over exemplars.
+
+SQLite (``trinity_patterns.db``) is the record: exemplars with their vectors,
+every detection, and per-pattern counts, first/last seen and confidence sums.
+FAISS (``trinity_patterns.faiss``) is a derived index for nearest-exemplar search.
+On every open the index is checked against SQLite (same ids, same count, built
+from the same embedding table) and rebuilt from the stored vectors when it is not,
+so a stale index cannot survive a restart. The index is saved on close and every
+``SAVE_EVERY`` additions; a crash in between only costs a rebuild.
+
+Each process that opens the store starts a *session*; a detection whose nearest
+exemplar was stored by an earlier session is a cross-session match, which is how
+learning across restarts is measured.
+
+Writes are idempotent by event id, so a message re-applied after a crash neither
+counts nor learns twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from trinity.agents.detector import PATTERNS, Detection, Neighbour
+from trinity.agents.embedding import StaticEmbedder
+from trinity.clock import now_ms
+from trinity.errors import JournalError
+
+SAVE_EVERY = 200
+# A detection counts as a match against an exemplar when they are this similar.
+MATCH_SIMILARITY = 0.75
+
+
+def _storable(text: str) -> str:
+    """Text SQLite can store: lone surrogates (from undecodable bytes) become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class StoredDetection:
+    event_id: str
+    pattern: str | None
+    confidence: float
+
+
+class PatternStore:
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS sessions ("
+        " session_id TEXT PRIMARY KEY, started_ms INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS exemplars ("
+        " id INTEGER PRIMARY KEY, label TEXT NOT NULL, text TEXT NOT NULL,"
+        " source TEXT NOT NULL, origin TEXT, event_id TEXT UNIQUE, confidence REAL,"
+        " session_id TEXT NOT NULL, created_ms INTEGER NOT NULL, vector BLOB NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS detections ("
+        " event_id TEXT PRIMARY KEY, run_id TEXT, session_id TEXT NOT NULL, pattern TEXT,"
+        " label TEXT NOT NULL, confidence REAL NOT NULL, detected_ms INTEGER NOT NULL,"
+        " nearest_id INTEGER, nearest_similarity REAL, cross_session INTEGER NOT NULL,"
+        " latency_ms REAL)",
+        "CREATE INDEX IF NOT EXISTS detections_time ON detections(detected_ms)",
+        "CREATE TABLE IF NOT EXISTS patterns ("
+        " pattern TEXT PRIMARY KEY, detections INTEGER NOT NULL DEFAULT 0,"
+        " confidence_sum REAL NOT NULL DEFAULT 0, first_seen_ms INTEGER,"
+        " last_seen_ms INTEGER, cross_session_matches INTEGER NOT NULL DEFAULT 0)",
+    )
+
+    def __init__(self, path: Path, embedder: StaticEmbedder) -> None:
+        self.path = path
+        self.index_path = path.with_suffix(".faiss")
+        self.embedder = embedder
+        self.session_id = uuid.uuid4().hex
+        self._unsaved = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self._write() as conn:
+                for ddl in self.SCHEMA:
+                    conn.execute(ddl)
+                conn.execute("INSERT INTO sessions VALUES (?, ?)", (self.session_id, now_ms()))
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open pattern store {path}: {exc}") from exc
+        with suppress(OSError):
+            path.chmod(0o600)
+        self._labels: dict[int, tuple[str, str]] = {}  # exemplar id -> (label, session)
+        self.index = self._load_index()
+
+    # -- storage ------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def _load_index(self) -> Any:
+        """Load the FAISS index if it matches SQLite exactly; otherwise rebuild it."""
+        fingerprint = self.embedder.fingerprint
+        reembedded = self._meta("embedding") not in (None, fingerprint)
+        if reembedded:
+            self._reembed()
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('embedding', ?)", (fingerprint,))
+        rows = self.conn.execute("SELECT id, label, session_id FROM exemplars").fetchall()
+        self._labels = {int(i): (label, session) for i, label, session in rows}
+        index = None
+        # After a re-embedding the saved index holds the old vectors under the same ids.
+        if (self.index_path.exists() and not reembedded
+                and self._meta("index_fingerprint") == fingerprint):
+            try:
+                index = faiss.read_index(str(self.index_path))
+            except RuntimeError:
+                index = None
+        if index is not None and self._agrees(index):
+            self.rebuilt = False
+            return index
+        self.rebuilt = True
+        return self._rebuild()
+
+    def _agrees(self, index: Any) -> bool:
+        if index.ntotal != len(self._labels) or index.d != self.embedder.dim:
+            return False
+        ids = faiss.vector_to_array(index.id_map)
+        return bool(np.array_equal(np.sort(ids), np.array(sorted(self._labels), dtype=np.int64)))
+
+    def _rebuild(self) -> faiss.IndexIDMap2:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+        ids, vectors = [], []
+        for exemplar_id, blob in self.conn.execute("SELECT id, vector FROM exemplars"):
+            ids.append(exemplar_id)
+            vectors.append(np.frombuffer(blob, dtype=np.float16))
+        if ids:
+            index.add_with_ids(np.stack(vectors).astype(np.float32), np.array(ids, dtype=np.int64))
+        self.index = index
+        self.save_index()
+        return index
+
+    def _reembed(self) -> None:
+        """The embedding table changed: stored vectors are from another space."""
+        rows = self.conn.execute("SELECT id, text FROM exemplars").fetchall()
+        with self._write() as conn:
+            for lo in range(0, len(rows), 1000):
+                chunk = rows[lo:lo + 1000]
+                vectors = self.embedder.embed([text for _, text in chunk])
+                conn.executemany("UPDATE exemplars SET vector=? WHERE id=?", [
+                    (vec.astype(np.float16).tobytes(), exemplar_id)
+                    for (exemplar_id, _), vec in zip(chunk, vectors, strict=True)])
+
+    def save_index(self) -> None:
+        tmp = self.index_path.with_suffix(f".faiss.{os.getpid()}.tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, self.index_path)
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('index_fingerprint', ?)",
+                         (self.embedder.fingerprint,))
+        self._unsaved = 0
+
+    def close(self) -> None:
+        if self._unsaved:
+            self.save_index()
+        self.conn.close()
+
+    # -- exemplars ------------------------------------------------------------
+
+    def exemplar_count(self) -> int:
+        return len(self._labels)
+
+    def add_exemplars(
+        self,
+        items: Sequence[tuple[str, str, str | None]],
+        *,
+        source: str,
+        vectors: np.ndarray | None = None,
+    ) -> list[int]:
+        """Store (text, label, origin) exemplars; returns their ids."""
+        if not items:
+            return []
+        if vectors is None:
+            vectors = self.embedder.embed([text for text, _, _ in items])
+        ts = now_ms()
+        ids = []
+        with self._write() as conn:
+            for (text, label, origin), vec in zip(items, vectors, strict=True):
+                cur = conn.execute(
+                    "INSERT INTO exemplars(label, text, source, origin, session_id, created_ms,"
+                    " vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (label, _storable(text), source, origin, self.session_id, ts,
+                     vec.astype(np.float16).tobytes()))
+                ids.append(int(cur.lastrowid or 0))
+        self._index_add(ids, vectors, [label for _, label, _ in items])
+        return ids
+
+    def _index_add(self, ids: list[int], vectors: np.ndarray, labels: list[str]) -> None:
+        stored = np.asarray(vectors, dtype=np.float16).astype(np.float32).reshape(len(ids), -1)
+        self.index.add_with_ids(stored, np.array(ids, dtype=np.int64))
+        for exemplar_id, label in zip(ids, labels, strict=True):
+            self._labels[exemplar_id] = (label, self.session_id)
+        self._unsaved += len(ids)
+        if self._unsaved >= SAVE_EVERY:
+            self.save_index()
+
+    def seed(self, examples: Iterable[tuple[str, str, str]]) -> int:
+        """Load the shipped labelled examples once (a fresh store); returns how many."""
+        if self.conn.execute("SELECT 1 FROM exemplars WHERE source='seed' LIMIT 1").fetchone():
+            return 0
+        return len(self.add_exemplars(list(examples), source="seed"))
+
+    def search(self, vector: np.ndarray, k: int) -> list[Neighbour]:
+        """Nearest exemplars, best first (the detector's NeighbourSearch)."""
+        if self.index.ntotal == 0:
+            return []
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        sims, ids = self.index.search(query, min(k, self.index.ntotal))
+        found = []
+        for sim, exemplar_id in zip(sims[0], ids[0], strict=True):
+            if exemplar_id < 0:
+                continue
+            label, session = self._labels[int(exemplar_id)]
+            found.append(Neighbour(int(exemplar_id), float(sim), label, session))
+        return found
+
+    # -- detections -----------------------------------------------------------
+
+    def detection(self, event_id: str) -> StoredDetection | None:
+        event_id = _storable(event_id)
+        row = self.conn.execute(
+            "SELECT pattern, confidence FROM detections WHERE event_id=?", (event_id,)
+        ).fetchone()
+        return StoredDetection(event_id, row[0], float(row[1])) if row else None
+
+    def record(
+        self,
+        detection: Detection,
+        *,
+        event_id: str,
+        text: str,
+        run_id: str | None = None,
+        learn: bool = True,
+        latency_ms: float | None = None,
+    ) -> bool:
+        """Record a detection once; with ``learn``, a detected pattern becomes an exemplar.
+
+        Returns False when this event was recorded before (nothing changes).
+        """
+        event_id = _storable(event_id)
+        nearest = detection.neighbours[0] if detection.neighbours else None
+        cross = int(
+            detection.pattern is not None and nearest is not None
+            and nearest.session_id != self.session_id
+            and nearest.similarity >= MATCH_SIMILARITY and nearest.label == detection.pattern
+        )
+        ts = now_ms()
+        new_id: int | None = None
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO detections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (event_id, run_id, self.session_id, detection.pattern, detection.label,
+                 detection.confidence, ts, nearest.exemplar_id if nearest else None,
+                 nearest.similarity if nearest else None, cross, latency_ms))
+            if cur.rowcount == 0:
+                return False
+            if detection.pattern is not None:
+                conn.execute(
+                    "INSERT INTO patterns(pattern, detections, confidence_sum, first_seen_ms,"
+                    " last_seen_ms, cross_session_matches) VALUES (?, 1, ?, ?, ?, ?)"
+                    " ON CONFLICT(pattern) DO UPDATE SET detections=detections+1,"
+                    " confidence_sum=confidence_sum+excluded.confidence_sum,"
+                    " last_seen_ms=excluded.last_seen_ms,"
+                    " cross_session_matches=cross_session_matches+excluded.cross_session_matches",
+                    (detection.pattern, detection.confidence, ts, ts, cross))
+                if learn:
+                    cur = conn.execute(
+                        "INSERT INTO exemplars(label, text, source, origin, event_id, confidence,"
+                        " session_id, created_ms, vector) VALUES (?, ?, 'detected', NULL, ?, ?,"
+                        " ?, ?, ?)",
+                        (detection.pattern, _storable(text), event_id, detection.confidence,
+                         self.session_id, ts, detection.vector.astype(np.float16).tobytes()))
+                    new_id = int(cur.lastrowid or 0)
+        if new_id is not None and detection.pattern is not None:
+            self._index_add([new_id], detection.vector.reshape(1, -1), [detection.pattern])
+        return True
+
+    def correct(self, event_id: str, label: str, text: str) -> int:
+        """A human (or test) says what an event really was: it becomes an exemplar."""
+        if label not in (*PATTERNS, "none"):
+            raise ValueError(f"unknown label {label!r}")
+        return self.add_exemplars([(text, label, f"correction:{event_id}")],
+                                  source="correction")[0]
+
+    # -- statistics -----------------------------------------------------------
+
+    def stats(self, since_ms: int | None = None) -> dict[str, Any]:
+        """Per-pattern counts, first/last seen, average confidence and its trend."""
+        by_pattern: dict[str, dict[str, Any]] = {}
+        for pattern, n, conf_sum, first, last, cross in self.conn.execute(
+            "SELECT pattern, detections, confidence_sum, first_seen_ms, last_seen_ms,"
+            " cross_session_matches FROM patterns ORDER BY pattern"
+        ):
+            by_pattern[pattern] = {
+                "detections": int(n), "average_confidence": conf_sum / n if n else 0.0,
+                "first_seen_ms": first, "last_seen_ms": last,
+                "cross_session_matches": int(cross),
+                "confidence_trend": self.confidence_trend(pattern),
+            }
+        totals = self.conn.execute(
+            "SELECT count(*), sum(pattern IS NOT NULL), avg(CASE WHEN pattern IS NOT NULL"
+            " THEN confidence END), sum(cross_session) FROM detections").fetchone()
+        exemplars = dict(self.conn.execute(
+            "SELECT source, count(*) FROM exemplars GROUP BY source").fetchall())
+        new = 0
+        if since_ms is not None:
+            new = self.conn.execute(
+                "SELECT count(*) FROM exemplars WHERE created_ms >= ? AND source != 'seed'",
+                (since_ms,)).fetchone()[0]
+        return {
+            "events": int(totals[0] or 0),
+            "detections": int(totals[1] or 0),
+            "average_confidence": float(totals[2] or 0.0),
+            "cross_session_matches": int(totals[3] or 0),
+            "confidence_trend": self.confidence_trend(None),
+            "exemplars": {k: int(v) for k, v in exemplars.items()},
+            "total_patterns": sum(int(v) for v in exemplars.values()),
+            "new_exemplars_since": int(new),
+            "by_pattern": by_pattern,
+        }
+
+    def confidence_trend(self, pattern: str | None) -> float:
+        """Mean confidence of the later half of detections minus that of the earlier half."""
+        sql = "SELECT confidence FROM detections WHERE pattern IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if pattern is not None:
+            sql += " AND pattern=?"
+            params = (pattern,)
+        values = [float(r[0]) for r in self.conn.execute(sql + " ORDER BY detected_ms, rowid",
+                                                          params)]
+        if len(values) < 2:
+            return 0.0
+        half = len(values) // 2
+        return float(np.mean(values[half:]) - np.mean(values[:half]))
+

@@ -1,0 +1,105 @@
+"""Benchmark: WITNESS classification latency and memory against pattern-store size.
+
+    python benchmarks/bench_witness.py        # 1k, 10k, 100k exemplars (BENCH_SHORT=1: 1k, 10k)
+
+For each size a fresh process builds a pattern store holding that many exemplars
+(the shipped dev set plus recombined real messages: different word mixes of the
+dev-set texts, so the index holds realistic, distinct vectors), then times the
+full classification path used by the WITNESS process (event text, embedding,
+classifier, nearest exemplars) on the dev-set events, one at a time, and reports
+p50/p99 and the process's resident memory. Targets: p99 <= 5 ms at 10k and
+<= 20 ms at 100k exemplars (the test plan asks < 2 s on average). Exits 1 when a
+target is missed; writes reports/bench_witness.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "reports" / "bench_witness.json"
+TARGETS_P99_MS = {10_000: 5.0, 100_000: 20.0}
+
+
+def measure(size: int) -> dict[str, Any]:
+    import psutil
+
+    from trinity.agents import detector as det
+    from trinity.agents.embedding import load_embedder
+    from trinity.agents.knowledge import load_model
+    from trinity.agents.patterns import PatternStore
+
+    embedder = load_embedder()
+    devset = det.load_devset()
+    texts = [det.event_text(event).text for event, _, _ in devset]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = PatternStore(Path(tmp) / "trinity_patterns.db", embedder)
+        store.seed([(t, label, origin) for t, (_, label, origin) in zip(texts, devset,
+                                                                        strict=True)])
+        rng = random.Random(size)
+        extra = []
+        while store.exemplar_count() + len(extra) < size:
+            a, b = rng.sample(range(len(texts)), 2)
+            words = texts[a].split()[: rng.randint(3, 20)] + texts[b].split()[: rng.randint(0, 8)]
+            extra.append((" ".join(words), devset[a][1], "bench"))
+            if len(extra) == 5000:
+                store.add_exemplars(extra, source="bench")
+                extra = []
+        store.add_exemplars(extra, source="bench")
+        model = load_model(embedder)
+        detector = det.Detector(embedder, model, store)
+        events = [event for event, _, _ in devset]
+        for event in events[:50]:  # warm caches
+            detector.classify(event)
+        latencies = []
+        for event in events * 2:
+            started = time.perf_counter()
+            detector.classify(event)
+            latencies.append((time.perf_counter() - started) * 1000)
+        rss_mb = psutil.Process().memory_info().rss / 2**20
+        count = store.exemplar_count()
+        store.close()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"size": size, "exemplars": count, "calls": len(latencies), "p50_ms": round(q[49], 3),
+            "p99_ms": round(q[98], 3), "mean_ms": round(statistics.fmean(latencies), 3),
+            "rss_mb": round(rss_mb, 1)}
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--size":
+        print(json.dumps(measure(int(sys.argv[2]))))
+        return 0
+    sizes = [1_000, 10_000] if os.environ.get("BENCH_SHORT") else [1_000, 10_000, 100_000]
+    rows = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, __file__, "--size", str(size)], check=True,
+                             capture_output=True, text=True, timeout=900).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"bench-witness: classification latency by pattern-store size, {os.cpu_count()} CPUs\n")
+    print(f"{'exemplars':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'RSS MB':>8}  target")
+    ok = True
+    for row in rows:
+        target = TARGETS_P99_MS.get(row["size"])
+        met = target is None or row["p99_ms"] <= target
+        ok &= met
+        verdict = "-" if target is None else f"p99 <= {target:g} ms {'OK' if met else 'MISSED'}"
+        print(f"{row['exemplars']:>10,} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['mean_ms']:>8} "
+              f"{row['rss_mb']:>8}  {verdict}")
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps({"rows": rows, "targets_p99_ms": TARGETS_P99_MS, "ok": ok},
+                                 indent=2))
+    print(f"\nwrote {REPORT.relative_to(ROOT)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
