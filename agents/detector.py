@@ -244,11 +244,11 @@ def event_text(event: Mapping[str, Any]) -> EventText:
 def _event_text(event: Mapping[str, Any]) -> EventText:
     if not isinstance(event, Mapping):
         raise InvalidPayload(f"event must be a JSON object, got {_type_name(event)}")
-    message = event.get("message")
-    if message is None:
-        raise InvalidPayload("event has no 'message'")
+    if "message" not in event:
+        raise InvalidPayload("missing field 'message'")
+    message = event["message"]
     if not isinstance(message, str):
-        raise InvalidPayload(f"'message' must be a string, got {_type_name(message)}")
+        raise InvalidPayload(f"field 'message' must be str, got {_type_name(message)}")
     notes: list[str] = []
     if len(message) > MAX_MESSAGE_CHARS:
         notes.append(f"message truncated from {len(message)} to {MAX_MESSAGE_CHARS} chars")
@@ -258,7 +258,7 @@ def _event_text(event: Mapping[str, Any]) -> EventText:
         notes.append("invalid unicode or control characters replaced in message")
     message = message.strip()
     if not message:
-        raise InvalidPayload("'message' is empty")
+        raise InvalidPayload("field 'message' is empty")
     lines = [message, *_render_fields(event, notes)]
     return EventText("\n".join(lines), tuple(notes))
 

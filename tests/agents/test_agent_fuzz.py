@@ -542,7 +542,7 @@ def _j(value: Any) -> bytes:
 PAYLOAD_CASES = {
     "witness": PayloadCase(
         invalid=[
-            (_j({"message": 42}), ["'message'", "must be a string", "got int"]),
+            (_j({"message": 42}), ["'message'", "must be str", "got int"]),
             (_j({"msg": "disk full"}), ["missing field 'message'"]),
             (_j({"message": "  \n\t"}), ["'message'", "empty"]),
             (_j({"message": None}), ["'message'", "got NoneType"]),
@@ -551,7 +551,8 @@ PAYLOAD_CASES = {
             (b'{"message": "disk', ["not valid JSON"]),
             (b'{"message": "\xff\xfe"}', ["not valid UTF-8"]),
         ],
-        valid={"message": "disk usage at 91%", "event_id": "ev-1", "run_id": "r1", "cycle": 3},
+        valid={"message": "panic: runtime error: invalid memory address or nil pointer dereference",
+               "event_id": "ev-1", "run_id": "r1", "cycle": 3},
     ),
     "architect": PayloadCase(
         invalid=[
@@ -600,7 +601,8 @@ def _check_output(name: str, outputs: list[dict[str, Any]]) -> None:
     out = outputs[0]
     if name == "witness":
         assert out["event_id"] == out["signal_id"] == "ev-1"
-        assert out["message"] == "disk usage at 91%"
+        assert out["message"].startswith("panic: runtime error")
+        assert out["pattern"] == "critical_error" and 0.5 < out["confidence"] <= 1
         assert out["run_id"] == "r1" and out["cycle"] == 3
     elif name == "architect":
         assert out["task_id"] == "ev-1/t1" and out["event_id"] == "ev-1"
