@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trinity.agents import embedding
 from trinity.agents.detector import (
     LABELS,
     NONE,
@@ -32,17 +31,9 @@ from trinity.agents.detector import (
     normalise,
     train,
 )
-from trinity.agents.embedding import StaticEmbedder, default_table_path, load_embedder
+from trinity.agents.embedding import StaticEmbedder
 from trinity.agents.evaluate import PLAN_EVENTS, SANITY_NEGATIVES
 from trinity.errors import InvalidPayload
-
-
-@pytest.fixture(scope="module")
-def embedder(tmp_path_factory: pytest.TempPathFactory) -> StaticEmbedder:
-    path = default_table_path()
-    if not path.exists():
-        path = tmp_path_factory.mktemp("cache") / embedding.TABLE_NAME
-    return load_embedder(path)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,6 @@ from trinity.agents.embedding import (
 )
 
 
-@pytest.fixture(scope="session")
-def embedder(tmp_path_factory: pytest.TempPathFactory) -> StaticEmbedder:
-    path = default_table_path()
-    if not path.exists():
-        path = tmp_path_factory.mktemp("cache") / embedding.TABLE_NAME
-    return load_embedder(path)
-
-
 @pytest.fixture
 def fake_vectors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Replace the ONNX pass with random vectors so a build takes milliseconds."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trinity.agents.detector import Detection, Neighbour
-from trinity.agents.embedding import StaticEmbedder, load_embedder
+from trinity.agents.embedding import StaticEmbedder
 from trinity.agents.knowledge import Knowledge
 from trinity.agents.patterns import PatternStore
 from trinity.settings import Settings
@@ -29,9 +29,6 @@ SEED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def embedder() -> StaticEmbedder:
-    return load_embedder()
 
 
 @pytest.fixture
