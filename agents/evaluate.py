@@ -259,6 +259,7 @@ def plan_results(embedder: StaticEmbedder) -> dict[str, Any]:
     return {
         "train_seconds_full": seconds,
         "threshold": detector.model.threshold,
+        "class_thresholds": detector.model.class_thresholds,
         "temperature": detector.model.temperature,
         "plan": plan,
         "negatives": negatives,
@@ -287,9 +288,16 @@ def _print_report(cv: Mapping[str, Any], plan: Mapping[str, Any], show_errors: b
         f"train time      {cv['train_seconds_mean']:.2f} s per fold, "
         f"{plan['train_seconds_full']:.2f} s on the full dev set"
     )
+    per_class_t = plan.get("class_thresholds")
+    per_class_s = (
+        ", ".join(f"{lab} {t:.2f}" for lab, t in zip(LABELS, per_class_t, strict=False))
+        if per_class_t
+        else "none"
+    )
     print(
-        f"threshold {plan['threshold']:.2f}, temperature {plan['temperature']:.2f} "
-        "(full-dev-set model)"
+        f"threshold {plan['threshold']:.2f} (per pattern: {per_class_s}), "
+        f"temperature {plan['temperature']:.2f} (full-dev-set model; a pattern is returned "
+        "when p(pattern) / (p(pattern) + p(none)) reaches its threshold)"
     )
     print("test-plan events (model and exemplars = full dev set):")
     for r in plan["plan"]:
