@@ -376,39 +376,22 @@ class InMemoryExemplars:
 # -- features ---------------------------------------------------------------------
 
 _N_HASH = 2**18
-_WORDS = HashingVectorizer(
-    analyzer="word",
-    ngram_range=(1, 2),
-    token_pattern=r"(?u)\b\w+\b|[^\w\s]",
-    n_features=_N_HASH,
-    alternate_sign=False,
-    norm="l2",
-    binary=True,
-    lowercase=False,
-)
-_CHARS = HashingVectorizer(
-    analyzer="char_wb",
-    ngram_range=(2, 5),
-    n_features=_N_HASH,
-    alternate_sign=False,
-    norm="l2",
-    binary=True,
-    lowercase=False,
-)
+
+
+def _hashed(analyzer: str, ngram_range: tuple[int, int], **options: Any) -> HashingVectorizer:
+    """A binary, unit-norm, case-preserving hashed n-gram block (all three share these)."""
+    return HashingVectorizer(analyzer=analyzer, ngram_range=ngram_range, n_features=_N_HASH,
+                             alternate_sign=False, norm="l2", binary=True, lowercase=False,
+                             **options)
+
+
+_WORDS = _hashed("word", (1, 2), token_pattern=r"(?u)\b\w+\b|[^\w\s]")
+_CHARS = _hashed("char_wb", (2, 5))
 # Relative weight of the dense embedding block against the two unit-norm hashed blocks.
 EMBED_WEIGHT = 1.5
 
 
-_PIECES = HashingVectorizer(
-    analyzer="word",
-    ngram_range=(1, 2),
-    token_pattern=r"\S+",
-    n_features=_N_HASH,
-    alternate_sign=False,
-    norm="l2",
-    binary=True,
-    lowercase=False,
-)
+_PIECES = _hashed("word", (1, 2), token_pattern=r"\S+")
 _TOKENIZER: Any = None
 
 
