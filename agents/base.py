@@ -10,18 +10,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message
 from trinity.bus.node import BusNode
 from trinity.bus.topology import DEFAULT_TOPOLOGY, HEARTBEATS, Topology
 from trinity.clock import Clock, ScaledClock, now_ms
-from trinity.errors import InvalidPayload, MalformedMessage
+from trinity.errors import InvalidPayload, MalformedMessage, ModelTimeout
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# How long past its own timeout a call may take before the wait gives up on it.
+_CALL_GRACE_S = 5.0
 
 
 class BaseProcess:
@@ -31,6 +38,9 @@ class BaseProcess:
     # False where handlers only write inside the journal transaction (or are
     # idempotent outside it): a batch then runs without a savepoint per message.
     isolate_each_message: ClassVar[bool] = True
+    # True where a message needs slow work (a model call): ``prepare`` then runs it
+    # outside the journal transaction, one message at a time, heartbeats continuing.
+    prepares: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -59,15 +69,52 @@ class BaseProcess:
     def loop(self) -> None:
         """One turn: receive, apply, beat, then the subclass's periodic work."""
         self.node.receive(timeout_ms=int(self.settings.poll_interval_s * 500))
-        self.node.drain(self.handle)
+        self.node.drain(self.handle, prepare=self.prepare if self.prepares else None)
         inbox, self.node.ephemeral_inbox = self.node.ephemeral_inbox, []
         for msg in inbox:
             self.handle_ephemeral(msg)
+        self.beat()
+        self.tick()
+
+    def beat(self) -> None:
+        """Send a heartbeat if one is due."""
         now = self.clock.monotonic()
         if self.sends_heartbeats and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
             self.node.send_ephemeral(HEARTBEATS, self.heartbeat())
-        self.tick()
+
+    def wait_for(
+        self, fn: Callable[[], T], timeout_s: float, cancel: threading.Event
+    ) -> T:
+        """Run ``fn`` in a worker thread and keep beating while it runs.
+
+        ``fn`` is expected to honour its own timeout; past ``timeout_s`` plus a grace
+        the cancel flag is set and the wait gives up with ModelTimeout (the thread is
+        left to finish on its own). A stop request also cancels the call.
+        """
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the waiting thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"{self.name}-call", daemon=True).start()
+        give_up = time.monotonic() + timeout_s + _CALL_GRACE_S
+        while not done.wait(min(self.settings.heartbeat_interval_s / 2, 0.25)):
+            self.beat()
+            if self.stopping:
+                cancel.set()
+            if time.monotonic() > give_up:
+                cancel.set()
+                raise ModelTimeout(f"{self.name}: call still running after {timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
 
     def shutdown(self) -> None:
         self.node.close()
@@ -93,6 +140,13 @@ class BaseProcess:
 
     def handle(self, msg: Message, tx: Transaction) -> None:
         """Apply one journaled message inside ``tx``; raise InvalidPayload to dead-letter it."""
+        raise NotImplementedError
+
+    def prepare(self, msg: Message) -> Callable[[Transaction], None]:
+        """With ``prepares``: the slow part, outside any transaction; returns the commit.
+
+        Raise InvalidPayload to dead-letter the message, RetryableError to try later.
+        """
         raise NotImplementedError
 
     def handle_ephemeral(self, msg: Message) -> None:

@@ -1,35 +1,71 @@
-"""EXECUTOR: performs each task on execution_queue and records its outcome once.
+"""EXECUTOR: hands each task to its delegate sub-agent and records the outcome once.
 
-The outcome row is written in the transaction that advances EXECUTOR's cursor,
-so it exists exactly once whatever is killed when. Outcomes are records, never
-new telemetry. The delegate here is a placeholder; the sub-agents replace it.
+The delegate (QualityEnforcer, AgencyCodeAgent, TestGenerator, Planner) produces its
+work product with a model call: a proposed change, a refactoring plan, a test plan or
+an implementation plan. The product is stored with the task's outcome; nothing edits
+the user's code. The outcome row is written in the transaction that advances
+EXECUTOR's cursor, so it exists exactly once whatever is killed when. Outcomes are
+records, never new telemetry.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from trinity import records
-from trinity.agents.base import BaseProcess, event_fields
+from trinity.agents.base import event_fields
+from trinity.agents.delegates import delegate_named, parse_as, schema_of
+from trinity.agents.model_agent import ModelAgent, event_context
+from trinity.agents.providers.base import ChatRequest
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message
 from trinity.bus.topology import ALERTS, HEARTBEATS
 from trinity.clock import now_ms
+from trinity.errors import AllModelsFailed, InvalidPayload
 
 
-class Executor(BaseProcess):
+class Executor(ModelAgent):
     name: ClassVar[str] = "executor"
     publishes: ClassVar[tuple[str, ...]] = (ALERTS, HEARTBEATS)
 
-    def initialize(self) -> None:
-        super().initialize()
-        records.ensure_schema(self.journal.conn)
-
-    def handle(self, msg: Message, tx: Transaction) -> None:
-        task = event_fields(msg, {"task_id": str, "event_id": str, "delegate": str})
-        tx.conn.execute(
-            "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (task["task_id"], task["event_id"], task.get("run_id"), task["delegate"], "done",
-             now_ms()),
+    def prepare(self, msg: Message) -> Callable[[Transaction], None]:
+        task = event_fields(msg, {"task_id": str, "event_id": str, "delegate": str,
+                                  "pattern": str, "description": str})
+        if not task["task_id"].strip():
+            raise InvalidPayload("field 'task_id' is empty")
+        try:
+            delegate = delegate_named(task["delegate"], task["pattern"])
+        except KeyError as exc:
+            raise InvalidPayload(str(exc.args[0])) from None
+        context = event_context(task)
+        user = (f"Task: {task['description'][:400]}\n"
+                f"Acceptance: {str(task.get('acceptance', ''))[:300]}\n"
+                f"Problem ({task['pattern']}): {str(task.get('message', ''))[:600]}"
+                + (f"\n{context}" if context else ""))
+        request = ChatRequest(
+            messages=({"role": "system", "content": delegate.role + " Answer in JSON."},
+                      {"role": "user", "content": user}),
+            schema=schema_of(delegate.product),
+            max_tokens=self.policy.max_tokens_for(self.name),
         )
+        ctx = self.context(f"executor:{task['task_id']}", task, task_id=task["task_id"])
+        try:
+            routed = self.router.call(request, ctx, parse_as(delegate.product))
+        except AllModelsFailed as failed:
+            return self._commit(task, "failed", {"error": str(failed)[:2000]}, failed.attempts)
+        product: dict[str, Any] = {"kind": delegate.product_kind, "delegate": delegate.name,
+                                   "engine": routed.provider, "model": routed.model,
+                                   **routed.value}
+        return self._commit(task, "done", product, routed.attempts)
+
+    def _commit(self, task: dict[str, Any], status: str, product: dict[str, Any],
+                attempts: list[Any]) -> Callable[[Transaction], None]:
+        def commit(tx: Transaction) -> None:
+            self.publish_call_alerts(tx, attempts)
+            tx.conn.execute(
+                "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"
+                " product) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (task["task_id"], task["event_id"], task.get("run_id"), task["delegate"],
+                 status, now_ms(), json.dumps(product, sort_keys=True)))
+        return commit

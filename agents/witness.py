@@ -30,6 +30,22 @@ from trinity.errors import InvalidPayload, MalformedMessage
 log = logging.getLogger(__name__)
 
 
+SIGNAL_CONTEXT = ("file", "line", "error_type", "test_name", "files", "failure_rate", "source",
+                  "labels")
+
+
+def _plain(value: Any) -> bool:
+    """A short scalar or list of strings: safe to pass on in a signal."""
+    if isinstance(value, str):
+        return 0 < len(value) <= 300
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    return isinstance(value, list) and 0 < len(value) <= 20 and all(
+        isinstance(v, str) and len(v) <= 200 for v in value)
+
+
 class Witness(BaseProcess):
     name: ClassVar[str] = "witness"
     publishes: ClassVar[tuple[str, ...]] = (IMPROVEMENT, ALERTS, HEARTBEATS)
@@ -73,6 +89,8 @@ class Witness(BaseProcess):
             "severity": event.get("severity") if isinstance(event.get("severity"), str) else None,
             "detector": "witness",
             "message": event["message"][:2000],
+            # What ARCHITECT's and EXECUTOR's prompts show besides the message.
+            **{k: event[k] for k in SIGNAL_CONTEXT if _plain(event.get(k))},
         }
         # Keyed by the event: re-applying after a crash cannot publish it twice.
         tx.publish(IMPROVEMENT, encode_payload(signal), key=event_id)

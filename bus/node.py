@@ -37,6 +37,8 @@ from trinity.settings import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Transaction], None]
+# Slow work done before the transaction (a model call): returns what to commit.
+Prepare = Callable[[Message], Callable[[Transaction], None]]
 
 _RETRY_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 # Live messages are only hints (the journal is applied); past this many unapplied
@@ -45,6 +47,18 @@ _MAX_LIVE_HINTS = 10_000
 _LIVE_READS_WHILE_BEHIND = 64
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
+
+
+def _raiser(exc: Exception) -> Callable[[Transaction], None]:
+    def commit(tx: Transaction) -> None:
+        raise exc
+    return commit
+
+
+def _committer(commit: Callable[[Transaction], None]) -> Handler:
+    def handler(msg: Message, tx: Transaction) -> None:
+        commit(tx)
+    return handler
 
 
 class _BatchFailed(Exception):
@@ -249,8 +263,17 @@ class BusNode:
 
     # -- applying ---------------------------------------------------------
 
-    def drain(self, handler: Handler, *, max_batches: int = 4) -> int:
-        """Apply journaled messages after our cursors; returns how many were applied."""
+    def drain(
+        self, handler: Handler, *, max_batches: int = 4, prepare: Prepare | None = None
+    ) -> int:
+        """Apply journaled messages after our cursors; returns how many were applied.
+
+        With ``prepare``, messages are taken one at a time: ``prepare(msg)`` runs
+        outside any transaction (so a slow model call never holds the journal's write
+        lock) and returns the function that commits its result, which then runs in
+        the transaction that advances the cursor. A crash in between redoes
+        ``prepare``; it must be safe to repeat.
+        """
         now = time.monotonic()
         if now - self._last_journal_check >= self.settings.poll_interval_s:
             self._last_journal_check = now
@@ -264,15 +287,23 @@ class BusNode:
             batches = 0
             while state.wake and now >= state.retry_at and batches < max_batches:
                 batches += 1
-                applied += self._apply_batch(stream, state, handler)
+                applied += self._apply_batch(stream, state, handler, prepare)
         return applied
 
-    def _apply_batch(self, stream: str, state: _StreamState, handler: Handler) -> int:
-        rows = self.journal.read_after(stream, state.cursor, self.settings.batch_size)
+    def _apply_batch(
+        self, stream: str, state: _StreamState, handler: Handler, prepare: Prepare | None = None
+    ) -> int:
+        batch_size = 1 if prepare is not None else self.settings.batch_size
+        rows = self.journal.read_after(stream, state.cursor, batch_size)
         if not rows:
             self._reject_unjournaled(stream, state)
             state.wake = state.behind = False
             return 0
+        if prepare is not None:
+            prepared = self._prepare(stream, state, rows[0], prepare)
+            if prepared is None:
+                return 0
+            handler = prepared
         done: list[Message] = []
         failed: list[tuple[Message, str]] = []
         outputs: list[Message] = []
@@ -300,6 +331,18 @@ class BusNode:
             state.cursor = done[-1].seq
         self.counters.applied += len(done) - len(failed)
         self.counters.dead_lettered += len(failed)
+        self._confirm_live(stream, state, done)
+        if retry:
+            self._schedule_retry(state)
+        else:
+            state.failures = 0
+            state.retry_at = 0.0
+            state.behind = len(rows) == batch_size
+            state.wake = state.behind or bool(state.live)
+        return len(done)
+
+    def _confirm_live(self, stream: str, state: _StreamState, done: list[Message]) -> None:
+        """Live copies of applied messages are confirmed; others at their seq are not ours."""
         unconfirmed: list[tuple[str, bytes]] = []
         for msg in done:
             live_ids = state.live.pop(msg.seq, None)
@@ -313,17 +356,26 @@ class BusNode:
                             for mid in live_ids]
         if unconfirmed:
             self._dead_letter_raw(unconfirmed)
-        if retry:
-            state.failures += 1
-            self.counters.retries += 1
-            state.retry_at = time.monotonic() + _RETRY_BACKOFF_S[
-                min(state.failures, len(_RETRY_BACKOFF_S)) - 1]
-        else:
-            state.failures = 0
-            state.retry_at = 0.0
-            state.behind = len(rows) == self.settings.batch_size
-            state.wake = state.behind or bool(state.live)
-        return len(done)
+
+    def _prepare(
+        self, stream: str, state: _StreamState, msg: Message, prepare: Prepare
+    ) -> Handler | None:
+        """Run the slow part of ``msg``; None when it is to be retried later."""
+        try:
+            commit = prepare(msg)
+        except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
+            log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+            self._schedule_retry(state)
+            return None
+        except Exception as exc:  # dead-lettered in the transaction, like a handler error
+            commit = _raiser(exc)
+        return _committer(commit)
+
+    def _schedule_retry(self, state: _StreamState) -> None:
+        state.failures += 1
+        self.counters.retries += 1
+        state.retry_at = time.monotonic() + _RETRY_BACKOFF_S[
+            min(state.failures, len(_RETRY_BACKOFF_S)) - 1]
 
     def _run_handlers(
         self, tx: Transaction, stream: str, rows: list[Message], handler: Handler, isolate: bool

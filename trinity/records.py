@@ -33,3 +33,12 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def sim_elapsed_s(conn: sqlite3.Connection, run_id: str | None) -> float | None:
+    """The run's simulated time at its latest checkpoint (the controller writes one
+    every half second of real time), or None for an unknown run."""
+    if run_id is None:
+        return None
+    row = conn.execute("SELECT sim_elapsed_s FROM runs WHERE run_id=?", (run_id,)).fetchone()
+    return float(row[0]) if row else None

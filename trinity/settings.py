@@ -20,6 +20,9 @@ from trinity.errors import ConfigError
 # Unix socket paths are limited to 108 bytes including the terminator; leave room
 # for the longest file name placed in the run directory.
 _MAX_RUN_DIR_LEN = 80
+# warn: budget alerts only, the run goes on as planned; enforce: once the budget is
+# spent, every call is routed to a free (local) provider.
+BUDGET_MODES = ("warn", "enforce")
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -65,6 +68,9 @@ class Settings:
     poll_interval_s: float = 0.2
     max_payload_bytes: int = 1 << 20
     batch_size: int = 500
+    budget_usd: float = 10.0
+    budget_mode: str = "warn"
+    routing_path: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -84,6 +90,10 @@ class Settings:
             "heartbeat_max_missed": _env_int(env, "TRINITY_HEARTBEAT_MAX_MISSED", 3),
             "startup_grace_s": _env_float(env, "TRINITY_STARTUP_GRACE", 30.0),
             "max_payload_bytes": _env_int(env, "TRINITY_MAX_PAYLOAD_BYTES", 1 << 20),
+            "budget_usd": _env_float(env, "TRINITY_TEST_BUDGET", 10.0),
+            "budget_mode": (env.get("TRINITY_BUDGET_MODE") or "warn").strip().lower(),
+            "routing_path": Path(env["TRINITY_ROUTING"]).resolve()
+            if env.get("TRINITY_ROUTING") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -109,6 +119,14 @@ class Settings:
             raise ConfigError("heartbeat_max_missed (TRINITY_HEARTBEAT_MAX_MISSED) must be >= 1")
         if not 1024 <= self.max_payload_bytes <= 64 << 20:
             raise ConfigError("max_payload_bytes (TRINITY_MAX_PAYLOAD_BYTES) must be 1 KiB..64 MiB")
+        if not 0 <= self.budget_usd < float("inf"):
+            raise ConfigError(
+                f"budget_usd (TRINITY_TEST_BUDGET) must be a finite number >= 0, "
+                f"got {self.budget_usd!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ConfigError(
+                f"budget_mode (TRINITY_BUDGET_MODE) must be one of {', '.join(BUDGET_MODES)}, "
+                f"got {self.budget_mode!r}")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if len(str(self.run_dir)) > _MAX_RUN_DIR_LEN + 20:
@@ -124,6 +142,10 @@ class Settings:
     @property
     def patterns_db(self) -> Path:
         return self.data_dir / "trinity_patterns.db"
+
+    @property
+    def costs_db(self) -> Path:
+        return self.data_dir / "trinity_costs.db"
 
     @property
     def heartbeat_deadline_s(self) -> float:

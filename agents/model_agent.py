@@ -1,0 +1,90 @@
+"""The base of the agents that call models (ARCHITECT, EXECUTOR).
+
+Each message is prepared outside the journal transaction — the model call, through
+the router, with heartbeats going on meanwhile — and committed after: its outputs,
+its outcome or its alerts, in the transaction that advances the cursor. Replaying a
+message after a crash asks the router again, which returns the answer the ledger
+already holds for that request instead of paying for a second call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar
+
+from trinity import records
+from trinity.agents.base import BaseProcess
+from trinity.agents.router import CallContext, Router
+from trinity.agents.routing import build_providers, load_policy
+from trinity.bus.journal import Transaction
+from trinity.bus.message import encode_payload
+from trinity.bus.topology import ALERTS
+from trinity.clock import now_ms
+from trinity.costs import TIMEOUT, CallRecord, CostLedger
+
+# Event fields worth showing a model, in this order.
+CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files",
+                  "failure_rate", "source", "labels")
+
+
+class ModelAgent(BaseProcess):
+    prepares: ClassVar[bool] = True
+    isolate_each_message: ClassVar[bool] = True
+
+    def initialize(self) -> None:
+        super().initialize()
+        records.ensure_schema(self.journal.conn)
+        self.policy = load_policy(self.settings.routing_path)
+        self.ledger = CostLedger(self.settings.costs_db)
+        self.router = Router(
+            self.policy, build_providers(self.policy, os.environ), self.ledger,
+            budget_usd=self.settings.budget_usd, budget_mode=self.settings.budget_mode,
+            waiter=self.wait_for)
+
+    def shutdown(self) -> None:
+        self.router.close()
+        self.ledger.close()
+        super().shutdown()
+
+    def context(self, request_id: str, payload: dict[str, Any], *,
+                task_id: str | None = None) -> CallContext:
+        run_id = payload.get("run_id") if isinstance(payload.get("run_id"), str) else None
+        pattern = payload.get("pattern")
+        severity = payload.get("severity")
+        return CallContext(
+            agent=self.name, request_id=request_id, run_id=run_id,
+            event_id=str(payload["event_id"]), task_id=task_id,
+            pattern=pattern if isinstance(pattern, str) else None,
+            severity=severity if isinstance(severity, str) else None,
+            sim_elapsed_s=records.sim_elapsed_s(self.journal.conn, run_id),
+        )
+
+    def publish_call_alerts(self, tx: Transaction, attempts: list[CallRecord]) -> None:
+        """A ``model_timeout`` alert per timed-out attempt, keyed by its call id."""
+        for call in attempts:
+            if call.status != TIMEOUT:
+                continue
+            alert = {
+                "alert_id": f"model_timeout/{call.call_id}", "ts_ms": now_ms(),
+                "kind": "model_timeout", "severity": "warning", "agent": self.name,
+                "run_id": call.run_id, "sim_elapsed_s": call.sim_elapsed_s,
+                "message": f"{self.name} call to {call.provider} ({call.model}) timed out "
+                           f"after {call.latency_ms / 1000:.1f} s",
+                "details": {"call_id": call.call_id, "provider": call.provider,
+                            "event_id": call.event_id, "task_id": call.task_id,
+                            "route": call.route, "error": call.error},
+            }
+            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+
+
+def event_context(payload: dict[str, Any]) -> str:
+    """The event fields a model should see, one per line."""
+    lines = []
+    for name in CONTEXT_FIELDS:
+        value = payload.get(name)
+        if value is None or value == "" or value == []:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        lines.append(f"{name}: {text[:200]}")
+    return "\n".join(lines)

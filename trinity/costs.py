@@ -1,0 +1,202 @@
+"""The cost ledger (``trinity_costs.db``): one row per model call attempt.
+
+Every attempt is a row — the answer, the error, the timeout, the retry, the
+fallback — with its own ``call_id``, so totals never count a call twice. Attempts
+that serve one request share a ``request_id``; a successful answer is also kept in
+``answers`` under that id, so a message replayed after a crash reuses the answer it
+already paid for instead of calling (and paying) again.
+
+Prices come from ``genai-prices``; providers without a price model (embedded, Ollama)
+cost $0.00.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from trinity.errors import ConfigError
+
+SUCCESS = "success"
+ERROR = "error"
+TIMEOUT = "timeout"
+# Where an attempt sits in its request: the first try, a retry on the same provider,
+# or a fallback to a later provider in the route.
+PRIMARY, RETRY, FALLBACK = "primary", "retry", "fallback"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    call_id: str
+    request_id: str
+    attempt: int
+    route: str
+    ts_ms: int
+    sim_elapsed_s: float | None
+    run_id: str | None
+    agent: str
+    provider: str
+    provider_kind: str
+    model: str
+    local: bool
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    tokens_estimated: bool
+    cost_usd: float
+    latency_ms: float
+    status: str
+    error_class: str | None
+    error: str | None
+    event_id: str | None
+    task_id: str | None
+
+
+def price_usd(model: str, provider_id: str | None, *, input_tokens: int, output_tokens: int,
+              cached_tokens: int = 0) -> Decimal:
+    """The price of one call from genai-prices; ConfigError if it does not know the model."""
+    from genai_prices import Usage, calc_price
+
+    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens,
+                  cache_read_tokens=cached_tokens or None)
+    try:
+        return calc_price(usage, model_ref=model, provider_id=provider_id).total_price
+    except LookupError as exc:
+        raise ConfigError(f"genai-prices has no price for model {model!r}"
+                          f" (provider {provider_id!r}): {exc}") from None
+
+
+class CostLedger:
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS calls ("
+        " call_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " route TEXT NOT NULL, ts_ms INTEGER NOT NULL, sim_elapsed_s REAL, run_id TEXT,"
+        " agent TEXT NOT NULL, provider TEXT NOT NULL, provider_kind TEXT NOT NULL,"
+        " model TEXT NOT NULL, local INTEGER NOT NULL,"
+        " input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
+        " cached_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,"
+        " tokens_estimated INTEGER NOT NULL, cost_usd REAL NOT NULL, latency_ms REAL NOT NULL,"
+        " status TEXT NOT NULL, error_class TEXT, error TEXT, event_id TEXT, task_id TEXT)",
+        "CREATE INDEX IF NOT EXISTS calls_run ON calls(run_id, ts_ms)",
+        "CREATE INDEX IF NOT EXISTS calls_request ON calls(request_id)",
+        "CREATE TABLE IF NOT EXISTS answers ("
+        " request_id TEXT PRIMARY KEY, call_id TEXT NOT NULL, provider TEXT NOT NULL,"
+        " model TEXT NOT NULL, content TEXT NOT NULL)",
+    )
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                    timeout=busy_timeout_ms / 1000)
+        self._lock = threading.Lock()
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self._write() as conn:
+            for ddl in self.SCHEMA:
+                conn.execute(ddl)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def record(self, call: CallRecord, *, answer: str | None = None) -> None:
+        """Write one attempt (and, for a success, its answer) in one transaction."""
+        row = asdict(call)
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._write() as conn:
+            conn.execute(f"INSERT INTO calls({columns}) VALUES ({marks})",
+                         tuple(int(v) if isinstance(v, bool) else v for v in row.values()))
+            if answer is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO answers(request_id, call_id, provider, model, content)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (call.request_id, call.call_id, call.provider, call.model, answer))
+
+    def answer_for(self, request_id: str) -> tuple[str, str, str] | None:
+        """(provider, model, content) of a request already answered, or None."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT provider, model, content FROM answers WHERE request_id=?",
+                (request_id,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def spent_usd(self, run_id: str | None) -> float:
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT coalesce(sum(cost_usd), 0) FROM calls WHERE run_id IS ?",
+                (run_id,)).fetchone()
+        return float(row[0])
+
+    def calls(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self.conn.execute(
+                "SELECT * FROM calls WHERE (? IS NULL OR run_id=?) ORDER BY ts_ms, rowid",
+                (run_id, run_id))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def totals(self, run_id: str | None = None) -> dict[str, Any]:
+        """Totals of the ledger (or of one run), all computed from the rows."""
+        return summarize(self.calls(run_id))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _group(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        g = groups.setdefault(str(row[key]), {"calls": 0, "cost_usd": 0.0, "input_tokens": 0,
+                                              "output_tokens": 0, "successes": 0})
+        g["calls"] += 1
+        g["cost_usd"] += row["cost_usd"]
+        g["input_tokens"] += row["input_tokens"]
+        g["output_tokens"] += row["output_tokens"]
+        g["successes"] += row["status"] == SUCCESS
+    for g in groups.values():
+        g["cost_usd"] = round(g["cost_usd"], 6)
+    return groups
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals by agent, model and provider; local share of calls and tokens; success rate.
+
+    ``total_calls`` counts attempts (every row is one real call); ``requests`` counts
+    the distinct requests they served.
+    """
+    attempts = len(rows)
+    tokens = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+    local_tokens = sum(r["input_tokens"] + r["output_tokens"] for r in rows if r["local"])
+    successes = sum(r["status"] == SUCCESS for r in rows)
+    return {
+        "total_cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
+        "total_calls": attempts,
+        "requests": len({r["request_id"] for r in rows}),
+        "success_rate": round(successes / attempts, 4) if attempts else None,
+        "by_status": {s: sum(r["status"] == s for r in rows) for s in (SUCCESS, ERROR, TIMEOUT)},
+        "by_route": {s: sum(r["route"] == s for r in rows) for s in (PRIMARY, RETRY, FALLBACK)},
+        "input_tokens": sum(r["input_tokens"] for r in rows),
+        "output_tokens": sum(r["output_tokens"] for r in rows),
+        "estimated_token_rows": sum(bool(r["tokens_estimated"]) for r in rows),
+        "local_share_calls": round(sum(bool(r["local"]) for r in rows) / attempts, 4)
+        if attempts else None,
+        "local_share_tokens": round(local_tokens / tokens, 4) if tokens else None,
+        "by_agent": _group(rows, "agent"),
+        "by_model": _group(rows, "model"),
+        "by_provider": _group(rows, "provider"),
+    }
