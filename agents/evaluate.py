@@ -21,7 +21,14 @@ Reported, over all held-out predictions pooled:
   pattern, or of ``none`` when abstaining), ECE = sum_b (n_b / n) * |acc_b - conf_b|
   with acc_b the share of correct decisions in the bin.
 
-Exit status 1 unless accuracy >= 0.95, FP on none <= 0.05 and ECE <= 0.05.
+Then, once, the holdout (``agents/data/holdout_*.jsonl``: real events from repositories
+that appear nowhere in the dev set, collected before any tuning and never used for it) is
+scored by the full-dev-set model and exemplars, and the same metrics are printed beside
+the cross-validation ones under "holdout (never tuned on)". It is the estimate of how
+WITNESS does on events collected by others; the exit status stays driven by the
+cross-validation targets only.
+
+Exit status 1 unless accuracy >= 0.95, FP on none <= 0.05 and ECE <= 0.05 (CV).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
 
 from trinity.agents.detector import (
+    DATA_DIR,
     LABELS,
     NONE,
     Detector,
@@ -159,6 +167,71 @@ def per_class(truth: Sequence[str], decided: Sequence[str]) -> dict[str, dict[st
     return out
 
 
+def summarise(
+    truth: Sequence[str], decided: Sequence[str], confidence: Sequence[float]
+) -> dict[str, Any]:
+    """Accuracy, per-class P/R/F1, macro-F1, FP rate on none and ECE of pooled decisions."""
+    t = np.array(truth)
+    d = np.array(decided)
+    correct = (t == d).astype(np.float64)
+    classes = per_class(truth, decided)
+    none_mask = t == NONE
+    return {
+        "n": len(truth),
+        "accuracy": float(correct.mean()) if len(truth) else 0.0,
+        "macro_f1": float(np.mean([c["f1"] for c in classes.values()])),
+        "none_fp_rate": float((d[none_mask] != NONE).mean()) if none_mask.any() else 0.0,
+        "ece": expected_calibration_error(np.array(confidence, dtype=np.float64), correct)
+        if len(truth)
+        else 0.0,
+        "mean_confidence": float(np.mean(confidence)) if len(truth) else 0.0,
+        "per_class": classes,
+    }
+
+
+def load_holdout() -> list[tuple[dict[str, Any], str, str]]:
+    """(event, label, origin) for every holdout line (``holdout_*.jsonl``), like the dev set."""
+    out: list[tuple[dict[str, Any], str, str]] = []
+    for path in sorted(DATA_DIR.glob("holdout_*.jsonl")):
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                label = row.pop("label")
+                origin = row.pop("origin")
+                row.pop("kind", None)
+                out.append((row, label, origin))
+    return out
+
+
+def _decide(
+    detector: Detector, items: Sequence[tuple[Mapping[str, Any], str, str]]
+) -> tuple[list[str], list[str], list[float], list[dict[str, Any]]]:
+    truth: list[str] = []
+    decided: list[str] = []
+    confidence: list[float] = []
+    errors: list[dict[str, Any]] = []
+    for event, label, origin in items:
+        det = detector.classify(event)
+        decision = det.pattern or NONE
+        truth.append(label)
+        decided.append(decision)
+        confidence.append(det.confidence)
+        if decision != label:
+            errors.append(
+                {
+                    "origin": origin,
+                    "label": label,
+                    "decided": decision,
+                    "best": det.label,
+                    "confidence": round(det.confidence, 3),
+                    "message": str(event["message"])[:120],
+                }
+            )
+    return truth, decided, confidence, errors
+
+
 def _detector_for(
     embedder: StaticEmbedder,
     train_items: Sequence[tuple[Mapping[str, Any], str, str]],
@@ -189,48 +262,38 @@ def cross_validate(folds: int, seed: int, embedder: StaticEmbedder) -> dict[str,
     for tr, te in splitter.split(np.zeros(len(data)), labels, groups):
         detector, seconds = _detector_for(embedder, [data[i] for i in tr])
         train_seconds.append(seconds)
-        for i in te:
-            event, label, origin = data[i]
-            det = detector.classify(event)
-            decision = det.pattern or NONE
-            truth.append(label)
-            decided.append(decision)
-            confidence.append(det.confidence)
-            if decision != label:
-                errors.append(
-                    {
-                        "origin": origin,
-                        "label": label,
-                        "decided": decision,
-                        "best": det.label,
-                        "confidence": round(det.confidence, 3),
-                        "message": event["message"][:120],
-                    }
-                )
-    t = np.array(truth)
-    d = np.array(decided)
-    correct = (t == d).astype(np.float64)
-    classes = per_class(truth, decided)
-    none_mask = t == NONE
+        t, d, c, e = _decide(detector, [data[i] for i in te])
+        truth += t
+        decided += d
+        confidence += c
+        errors += e
     return {
         "folds": folds,
         "seed": seed,
-        "n": len(truth),
-        "accuracy": float(correct.mean()),
-        "macro_f1": float(np.mean([c["f1"] for c in classes.values()])),
-        "none_fp_rate": float((d[none_mask] != NONE).mean()),
-        "ece": expected_calibration_error(np.array(confidence), correct),
-        "mean_confidence": float(np.mean(confidence)),
-        "per_class": classes,
+        **summarise(truth, decided, confidence),
         "train_seconds_mean": float(np.mean(train_seconds)),
         "errors": errors,
     }
 
 
-def plan_results(embedder: StaticEmbedder) -> dict[str, Any]:
+def holdout_results(detector: Detector) -> dict[str, Any] | None:
+    """The holdout scored once by ``detector`` (full dev set); None when there is none."""
+    items = load_holdout()
+    if not items:
+        return None
+    truth, decided, confidence, errors = _decide(detector, items)
+    repos = {repository(o) for _, _, o in items}
+    return {**summarise(truth, decided, confidence), "repositories": len(repos),
+            "errors": errors}
+
+
+def full_detector(embedder: StaticEmbedder) -> tuple[Detector, float]:
+    """Model and exemplars from the full dev set (as a fresh install seeds the store)."""
+    return _detector_for(embedder, load_devset())
+
+
+def plan_results(detector: Detector, seconds: float) -> dict[str, Any]:
     """The test plan's events and the sanity negatives, model and exemplars = full dev set."""
-    data = load_devset()
-    detector, seconds = _detector_for(embedder, data)
     plan = []
     for event, expected, minimum in PLAN_EVENTS:
         det = detector.classify(event)
@@ -266,7 +329,12 @@ def plan_results(embedder: StaticEmbedder) -> dict[str, Any]:
     }
 
 
-def _print_report(cv: Mapping[str, Any], plan: Mapping[str, Any], show_errors: bool) -> None:
+def _print_report(
+    cv: Mapping[str, Any],
+    plan: Mapping[str, Any],
+    holdout: Mapping[str, Any] | None,
+    show_errors: bool,
+) -> None:
     print(
         f"{cv['folds']}-fold cross-validation grouped by repository (seed {cv['seed']}), "
         f"n={cv['n']}"
@@ -299,6 +367,8 @@ def _print_report(cv: Mapping[str, Any], plan: Mapping[str, Any], show_errors: b
         f"temperature {plan['temperature']:.2f} (full-dev-set model; a pattern is returned "
         "when p(pattern) / (p(pattern) + p(none)) reaches its threshold)"
     )
+    if holdout is not None:
+        _print_holdout(cv, holdout)
     print("test-plan events (model and exemplars = full dev set):")
     for r in plan["plan"]:
         mark = "ok " if r["ok"] else "FAIL"
@@ -314,12 +384,33 @@ def _print_report(cv: Mapping[str, Any], plan: Mapping[str, Any], show_errors: b
             f"  | {r['message']}"
         )
     if show_errors:
-        print("held-out errors:")
+        print("held-out errors (cross-validation):")
         for e in cv["errors"]:
             print(
                 f"  {e['label']:<23}-> {e['decided']:<23}{e['confidence']:.2f} "
                 f"{e['origin']}: {e['message']!r}"
             )
+
+
+def _print_holdout(cv: Mapping[str, Any], ho: Mapping[str, Any]) -> None:
+    print(
+        f"holdout (never tuned on): n={ho['n']} from {ho['repositories']} repositories "
+        "absent from the dev set; full-dev-set model and exemplars, each event classified once"
+    )
+    print(f"{'':<24}{'CV':>10}{'holdout':>10}")
+    for key, name in (
+        ("accuracy", "accuracy"),
+        ("macro_f1", "macro-F1"),
+        ("none_fp_rate", "FP rate on none"),
+        ("ece", "ECE"),
+    ):
+        print(f"{name:<24}{cv[key]:>10.3f}{ho[key]:>10.3f}")
+    print(f"{'holdout label':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for label, c in ho["per_class"].items():
+        print(
+            f"{label:<24}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
+            f"{c['support']:>10d}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,11 +421,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--errors", action="store_true", help="list held-out errors")
+    parser.add_argument("--errors", action="store_true", help="list cross-validation errors")
+    parser.add_argument(
+        "--no-holdout", action="store_true", help="skip scoring the holdout (tuning runs)"
+    )
+    parser.add_argument(
+        "--holdout-errors",
+        action="store_true",
+        help="list holdout errors (for the final analysis only: never tune on them)",
+    )
     args = parser.parse_args(argv)
     embedder = load_embedder()
     cv = cross_validate(args.folds, args.seed, embedder)
-    plan = plan_results(embedder)
+    detector, seconds = full_detector(embedder)
+    plan = plan_results(detector, seconds)
+    holdout = None if args.no_holdout else holdout_results(detector)
     passed = (
         cv["accuracy"] >= TARGET_ACCURACY
         and cv["none_fp_rate"] <= TARGET_NONE_FP
@@ -344,9 +445,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         if not args.errors:
             cv = {k: v for k, v in cv.items() if k != "errors"}
-        print(json.dumps({"cv": cv, **plan, "max_rss_mb": rss_mb, "passed": passed}, indent=2))
+        if holdout is not None and not args.holdout_errors:
+            holdout = {k: v for k, v in holdout.items() if k != "errors"}
+        print(
+            json.dumps(
+                {"cv": cv, "holdout": holdout, **plan, "max_rss_mb": rss_mb, "passed": passed},
+                indent=2,
+            )
+        )
     else:
-        _print_report(cv, plan, args.errors)
+        _print_report(cv, plan, holdout, args.errors)
+        if holdout is not None and args.holdout_errors:
+            print("holdout errors:")
+            for e in holdout["errors"]:
+                print(
+                    f"  {e['label']:<23}-> {e['decided']:<23}{e['confidence']:.2f} "
+                    f"{e['origin']}: {e['message']!r}"
+                )
         print(f"max RSS {rss_mb:.0f} MB")
         print("PASS" if passed else "FAIL: targets not met")
     return 0 if passed else 1

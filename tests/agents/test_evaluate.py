@@ -1,0 +1,80 @@
+"""The evaluation's bookkeeping: metrics of pooled decisions and the holdout's hygiene.
+
+The holdout is only worth something while no repository in it is also in the dev set and
+the dev-set loader (which seeds the store and trains the model) never reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, cast
+
+import numpy as np
+
+from trinity.agents.detector import DATA_DIR, LABELS, NONE, Detection, Detector, load_devset
+from trinity.agents.evaluate import (
+    holdout_results,
+    load_holdout,
+    repository,
+    summarise,
+)
+
+
+def test_summarise_counts_abstentions_as_none_and_fp_on_none() -> None:
+    truth = ["flaky_test", "none", "none", "none", "duplication"]
+    decided = ["flaky_test", "none", "feature_request", "none", "none"]
+    out = summarise(truth, decided, [0.9, 0.8, 0.6, 0.7, 0.5])
+    assert out["n"] == 5
+    assert math.isclose(out["accuracy"], 3 / 5)
+    assert math.isclose(out["none_fp_rate"], 1 / 3)
+    assert out["per_class"]["duplication"]["recall"] == 0.0
+    assert out["per_class"]["flaky_test"]["precision"] == 1.0
+    assert set(out["per_class"]) == set(LABELS)
+    assert 0.0 <= out["ece"] <= 1.0
+
+
+def test_holdout_is_real_labelled_and_disjoint_from_the_dev_set() -> None:
+    holdout = load_holdout()
+    assert len(holdout) >= 200
+    assert {label for _, label, _ in holdout} == set(LABELS)
+    dev_repos = {repository(origin) for _, _, origin in load_devset()}
+    for event, _label, origin in holdout:
+        assert origin.startswith("github:"), origin
+        assert repository(origin) not in dev_repos, origin
+        assert isinstance(event["message"], str) and event["message"].strip()
+        assert "label" not in event and "origin" not in event
+    dev_messages = {event["message"] for event, _, _ in load_devset()}
+    assert not dev_messages & {event["message"] for event, _, _ in holdout}
+
+
+def test_holdout_files_are_not_read_as_dev_set() -> None:
+    assert sorted(p.name for p in DATA_DIR.glob("holdout_*.jsonl"))
+    assert not [p for p in DATA_DIR.glob("devset_*.jsonl") if "holdout" in p.name]
+    n_dev = sum(
+        1
+        for p in DATA_DIR.glob("devset_*.jsonl")
+        for line in p.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    )
+    assert len(load_devset()) == n_dev
+
+
+class _AlwaysNone:
+    """A detector that abstains on everything (stands in for a trained one)."""
+
+    def classify(self, event: Mapping[str, Any]) -> Detection:
+        probs = {label: (1.0 if label == NONE else 0.0) for label in LABELS}
+        return Detection(None, NONE, 1.0, probs, (), np.zeros(1), ())
+
+
+def test_holdout_results_scores_every_item_once() -> None:
+    out = holdout_results(cast(Detector, _AlwaysNone()))
+    assert out is not None
+    holdout = load_holdout()
+    assert out["n"] == len(holdout)
+    n_none = sum(1 for _, label, _ in holdout if label == NONE)
+    assert math.isclose(out["accuracy"], n_none / len(holdout))
+    assert out["none_fp_rate"] == 0.0
+    assert len(out["errors"]) == len(holdout) - n_none
+    assert out["repositories"] >= 200
