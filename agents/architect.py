@@ -26,8 +26,8 @@ from trinity.errors import AllModelsFailed, InvalidPayload
 SYSTEM = (
     "You are ARCHITECT, the planner of an autonomous code-improvement loop. Read the "
     "detected problem and answer with a JSON plan: a one-sentence summary, up to three "
-    "short concrete steps, and one or two tasks for {delegate}, each with a description "
-    "and an acceptance check that proves it is done."
+    "short concrete steps, and the one task for {delegate}, with a description and an "
+    "acceptance check that proves it is done."
 )
 
 

@@ -2,7 +2,9 @@
 
 Each shape is a pydantic model: its JSON schema constrains the model's decoding (so
 the answer is always parseable JSON of that shape) and the same model validates the
-answer. String and list limits keep a complete answer within the agent's token limit.
+answer. String and list limits bound a complete answer to a few hundred characters; the
+policy's ``max_tokens`` per agent leaves room for about one token per character (a
+small model spelling out digits), so an answer is not cut short.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trinity.agents.providers.base import Completion
 from trinity.errors import InvalidModelOutput
 
-Short = Annotated[str, Field(min_length=3, max_length=60)]
-Line = Annotated[str, Field(min_length=3, max_length=100)]
+Short = Annotated[str, Field(min_length=3, max_length=48)]
+Line = Annotated[str, Field(min_length=3, max_length=80)]
 
 QUALITY_ENFORCER = "QualityEnforcer"
 AGENCY_CODE_AGENT = "AgencyCodeAgent"
@@ -36,7 +38,9 @@ class PlanTask(_Strict):
 class Plan(_Strict):
     summary: Line
     steps: list[Short] = Field(min_length=1, max_length=3)
-    tasks: list[PlanTask] = Field(min_length=1, max_length=2)
+    # One task per signal: one event -> one signal -> one task -> one outcome, so the
+    # number of messages an event causes is fixed (see the burst test).
+    tasks: list[PlanTask] = Field(min_length=1, max_length=1)
 
 
 class ProposedChange(_Strict):

@@ -50,6 +50,10 @@ class ModelAgent(BaseProcess):
     def context(self, request_id: str, payload: dict[str, Any], *,
                 task_id: str | None = None) -> CallContext:
         run_id = payload.get("run_id") if isinstance(payload.get("run_id"), str) else None
+        # The budget the run was started with (`trinity run --budget`), else the settings'.
+        budget = records.run_budget(self.journal.conn, run_id)
+        self.router.budget_usd, self.router.budget_mode = budget or (
+            self.settings.budget_usd, self.settings.budget_mode)
         pattern = payload.get("pattern")
         severity = payload.get("severity")
         return CallContext(

@@ -4,8 +4,10 @@ Each loop turn it: writes journaled alerts to ``alerts.log``; records agent
 heartbeats and raises "agent silent" after ``heartbeat_max_missed`` missed beats
 (and "agent recovered" when they resume); emits the active run's due events on
 ``telemetry_stream`` on the run's compressible clock; checkpoints simulated time;
-ends the run once its duration has passed and every event has its outcome; and
-prunes the journal.
+raises the budget alerts from the cost ledger's totals (50/75/90 % and exceeded,
+each once per run); ends the run once its duration has passed and every event has
+its outcome (or once outcomes stop arriving for ``DRAIN_STALL_S``); and prunes the
+journal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from trinity.controller import runs
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.scenario import event_for_cycle
+from trinity.costs import CostLedger, crossed_thresholds
 from trinity.errors import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,10 @@ log = logging.getLogger(__name__)
 AGENTS = ("witness", "architect", "executor")
 CHECKPOINT_EVERY_S = 0.5
 PRUNE_EVERY_S = 30.0
-DRAIN_TIMEOUT_S = 120.0
+# After the last event, the run ends "timed out" only if no outcome arrives for this
+# long: model calls can leave a long but moving backlog.
+DRAIN_STALL_S = 300.0
+BUDGET_CHECK_EVERY_S = 1.0
 
 
 class Controller(BaseProcess):
@@ -55,7 +61,9 @@ class Controller(BaseProcess):
         self.active_clock: ScaledClock | None = None
         self._next_checkpoint = 0.0
         self._next_prune = self.clock.monotonic() + PRUNE_EVERY_S
-        self._duration_reached_at: float | None = None
+        self._drain_progress: tuple[int, float] | None = None
+        self.ledger = CostLedger(self.settings.costs_db)
+        self._next_budget_check = 0.0
         self._load_run()
 
     def _load_run(self) -> None:
@@ -68,6 +76,10 @@ class Controller(BaseProcess):
         # Continue simulated time from the last checkpoint: downtime is not run time.
         self.active_clock = ScaledClock(run.time_scale, sim_offset_s=run.sim_elapsed_s)
         log.info("continuing run %s at simulated %.0f s", run.run_id, run.sim_elapsed_s)
+
+    def shutdown(self) -> None:
+        self.ledger.close()
+        super().shutdown()
 
     # -- messages ---------------------------------------------------------
 
@@ -120,6 +132,9 @@ class Controller(BaseProcess):
                 f"({self.settings.heartbeat_max_missed} missed)",
                 agent=agent, silent_s=round(quiet, 3),
             )
+        if self.active is not None and now >= self._next_budget_check:
+            self._next_budget_check = now + BUDGET_CHECK_EVERY_S
+            self._check_budget(self.active)
         if self.active is not None:
             self._drive_run(now)
         if now >= self._next_prune:
@@ -138,12 +153,28 @@ class Controller(BaseProcess):
             runs.checkpoint(self.journal.conn, run.run_id, min(sim, run.duration_s))
         if sim < run.duration_s or state["emitted"] < run.total_cycles:
             return
-        if self._duration_reached_at is None:
-            self._duration_reached_at = now
+        if self._drain_progress is None or self._drain_progress[0] != state["completed"]:
+            self._drain_progress = (state["completed"], now)
         if state["completed"] >= state["emitted"]:
             self._end_run(runs.COMPLETED, state)
-        elif now - self._duration_reached_at > DRAIN_TIMEOUT_S:
+        elif now - self._drain_progress[1] > DRAIN_STALL_S:
             self._end_run(runs.TIMED_OUT, state)
+
+    def _check_budget(self, run: runs.Run) -> None:
+        """Budget alerts from the ledger's total for the run; keyed, so each fires once
+        per run even across controller restarts."""
+        budget = runs.budget_usd(run, self.settings.budget_usd)
+        spent = self.ledger.spent_usd(run.run_id)
+        for pct in crossed_thresholds(spent, budget):
+            exceeded = pct >= 100
+            self.raise_alert(
+                "budget_exceeded" if exceeded else "budget_threshold",
+                "error" if exceeded else "warning",
+                f"{'budget exceeded' if exceeded else f'{pct}% of budget consumed'}: "
+                f"${spent:.4f} of ${budget:.2f}" + (" (the run continues)" if exceeded else ""),
+                alert_id=f"budget/{run.run_id}/{pct}", threshold_pct=pct,
+                spent_usd=round(spent, 6), budget_usd=budget,
+            )
 
     def _emit(self, run: runs.Run, cycle: int, sim: float) -> None:
         category, fields = event_for_cycle(cycle)

@@ -22,6 +22,8 @@ def _run_config(settings: Settings) -> dict[str, Any]:
         "event_interval_min": settings.event_interval_min,
         "data_dir": str(settings.data_dir),
         "log_dir": str(settings.log_dir),
+        "budget_usd": settings.budget_usd,
+        "budget_mode": settings.budget_mode,
     }
 
 

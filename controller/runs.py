@@ -49,6 +49,11 @@ class Run:
         return int(self.duration_s // self.event_interval_s)
 
 
+def budget_usd(run: Run, default: float) -> float:
+    """The run's budget (``trinity run --budget`` / TRINITY_TEST_BUDGET at its start)."""
+    return float(run.config.get("budget_usd", default))
+
+
 def _row_to_run(row: tuple[Any, ...]) -> Run:
     run_id, started, status, config, sim = row
     return Run(run_id, int(started), status, json.loads(config), float(sim))

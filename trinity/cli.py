@@ -70,18 +70,25 @@ def crashwatch() -> None:
               help="Simulated seconds per real second [TRINITY_TIME_SCALE, 1].")
 @click.option("--event-interval", "event_interval_min", type=float,
               help="Simulated minutes between events [TRINITY_EVENT_INTERVAL, 30].")
+@click.option("--budget", "budget_usd", type=float,
+              help="Total model budget in USD [TRINITY_TEST_BUDGET, 10].")
+@click.option("--budget-mode", type=click.Choice(["warn", "enforce"]),
+              help="warn: alerts only; enforce: route every call local once the budget is "
+                   "spent [TRINITY_BUDGET_MODE, warn].")
 @click.option("--resume", is_flag=True,
               help="Continue the latest run instead of starting a new one.")
 @click.option("--detach", is_flag=True, help="Start under supervisord and return at once.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
 def run(duration_h: float | None, time_scale: float | None, event_interval_min: float | None,
-        resume: bool, detach: bool, config: Path) -> None:
+        budget_usd: float | None, budget_mode: str | None, resume: bool, detach: bool,
+        config: Path) -> None:
     """Start a run under supervisord; in the foreground, wait for it and stop cleanly."""
     from trinity.controller import runner
 
     settings = _settings(duration_h=duration_h, time_scale=time_scale,
-                         event_interval_min=event_interval_min)
+                         event_interval_min=event_interval_min, budget_usd=budget_usd,
+                         budget_mode=budget_mode)
     try:
         code = runner.start(settings, config, resume=resume, detach=detach)
     except TrinityError as exc:

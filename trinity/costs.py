@@ -29,6 +29,15 @@ TIMEOUT = "timeout"
 # Where an attempt sits in its request: the first try, a retry on the same provider,
 # or a fallback to a later provider in the route.
 PRIMARY, RETRY, FALLBACK = "primary", "retry", "fallback"
+# Budget alerts: warnings at these shares of the budget, an error once it is exceeded.
+BUDGET_THRESHOLDS_PCT = (50, 75, 90, 100)
+
+
+def crossed_thresholds(spent_usd: float, budget_usd: float) -> list[int]:
+    """The budget thresholds (percent) that ``spent_usd`` has reached; 100 = spent."""
+    if budget_usd <= 0:
+        return list(BUDGET_THRESHOLDS_PCT) if spent_usd > 0 else []
+    return [p for p in BUDGET_THRESHOLDS_PCT if spent_usd * 100 >= budget_usd * p]
 
 
 @dataclass(frozen=True)

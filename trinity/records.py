@@ -6,6 +6,7 @@ in the same transaction that advances its cursor: exactly once, by construction.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 SCHEMA = (
@@ -42,3 +43,17 @@ def sim_elapsed_s(conn: sqlite3.Connection, run_id: str | None) -> float | None:
         return None
     row = conn.execute("SELECT sim_elapsed_s FROM runs WHERE run_id=?", (run_id,)).fetchone()
     return float(row[0]) if row else None
+
+
+def run_budget(conn: sqlite3.Connection, run_id: str | None) -> tuple[float, str] | None:
+    """(budget_usd, budget_mode) the run was started with, or None if it recorded none."""
+    if run_id is None:
+        return None
+    row = conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
+    if not row:
+        return None
+    try:
+        config = json.loads(row[0])
+        return float(config["budget_usd"]), str(config.get("budget_mode", "warn"))
+    except (ValueError, KeyError, TypeError):
+        return None
