@@ -12,6 +12,8 @@ from trinity.bus.journal import Journal
 from trinity.controller import runs
 from trinity.controller.alerts import read_alerts
 from trinity.controller.supervision import Supervisor
+from trinity.costs import CostLedger
+from trinity.errors import ConfigError
 from trinity.settings import Settings
 
 
@@ -89,6 +91,10 @@ def _summarize(settings: Settings, run: runs.Run) -> int:
     print(f"run {run.run_id} {run.status}: {state['emitted']} events emitted, "
           f"{state['completed']} with their outcome, {per_event} with more than one; "
           f"{dead} dead letters; {len(alerts)} alerts")
+    try:
+        print(format_costs(costs(settings, run.run_id)))
+    except ConfigError as exc:
+        print(exc)
     ok = run.status == runs.COMPLETED and state["completed"] == state["emitted"] and per_event == 0
     return 0 if ok else 1
 
@@ -152,3 +158,42 @@ def format_status(report: dict[str, Any]) -> str:
               for name, a in report.get("agents", {}).items()]
     return "\n".join(lines)
 
+
+
+def costs(settings: Settings, run_id: str | None) -> dict[str, Any]:
+    """Ledger totals for ``run_id`` (None: the latest run; "all": every call)."""
+    if run_id is None:
+        if settings.messages_db.exists():
+            journal = Journal(settings.messages_db, source="cli")
+            try:
+                latest = runs.latest_run(journal.conn)
+            finally:
+                journal.close()
+            run_id = latest.run_id if latest else "all"
+        else:
+            run_id = "all"
+    if not settings.costs_db.exists():
+        raise ConfigError(f"no cost ledger at {settings.costs_db} (no model call made yet)")
+    ledger = CostLedger(settings.costs_db)
+    try:
+        totals = ledger.totals(None if run_id == "all" else run_id)
+    finally:
+        ledger.close()
+    return {"run_id": run_id, **totals}
+
+
+def format_costs(report: dict[str, Any]) -> str:
+    share = report["local_share_calls"]
+    rate = report["success_rate"]
+    lines = [
+        f"model calls ({report['run_id']}): {report['total_calls']} attempts for "
+        f"{report['requests']} requests, ${report['total_cost_usd']:.4f}, success rate "
+        f"{'-' if rate is None else f'{rate:.1%}'}, local "
+        f"{'-' if share is None else f'{share:.1%}'} of calls",
+    ]
+    for title in ("by_agent", "by_provider", "by_model"):
+        lines.append(f"  {title.replace('_', ' ')}:")
+        lines += [f"    {name:<24} {g['calls']:>5} calls  ${g['cost_usd']:.4f}  "
+                  f"{g['input_tokens']:>8} in / {g['output_tokens']:>7} out tokens"
+                  for name, g in report[title].items()]
+    return "\n".join(lines)

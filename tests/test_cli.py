@@ -100,6 +100,9 @@ INVALID_RUNS = [
     ({}, ["--duration", "-1"], "duration_h (TRINITY_TEST_DURATION) must be"),
     ({}, ["--event-interval", "0"], "event_interval_min (TRINITY_EVENT_INTERVAL) must be"),
     ({"TRINITY_TIME_SCALE": "0"}, ["--resume", "--detach"], "TRINITY_TIME_SCALE"),
+    ({"TRINITY_TEST_BUDGET": "lots"}, [], "TRINITY_TEST_BUDGET"),
+    ({}, ["--budget", "-5"], "budget_usd (TRINITY_TEST_BUDGET) must be"),
+    ({"TRINITY_BUDGET_MODE": "strict"}, [], "TRINITY_BUDGET_MODE"),
 ]
 
 
@@ -226,3 +229,46 @@ def test_stop_with_a_missing_config_is_a_clear_error(data_dir: Path) -> None:
     result = invoke(["stop", "--config", str(config)], env=_env(data_dir))
     assert result.exit_code == 1
     assert "Error:" in result.output and "does not exist" in result.output
+
+
+# -- costs ------------------------------------------------------------------------
+
+def test_costs_without_a_ledger_says_so(data_dir: Path) -> None:
+    result = invoke(["costs"], env=_env(data_dir))
+    assert result.exit_code == 1
+    assert "no cost ledger" in result.output
+
+
+def test_costs_totals_come_from_the_ledger_rows(data_dir: Path) -> None:
+    from trinity.costs import CallRecord, CostLedger
+
+    ledger = CostLedger(data_dir / "trinity_costs.db")
+    rows = [("architect", "embedded", True, 0.0, "success", "r1"),
+            ("executor", "cloud", False, 0.0125, "success", "r2"),
+            ("executor", "cloud", False, 0.0, "timeout", "r3"),
+            ("executor", "embedded", True, 0.0, "success", "r3")]
+    for i, (agent, provider, local, cost, status, request) in enumerate(rows):
+        ledger.record(CallRecord(
+            call_id=f"c{i}", request_id=request, attempt=1, route="primary", ts_ms=i,
+            sim_elapsed_s=None, run_id="run-a", agent=agent, provider=provider,
+            provider_kind="openai" if provider == "cloud" else "embedded",
+            model="gpt-5" if provider == "cloud" else "SmolLM2-135M-Instruct", local=local,
+            input_tokens=100, output_tokens=10, cached_tokens=0, reasoning_tokens=0,
+            tokens_estimated=False, cost_usd=cost, latency_ms=5.0, status=status,
+            error_class=None if status == "success" else "timeout", error=None,
+            event_id="e", task_id=None))
+    ledger.close()
+    result = invoke(["costs", "--run", "run-a", "--json"], env=_env(data_dir))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["total_calls"] == 4 and report["requests"] == 3
+    assert report["total_cost_usd"] == 0.0125
+    assert report["success_rate"] == 0.75
+    assert report["local_share_calls"] == 0.5
+    assert report["by_agent"]["executor"]["calls"] == 3
+    assert report["by_provider"]["cloud"]["cost_usd"] == 0.0125
+    assert report["by_status"] == {"success": 3, "error": 0, "timeout": 1}
+    text = invoke(["costs", "--run", "run-a"], env=_env(data_dir))
+    assert "4 attempts for 3 requests, $0.0125, success rate 75.0%" in text.output
+    other = json.loads(invoke(["costs", "--run", "run-b", "--json"], env=_env(data_dir)).output)
+    assert other["total_calls"] == 0 and other["success_rate"] is None

@@ -162,6 +162,21 @@ def witness_eval(folds: int, seed: int, as_json: bool) -> None:
     sys.exit(evaluate.main(argv))
 
 
+@main.command()
+@click.option("--run", "run_id", help="One run's calls (default: the latest run; 'all' for all).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def costs(run_id: str | None, as_json: bool) -> None:
+    """Model-call totals from the cost ledger: by agent, model and provider."""
+    from trinity.controller import runner
+
+    settings = _settings()
+    try:
+        report = runner.costs(settings, run_id)
+    except TrinityError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(report, indent=2) if as_json else runner.format_costs(report))
+
+
 @main.command("dead-letters")
 @click.option("--limit", type=int, default=20, show_default=True, help="How many, newest first.")
 def dead_letters(limit: int) -> None:

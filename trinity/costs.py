@@ -37,7 +37,8 @@ def crossed_thresholds(spent_usd: float, budget_usd: float) -> list[int]:
     """The budget thresholds (percent) that ``spent_usd`` has reached; 100 = spent."""
     if budget_usd <= 0:
         return list(BUDGET_THRESHOLDS_PCT) if spent_usd > 0 else []
-    return [p for p in BUDGET_THRESHOLDS_PCT if spent_usd * 100 >= budget_usd * p]
+    # Sums of float costs drift by ~1e-16: compare to a nano-dollar.
+    return [p for p in BUDGET_THRESHOLDS_PCT if spent_usd * 100 >= budget_usd * p - 1e-7]
 
 
 @dataclass(frozen=True)
