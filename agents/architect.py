@@ -61,7 +61,7 @@ class Architect(ModelAgent):
         except AllModelsFailed as failed:
             return self._plan_failed(signal, failed)
         plan: dict[str, Any] = routed.value
-        tasks = []
+        tasks: list[dict[str, Any]] = []
         for n, task in enumerate(plan["tasks"], start=1):
             tasks.append({
                 "task_id": f"{signal['event_id']}/t{n}",

@@ -69,7 +69,7 @@ class ModelAgent(BaseProcess):
         for call in attempts:
             if call.status != TIMEOUT:
                 continue
-            alert = {
+            alert: dict[str, Any] = {
                 "alert_id": f"model_timeout/{call.call_id}", "ts_ms": now_ms(),
                 "kind": "model_timeout", "severity": "warning", "agent": self.name,
                 "run_id": call.run_id, "sim_elapsed_s": call.sim_elapsed_s,

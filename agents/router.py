@@ -144,9 +144,9 @@ class Router:
         attempt). Raises AllModelsFailed when no provider produced a usable answer."""
         stored = self.ledger.answer_for(ctx.request_id)
         if stored is not None:
-            provider, model, content = stored
+            answered_by, model, content = stored
             value = parse(Completion(content, TokenUsage(0, 0), model))
-            return Routed(value, provider, model, reused=True)
+            return Routed(value, answered_by, model, reused=True)
         usable, skipped = self.plan_route(ctx)
         attempts: list[CallRecord] = []
         errors: list[str] = []

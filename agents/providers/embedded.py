@@ -61,8 +61,8 @@ class _TokenCounter:
 class EmbeddedProvider:
     kind = "embedded"
     local = True
-    price_model = None
-    price_provider = None
+    price_model: str | None = None
+    price_provider: str | None = None
 
     def __init__(
         self,

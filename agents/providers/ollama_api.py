@@ -21,8 +21,8 @@ from trinity.errors import InvalidModelOutput, ModelHTTPError, ModelTimeout, Mod
 class OllamaProvider:
     kind = "ollama"
     local = True
-    price_model = None
-    price_provider = None
+    price_model: str | None = None
+    price_provider: str | None = None
 
     def __init__(self, name: str, *, model: str, host: str | None) -> None:
         self.name = name
