@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_TIME_SCALE ?= 2880
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint start-24h stop status bench-bus eval-witness bench-witness clean
+.PHONY: help install demo test lint start-24h stop status costs burst bench-bus eval-witness bench-witness bench-llm clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ stop: install ## Stop the programs and supervisord (and orphans of a killed supe
 status: install ## Show run progress, queues and agents
 	trinity status
 
+costs: install ## Model-call totals of the latest run from the cost ledger
+	trinity costs
+
+burst: install ## 100 events at once through the three agents: one outcome each, bounded messages
+	TRINITY_BURST_EVENTS=$${TRINITY_BURST_EVENTS:-100} pytest -q tests/agents/test_pipeline.py -k burst
+
 bench-bus: install ## Benchmark: journaled bus vs raw pyzmq PUB/SUB (exit 1 if target missed)
 	python benchmarks/bench_bus.py
 
@@ -45,6 +51,9 @@ eval-witness: install ## WITNESS cross-validated accuracy, P/R, macro-F1, FP on 
 
 bench-witness: install ## Benchmark: WITNESS latency and RSS at 1k/10k/100k exemplars (exit 1 if missed)
 	python benchmarks/bench_witness.py
+
+bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-python call (exit 1 if >5% overhead)
+	python benchmarks/bench_llm.py
 
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
 	rm -rf trinity_*.db trinity_*.db-* logs/24h_test logs/supervisor reports .run
