@@ -72,6 +72,12 @@ class OpenAIProvider:
         kwargs: dict[str, Any] = {self.max_tokens_field: request.max_tokens}
         if request.schema is not None:
             kwargs["response_format"] = self._response_format(request.schema)
+            if self.schema_style == "json_object":
+                # llama.cpp's dialect. llama-cpp-python's server applies repeat_penalty
+                # 1.1 unless told otherwise, and with a penalty its grammar sampling lets
+                # tokens outside the schema through (a raw newline inside a string, text
+                # after the object): the answer is then not JSON. 1.0 is no penalty.
+                kwargs["extra_body"] = {"repeat_penalty": 1.0}
         if self.send_temperature:
             kwargs["temperature"] = request.temperature
         try:
@@ -89,12 +95,26 @@ class OpenAIProvider:
                                  exc.status_code) from None
         except openai.APIResponseValidationError as exc:
             raise InvalidModelOutput(f"{self.name}: unreadable response: {exc}") from None
+        except ValueError as exc:  # a 200 whose body is not JSON at all
+            raise InvalidModelOutput(f"{self.name}: response is not JSON: {exc}") from None
+        # The client does not validate the body: a 200 with a text body comes back as a
+        # str, a JSON body of another shape as a half-built object.
+        try:
+            return self._read(response, request)
+        except (AttributeError, TypeError, IndexError, KeyError) as exc:
+            raise InvalidModelOutput(f"{self.name}: response is not a chat completion: "
+                                     f"{type(exc).__name__}: {exc}") from None
+
+    def _read(self, response: Any, request: ChatRequest) -> Completion:
         if not response.choices:
             raise InvalidModelOutput(f"{self.name}: response without choices")
         choice = response.choices[0]
         content = choice.message.content or ""
+        if not isinstance(content, str):
+            raise TypeError(f"message content is {type(content).__name__}, not text")
         usage = response.usage
-        if usage is None:
+        if usage is None or not isinstance(usage.prompt_tokens, int) or not isinstance(
+                usage.completion_tokens, int):
             tokens = TokenUsage(estimate_tokens(request.prompt_text()), estimate_tokens(content),
                                 estimated=True)
         else:
