@@ -92,8 +92,11 @@ class EmbeddedProvider:
         if self._llama is None:
             from llama_cpp import Llama
 
+            # n_threads_batch too: left unset, prompt evaluation uses every core and
+            # two agents on a busy machine slow each other down many times over.
             self._llama = Llama(model_path=str(self.model_path), n_ctx=self.n_ctx,
-                                n_threads=self.n_threads, verbose=False, seed=0)
+                                n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                verbose=False, seed=0)
         return self._llama
 
     def complete(

@@ -80,6 +80,8 @@ class OpenAIProvider:
                 kwargs["extra_body"] = {"repeat_penalty": 1.0}
         if self.send_temperature:
             kwargs["temperature"] = request.temperature
+        # A retry asks with another seed (the router's); servers that honour it sample anew.
+        kwargs["seed"] = request.seed
         try:
             response = self._get_client().with_options(timeout=timeout_s).chat.completions.create(
                 model=self.model, messages=list(request.messages),  # type: ignore[arg-type]

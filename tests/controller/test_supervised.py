@@ -94,6 +94,7 @@ def test_sigstopped_agent_is_reported_silent_within_3_5_s(project: Project) -> N
     db.close()
 
 
+@pytest.mark.timeout(600)
 def test_run_survives_kill9_of_every_process_exactly_once(project: Project) -> None:
     """Invariant 1 end to end: 24 events, random kill -9s, each outcome exactly once."""
     _start(project, "--duration", "12", "--time-scale", "1800")
@@ -112,7 +113,9 @@ def test_run_survives_kill9_of_every_process_exactly_once(project: Project) -> N
         if pid is not None and status() == "active":
             os.kill(pid, signal.SIGKILL)
             kills += 1
-    wait_for(lambda: status() != "active", 120, "the run to end")
+    # Each event costs two model calls on the embedded model: the backlog drains after
+    # the kills stop.
+    wait_for(lambda: status() != "active", 420, "the run to end")
     assert status() == "completed"
     assert kills >= 5
     cycles = [c for (c,) in db.execute("SELECT cycle FROM events ORDER BY cycle")]
@@ -157,9 +160,10 @@ def test_alerts_log_lines_are_json(project: Project) -> None:
         assert {"alert_id", "ts", "kind", "severity", "message"} <= entry.keys()
 
 
+@pytest.mark.timeout(360)
 def test_a_healthy_run_raises_no_alert(project: Project) -> None:
     """Alerts come from measured conditions only: a clean compressed run has none."""
-    result = project.trinity("run", "--duration", "3", "--time-scale", "1440", timeout=180)
+    result = project.trinity("run", "--duration", "3", "--time-scale", "1440", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "completed" in result.stdout
     assert read_alerts(project.alerts_log) == []
