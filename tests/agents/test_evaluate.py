@@ -78,3 +78,15 @@ def test_holdout_results_scores_every_item_once() -> None:
     assert out["none_fp_rate"] == 0.0
     assert len(out["errors"]) == len(holdout) - n_none
     assert out["repositories"] >= 200
+
+
+def test_pending_candidates_share_no_repository_with_holdout_or_dev_set() -> None:
+    import json
+
+    path = DATA_DIR / "pending_wording.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    assert rows and {row["label"] for row in rows} == set(LABELS)
+    taken = {repository(o) for _, _, o in load_devset()} | {
+        repository(o) for _, _, o in load_holdout()
+    }
+    assert not taken & {repository(row["origin"]) for row in rows}
