@@ -55,7 +55,7 @@ def schema_grammar_text(schema_json: str) -> str:
     """The GBNF grammar that constrains decoding to ``schema`` (valid JSON only)."""
     from llama_cpp import llama_grammar
 
-    text = llama_grammar.json_schema_to_gbnf(schema_json)
+    text: str = llama_grammar.json_schema_to_gbnf(schema_json)
     rules = [line for line in text.splitlines() if line.startswith("char ::=")]
     if rules and not rules[0].startswith((_LOOSE_CHAR, _JSON_CHAR)):
         raise ConfigError("llama-cpp-python's JSON grammar changed; check its string rule")
@@ -63,7 +63,7 @@ def schema_grammar_text(schema_json: str) -> str:
 
 
 def schema_grammar(schema: dict[str, Any]) -> Any:
-    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import LlamaGrammar
 
     return LlamaGrammar.from_string(
         schema_grammar_text(json.dumps(schema, sort_keys=True)), verbose=False)
