@@ -532,8 +532,13 @@ class TrainedModel:
 
 def load_devset() -> list[tuple[dict[str, Any], str, str]]:
     """(event, label, origin) for every shipped dev-set line; the event has no label fields."""
+    return load_labelled("devset_*.jsonl")
+
+
+def load_labelled(pattern: str) -> list[tuple[dict[str, Any], str, str]]:
+    """(event, label, origin) for every line of the data files matching ``pattern``."""
     out: list[tuple[dict[str, Any], str, str]] = []
-    for path in sorted(DATA_DIR.glob("devset_*.jsonl")):
+    for path in sorted(DATA_DIR.glob(pattern)):
         with path.open(encoding="utf-8") as fh:
             for line in fh:
                 if not line.strip():

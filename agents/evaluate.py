@@ -46,13 +46,13 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
 
 from trinity.agents.detector import (
-    DATA_DIR,
     LABELS,
     NONE,
     Detector,
     InMemoryExemplars,
     event_text,
     load_devset,
+    load_labelled,
     train,
 )
 from trinity.agents.embedding import StaticEmbedder, load_embedder
@@ -191,18 +191,7 @@ def summarise(
 
 def load_holdout() -> list[tuple[dict[str, Any], str, str]]:
     """(event, label, origin) for every holdout line (``holdout_*.jsonl``), like the dev set."""
-    out: list[tuple[dict[str, Any], str, str]] = []
-    for path in sorted(DATA_DIR.glob("holdout_*.jsonl")):
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                label = row.pop("label")
-                origin = row.pop("origin")
-                row.pop("kind", None)
-                out.append((row, label, origin))
-    return out
+    return load_labelled("holdout_*.jsonl")
 
 
 def _decide(

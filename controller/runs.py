@@ -16,6 +16,7 @@ from typing import Any
 
 from trinity import records
 from trinity.clock import now_ms
+from trinity.db import immediate
 from trinity.errors import ConfigError
 
 ACTIVE = "active"
@@ -60,31 +61,21 @@ def _row_to_run(row: tuple[Any, ...]) -> Run:
 
 
 def _write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         conn.execute(sql, params)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def create_run(conn: sqlite3.Connection, config: dict[str, Any]) -> Run:
     records.ensure_schema(conn)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_id = f"{stamp}-{secrets.token_hex(2)}"
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         conn.execute("UPDATE runs SET status=? WHERE status=?", (STOPPED, ACTIVE))
         conn.execute(
             "INSERT INTO runs(run_id, started_ms, status, config, sim_elapsed_s)"
             " VALUES (?, ?, ?, ?, 0)",
             (run_id, now_ms(), ACTIVE, json.dumps(config, sort_keys=True)),
         )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
     run = active_run(conn)
     assert run is not None
     return run

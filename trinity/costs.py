@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from trinity.db import immediate
 from trinity.errors import ConfigError
 
 SUCCESS = "success"
@@ -114,14 +115,8 @@ class CostLedger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+        with self._lock, immediate(self.conn) as conn:
+            yield conn
 
     def record(self, call: CallRecord, *, answer: str | None = None) -> None:
         """Write one attempt (and, for a success, its answer) in one transaction."""

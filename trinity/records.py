@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from trinity.db import immediate
+
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs ("
     " run_id TEXT PRIMARY KEY, started_ms INTEGER NOT NULL, ended_ms INTEGER,"
@@ -26,14 +28,9 @@ SCHEMA = (
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         for ddl in SCHEMA:
             conn.execute(ddl)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def sim_elapsed_s(conn: sqlite3.Connection, run_id: str | None) -> float | None:

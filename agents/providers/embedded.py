@@ -11,6 +11,7 @@ reports what the model actually processed.
 
 from __future__ import annotations
 
+import atexit
 import importlib.resources
 import json
 import os
@@ -183,7 +184,10 @@ class EmbeddedProvider:
 def _vocab(path: str) -> Any:
     from llama_cpp import Llama
 
-    return Llama(model_path=path, vocab_only=True, verbose=False)
+    llama = Llama(model_path=path, vocab_only=True, verbose=False)
+    # Freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp half gone.
+    atexit.register(llama.close)
+    return llama
 
 
 def estimate_tokens(text: str) -> int:

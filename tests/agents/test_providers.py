@@ -38,7 +38,6 @@ from tests.agents.servers import (
     FaultServer,
     LlamaServer,
     OllamaWireServer,
-    RefusingPort,
     need,
 )
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
@@ -110,27 +109,6 @@ def llama_server() -> Iterator[LlamaServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def fault_server() -> Iterator[FaultServer]:
-    server = FaultServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def faults(fault_server: FaultServer) -> FaultServer:
-    fault_server.reset()
-    return fault_server
-
-
-@pytest.fixture
-def refused() -> Iterator[str]:
-    """The base URL of a port that refuses connections."""
-    port = RefusingPort()
-    yield port.url
-    port.close()
 
 
 def never() -> threading.Event:

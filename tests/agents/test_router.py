@@ -27,7 +27,6 @@ from tests.agents.servers import (
     SLOW,
     Fault,
     FaultServer,
-    RefusingPort,
 )
 from trinity.agents.providers.base import ChatRequest, Completion, Provider
 from trinity.agents.providers.embedded import EmbeddedProvider
@@ -95,27 +94,6 @@ def embedded() -> Iterator[EmbeddedProvider]:
     provider.complete(REQUEST, timeout_s=60, cancel=threading.Event())  # load, warm up
     yield provider
     provider.close()
-
-
-@pytest.fixture(scope="module")
-def fault_server() -> Iterator[FaultServer]:
-    server = FaultServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def faults(fault_server: FaultServer) -> FaultServer:
-    fault_server.reset()
-    return fault_server
-
-
-@pytest.fixture
-def refused() -> Iterator[str]:
-    """The base URL of a port that refuses connections."""
-    port = RefusingPort()
-    yield port.url
-    port.close()
 
 
 @pytest.fixture
