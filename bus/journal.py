@@ -63,6 +63,14 @@ class DeadLetter:
     raw: bytes
 
 
+_INSERT_MESSAGE = ("INSERT INTO messages(stream, seq, msg_id, source, created_ms, payload)"
+                   " VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def _message_rows(messages: list[Message]) -> list[tuple[str, int, str, str, int, bytes]]:
+    return [(m.stream, m.seq, m.msg_id, m.source, m.ts_ms, m.payload) for m in messages]
+
+
 class Transaction:
     """One open write transaction. Published messages are sent after commit."""
 
@@ -112,6 +120,30 @@ class Transaction:
         Same result as calling :meth:`publish` for each item, at a fraction of the cost.
         """
         batch = [(payload, message_id(stream, key)) for payload, key in items]
+        if not batch:
+            return []
+        head, ts = self._head(stream), now_ms()
+        # Keys are almost always new: insert the whole batch in a savepoint and only
+        # look for already-journaled ids when the unique index refuses one.
+        fresh = [Message(stream, head + n, msg_id, self.source, ts, payload)
+                 for n, (payload, msg_id) in enumerate(batch, start=1)]
+        conn = self.conn
+        conn.execute("SAVEPOINT publish_many")
+        try:
+            conn.executemany(_INSERT_MESSAGE, _message_rows(fresh))
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO publish_many")
+            fresh = self._fresh_only(stream, batch, head, ts)
+            conn.executemany(_INSERT_MESSAGE, _message_rows(fresh))
+        finally:
+            conn.execute("RELEASE publish_many")
+        if fresh:
+            self._heads[stream] = fresh[-1].seq
+        self.published.extend(fresh)
+        return fresh
+
+    def _fresh_only(self, stream: str, batch: list[tuple[bytes, str]], head: int,
+                    ts: int) -> list[Message]:
         existing: set[str] = set()
         ids = [msg_id for _, msg_id in batch]
         for lo in range(0, len(ids), 900):
@@ -119,7 +151,6 @@ class Transaction:
             marks = ",".join("?" * len(chunk))
             existing.update(row[0] for row in self.conn.execute(
                 f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
-        head, ts = self._head(stream), now_ms()
         fresh: list[Message] = []
         for payload, msg_id in batch:
             if msg_id in existing:
@@ -127,13 +158,6 @@ class Transaction:
             existing.add(msg_id)
             head += 1
             fresh.append(Message(stream, head, msg_id, self.source, ts, payload))
-        self.conn.executemany(
-            "INSERT INTO messages(stream, seq, msg_id, source, created_ms, payload)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(m.stream, m.seq, m.msg_id, m.source, m.ts_ms, m.payload) for m in fresh],
-        )
-        self._heads[stream] = head
-        self.published.extend(fresh)
         return fresh
 
     def advance_cursor(self, consumer: str, stream: str, seq: int) -> None:

@@ -526,3 +526,61 @@ def test_encode_payload_is_compact_utf8_json(payload: dict[str, Any]) -> None:
     raw = encode_payload(payload)
     assert raw == json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     assert json.loads(raw) == payload
+
+
+# -- publish_many: one statement per batch, same result as publish() per item ----------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    earlier=st.lists(st.sampled_from("abcdefgh"), max_size=5),
+    batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
+                     min_size=1, max_size=4),
+)
+def test_publish_many_matches_publish_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory, earlier: list[str], batches: list[list[str | None]],
+) -> None:
+    """Repeated keys, keys journaled earlier and keyless items: the batch path skips and
+    numbers exactly as publishing each item would (ids of keyless items are random)."""
+    base = tmp_path_factory.mktemp("many")
+    one, many = Journal(base / "one.db", source="p"), Journal(base / "many.db", source="p")
+    try:
+        for journal in (one, many):
+            with journal.transaction() as tx:
+                for key in earlier:
+                    tx.publish(ALPHA, _payload(-1), key=key)
+        n = 0
+        for keys in batches:
+            items = []
+            for key in keys:
+                items.append((_payload(n), key))
+                n += 1
+            with one.transaction() as tx_one:
+                singles = [tx_one.publish(ALPHA, payload, key=key) for payload, key in items]
+            with many.transaction() as tx_many:
+                batch = tx_many.publish_many(ALPHA, items)
+            assert batch == tx_many.published
+            expected = [m for m in singles if m is not None]
+            assert [(m.seq, m.payload) for m in batch] == [(m.seq, m.payload) for m in expected]
+            assert [m.msg_id for m in batch if m.msg_id.count("/")] == [
+                m.msg_id for m in expected if m.msg_id.count("/")]
+
+        def rows(journal: Journal) -> list[tuple[Any, ...]]:
+            return journal.conn.execute(
+                "SELECT seq, payload FROM messages WHERE stream=? ORDER BY seq", (ALPHA,)).fetchall()
+
+        assert rows(many) == rows(one)
+        assert many.heads() == one.heads()
+    finally:
+        one.close()
+        many.close()
+
+
+def test_publish_many_that_fails_midway_leaves_the_transaction_usable(journal: Journal) -> None:
+    with journal.transaction() as tx:
+        tx.publish(ALPHA, _payload(0), key="k0")
+        tx.publish_many(ALPHA, [(_payload(1), "k1"), (_payload(2), "k0"), (_payload(3), "k3")])
+        tx.publish(ALPHA, _payload(4), key="k4")
+    stored = journal.read_after(ALPHA, 0, 100)
+    assert [(m.seq, m.msg_id) for m in stored] == [
+        (1, f"{ALPHA}/k0"), (2, f"{ALPHA}/k1"), (3, f"{ALPHA}/k3"), (4, f"{ALPHA}/k4")]
