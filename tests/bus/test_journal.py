@@ -567,7 +567,8 @@ def test_publish_many_matches_publish_one_by_one(
 
         def rows(journal: Journal) -> list[tuple[Any, ...]]:
             return journal.conn.execute(
-                "SELECT seq, payload FROM messages WHERE stream=? ORDER BY seq", (ALPHA,)).fetchall()
+                "SELECT seq, payload FROM messages WHERE stream=? ORDER BY seq", (ALPHA,)
+            ).fetchall()
 
         assert rows(many) == rows(one)
         assert many.heads() == one.heads()
