@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from trinity.bus.message import Message
 from trinity.bus.node import BusNode
 from trinity.bus.topology import DEFAULT_TOPOLOGY, HEARTBEATS, Topology
 from trinity.clock import Clock, ScaledClock, now_ms
-from trinity.errors import InvalidPayload, MalformedMessage, ModelTimeout
+from trinity.errors import InvalidPayload, JournalError, MalformedMessage, ModelTimeout
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long past its own timeout a call may take before the wait gives up on it.
 _CALL_GRACE_S = 5.0
+# After a database error: pause this long (still beating) before the next loop turn.
+DB_ERROR_BACKOFF_S = 1.0
 
 
 class BaseProcess:
@@ -54,6 +57,7 @@ class BaseProcess:
         self.topology = topology
         self.stopping = False
         self._next_heartbeat = 0.0
+        self.database_error: dict[str, Any] | None = None
         self.journal: Journal
         self.node: BusNode
 
@@ -127,11 +131,37 @@ class BaseProcess:
         log.info("%s started", self.name, extra={"pid": os.getpid()})
         try:
             while not self.stopping:
-                self.loop()
+                try:
+                    self.loop()
+                    self.database_error = None
+                except (JournalError, sqlite3.Error) as exc:
+                    self._database_failed(exc)
         finally:
             self.shutdown()
         log.info("%s stopped cleanly", self.name)
         return 0
+
+    def _database_failed(self, exc: BaseException) -> None:
+        """A locked, full or corrupt database must not end the process: what failed was
+        rolled back, so report it, wait a little and go on (it is retried)."""
+        log.error("database error: %s", exc, exc_info=exc)
+        self.database_error = {"error": str(exc)[:500], "error_type": type(exc).__name__,
+                               "ts_ms": now_ms()}
+        self._next_heartbeat = 0.0  # the next heartbeat carries the error now
+        try:
+            self.on_database_error(exc)
+        except (JournalError, sqlite3.Error) as again:
+            log.error("could not report the database error: %s", again)
+        deadline = time.monotonic() + DB_ERROR_BACKOFF_S
+        while time.monotonic() < deadline and not self.stopping:
+            try:
+                self.beat()
+            except (JournalError, sqlite3.Error) as again:
+                log.error("cannot send a heartbeat: %s", again)
+            time.sleep(0.1)
+
+    def on_database_error(self, exc: BaseException) -> None:
+        """Hook: the controller raises an alert; agents report it in their heartbeat."""
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -163,6 +193,7 @@ class BaseProcess:
             "counters": self.node.counters.as_dict(),
             "heads": self.node.heads(),
             "cursors": self.node.cursors(),
+            **({"database_error": self.database_error} if self.database_error else {}),
         }
 
 

@@ -57,17 +57,22 @@ class AlertLog:
                 except (ValueError, KeyError, TypeError):
                     continue
 
-    def write(self, msg: Message) -> bool:
-        """Append the alert carried by ``msg``; False if it was already written."""
+    def write(self, msg: Message) -> dict[str, Any] | None:
+        """Append the alert carried by ``msg``; None if it was already written."""
         try:
             alert = msg.json()
         except MalformedMessage:
             alert = {"alert_id": msg.msg_id, "kind": "malformed_alert", "severity": "warning"}
-        alert_id = str(alert.get("alert_id") or msg.msg_id)
+        alert.setdefault("alert_id", msg.msg_id)
+        return alert if self.write_alert(alert, source=msg.source) else None
+
+    def write_alert(self, alert: dict[str, Any], *, source: str) -> bool:
+        """Append ``alert`` unless its id was written before; True if it was appended."""
+        alert_id = str(alert.get("alert_id"))
         if alert_id in self._written:
             return False
-        alert.setdefault("alert_id", alert_id)
-        alert["source"] = msg.source
+        alert["alert_id"] = alert_id
+        alert["source"] = source
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(alert, default=str) + "\n")
         self._written.add(alert_id)

@@ -1,19 +1,26 @@
 """The controller process.
 
-Each loop turn it: writes journaled alerts to ``alerts.log``; records agent
+Each loop turn it: writes journaled alerts to ``alerts.log`` (and posts each to the
+optional webhook); records agent
 heartbeats and raises "agent silent" after ``heartbeat_max_missed`` missed beats
 (and "agent recovered" when they resume); emits the active run's due events on
 ``telemetry_stream`` on the run's compressible clock; checkpoints simulated time;
 raises the budget alerts from the cost ledger's totals (50/75/90 % and exceeded,
 each once per run); ends the run once its duration has passed and every event has
-its outcome (or once outcomes stop arriving for ``DRAIN_STALL_S``); and prunes the
-journal.
+its outcome (or once outcomes stop arriving for ``DRAIN_STALL_S``); writes the
+plan's snapshots on simulated time (system metrics every metrics interval, cost and
+pattern statistics every snapshot interval) and evaluates the anomaly rules on what
+they measured; and prunes the journal. A database it cannot read or write is a
+``database_error`` alert, never the end of the controller.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sqlite3
+from pathlib import Path
 from typing import Any, ClassVar
 
 from trinity import records
@@ -22,12 +29,20 @@ from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, TELEMETRY
 from trinity.clock import ScaledClock, now_ms
-from trinity.controller import runs
+from trinity.controller import runs, snapshots
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.heartbeats import HeartbeatMonitor
-from trinity.controller.scenario import event_for_cycle
+from trinity.controller.metrics import MetricsSampler
+from trinity.controller.rules import Alert, Rules
+from trinity.controller.scenario import (
+    CATEGORIES,
+    ScenarioDataError,
+    event_for_cycle,
+    noise_for_cycle,
+    read_scenario,
+)
 from trinity.costs import CostLedger, crossed_thresholds
-from trinity.errors import MalformedMessage
+from trinity.errors import JournalError, MalformedMessage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +53,13 @@ PRUNE_EVERY_S = 30.0
 # long: model calls can leave a long but moving backlog.
 DRAIN_STALL_S = 300.0
 BUDGET_CHECK_EVERY_S = 1.0
+# One database_error alert per database per this many real seconds while it persists.
+DB_ERROR_REPEAT_S = 60.0
+SNAPSHOT_KINDS = ("metrics", "costs", "patterns")
+# An agent's memory is its baseline for growth once it has applied this many messages:
+# the first model calls grow llama.cpp's buffers to their working size (measured: +10 %
+# over the first three calls, flat after).
+WARM_AFTER_MESSAGES = 3
 
 
 class Controller(BaseProcess):
@@ -64,6 +86,14 @@ class Controller(BaseProcess):
         self._drain_progress: tuple[int, float] | None = None
         self.ledger = CostLedger(self.settings.costs_db)
         self._next_budget_check = 0.0
+        self.sampler = MetricsSampler()
+        self.notifier: Any = None
+        if self.settings.alert_webhook:
+            from trinity.controller.webhook import WebhookNotifier
+
+            self.notifier = WebhookNotifier(self.settings.alert_webhook)
+        self._db_error_at: dict[str, float] = {}
+        self._last_growth: float | None = None
         self._load_run()
 
     def _load_run(self) -> None:
@@ -75,17 +105,39 @@ class Controller(BaseProcess):
         self.active = run
         # Continue simulated time from the last checkpoint: downtime is not run time.
         self.active_clock = ScaledClock(run.time_scale, sim_offset_s=run.sim_elapsed_s)
+        self.rules = Rules(run.run_id)
+        self.variants: dict[str, list[dict[str, Any]]] | None = None
+        if run.config.get("scenario"):
+            try:
+                self.variants = read_scenario(Path(run.config["scenario"]))
+            except ScenarioDataError as exc:  # checked at start; changed since
+                log.error("%s: using the shipped scenario instead", exc)
+        self._next_snapshot = {kind: 0 for kind in SNAPSHOT_KINDS}
+        for kind, last in self.journal.conn.execute(
+                "SELECT kind, max(idx) FROM snapshots WHERE run_id=? GROUP BY kind",
+                (run.run_id,)):
+            self._next_snapshot[kind] = int(last) + 1
         log.info("continuing run %s at simulated %.0f s", run.run_id, run.sim_elapsed_s)
 
     def shutdown(self) -> None:
         self.ledger.close()
+        if self.notifier is not None:
+            self.notifier.close()
         super().shutdown()
 
     # -- messages ---------------------------------------------------------
 
     def handle(self, msg: Message, tx: Transaction) -> None:
-        if msg.stream == ALERTS and self.alert_log.write(msg):
-            log.warning("alert: %s", msg.payload.decode("utf-8", "replace")[:500])
+        if msg.stream == ALERTS:
+            alert = self.alert_log.write(msg)
+            if alert is not None:
+                self._announce(alert)
+
+    def _announce(self, alert: dict[str, Any]) -> None:
+        log.warning("alert %s (%s): %s", alert.get("kind"), alert.get("severity"),
+                    str(alert.get("message"))[:500], extra={"alert_id": alert.get("alert_id")})
+        if self.notifier is not None:
+            self.notifier.submit(alert)
 
     def handle_ephemeral(self, msg: Message) -> None:
         try:
@@ -97,6 +149,11 @@ class Controller(BaseProcess):
         if not isinstance(agent, str) or agent not in self.monitor.agents:
             self._dead_letter(msg, f"heartbeat from unknown agent {agent!r}")
             return
+        failure = beat.get("database_error")
+        if isinstance(failure, dict):
+            self.alert_database_error(self._database_named(str(failure.get("error", ""))),
+                                RuntimeError(str(failure.get("error", "?"))),
+                                f"{agent} was applying messages", agent=agent)
         if self.monitor.beat(agent, beat, self.clock.monotonic()):
             self.raise_alert("agent_recovered", "info", f"{agent} is sending heartbeats again",
                              agent=agent)
@@ -119,7 +176,43 @@ class Controller(BaseProcess):
         if self.active is not None and self.active_clock is not None:
             alert["run_id"] = self.active.run_id
             alert["sim_elapsed_s"] = round(self.active_clock.sim_elapsed_s(), 3)
-        self.node.publish(ALERTS, alert, key=alert["alert_id"])
+        try:
+            self.node.publish(ALERTS, alert, key=alert["alert_id"])
+        except JournalError as exc:
+            # The journal itself is failing: write the alert directly, so it is not lost;
+            # alerts.log keeps each alert id once should the journal deliver it later.
+            log.error("cannot journal alert %s: %s", alert["alert_id"], exc)
+            if self.alert_log.write_alert(alert, source=self.name):
+                self._announce(alert)
+
+    def _raise(self, alert: Alert) -> None:
+        self.raise_alert(alert.kind, alert.severity, alert.message, agent=alert.agent,
+                         alert_id=alert.alert_id, **alert.details)
+
+    def alert_database_error(self, database: Path, exc: BaseException, doing: str,
+                       agent: str | None = None) -> None:
+        """A ``database_error`` alert, at most one per process and database per
+        DB_ERROR_REPEAT_S."""
+        now = self.clock.monotonic()
+        key = f"{agent or self.name}:{database.name}"
+        if now - self._db_error_at.get(key, -DB_ERROR_REPEAT_S) < DB_ERROR_REPEAT_S:
+            return
+        self._db_error_at[key] = now
+        log.error("database error on %s while %s: %s", database.name, doing, exc)
+        self.raise_alert("database_error", "error",
+                         f"{database.name}: {exc} (while {doing})", agent=agent or self.name,
+                         database=database.name, error=str(exc)[:500],
+                         error_type=type(exc).__name__)
+
+    def on_database_error(self, exc: BaseException) -> None:
+        self.alert_database_error(self._database_named(str(exc)), exc, "running its loop")
+
+    def _database_named(self, text: str) -> Path:
+        """The database an error message names (the journal when it names none)."""
+        for path in (self.settings.costs_db, self.settings.patterns_db):
+            if path.name in text:
+                return path
+        return self.settings.messages_db
 
     # -- periodic work ------------------------------------------------------
 
@@ -151,7 +244,8 @@ class Controller(BaseProcess):
         if now >= self._next_checkpoint:
             self._next_checkpoint = now + CHECKPOINT_EVERY_S
             runs.checkpoint(self.journal.conn, run.run_id, min(sim, run.duration_s))
-        if sim < run.duration_s or state["emitted"] < run.total_cycles:
+        self._snapshots(run, sim)
+        if sim < run.duration_s or state["emitted"] < run.total_events:
             return
         if self._drain_progress is None or self._drain_progress[0] != state["completed"]:
             self._drain_progress = (state["completed"], now)
@@ -177,18 +271,129 @@ class Controller(BaseProcess):
             )
 
     def _emit(self, run: runs.Run, cycle: int, sim: float) -> None:
-        category, fields = event_for_cycle(cycle)
-        event_id = f"{run.run_id}/c{cycle:03d}"
-        event = {"event_id": event_id, "run_id": run.run_id, "cycle": cycle, **fields}
+        """The cycle's event and its noise events, journaled with their ground truth in one
+        transaction: a cycle is emitted entirely or not at all."""
+        category, fields = event_for_cycle(cycle, run.scenario_seed, self.variants)
+        batch = [(0, category, fields)] + [
+            (k, "none", noise) for k, noise in enumerate(
+                noise_for_cycle(cycle, run.scenario_seed, run.noise_events, self.variants),
+                start=1)]
         with self.journal.transaction() as tx:
-            tx.publish(TELEMETRY, encode_payload(event), key=event_id)
-            tx.conn.execute(
-                "INSERT OR IGNORE INTO events(event_id, run_id, cycle, category, emitted_ms,"
-                " sim_elapsed_s) VALUES (?, ?, ?, ?, ?, ?)",
-                (event_id, run.run_id, cycle, category, now_ms(), sim),
-            )
+            for noise, truth, body in batch:
+                event_id = f"{run.run_id}/c{cycle:03d}" + (f"/n{noise}" if noise else "")
+                event = {"event_id": event_id, "run_id": run.run_id, "cycle": cycle, **body}
+                tx.publish(TELEMETRY, encode_payload(event), key=event_id)
+                tx.conn.execute(
+                    "INSERT OR IGNORE INTO events(event_id, run_id, cycle, noise, category,"
+                    " emitted_ms, sim_elapsed_s) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (event_id, run.run_id, cycle, noise, truth, now_ms(), sim),
+                )
         self.node.send(tx.published)
-        log.info("emitted cycle %d (%s)", cycle, category, extra={"event_id": event_id})
+        log.info("emitted cycle %d (%s)", cycle, category,
+                 extra={"event_id": f"{run.run_id}/c{cycle:03d}", "noise_events": len(batch) - 1})
+
+    # -- snapshots and anomaly rules -------------------------------------------
+
+    def _snapshots(self, run: runs.Run, sim: float) -> None:
+        """Write every snapshot that is due (scheduled at idx * interval < duration)."""
+        for kind in SNAPSHOT_KINDS:
+            interval = run.interval_s(kind)
+            due: list[int] = []
+            while True:
+                idx = self._next_snapshot[kind] + len(due)
+                if idx * interval > sim or idx * interval >= run.duration_s:
+                    break
+                due.append(idx)
+            if not due:
+                continue
+            try:
+                body = self._measure(kind, run, sim)
+            except (sqlite3.Error, JournalError) as exc:
+                self.alert_database_error(self._database_of(exc, kind), exc,
+                                          f"writing {kind} snapshot")
+                continue
+            for idx in due:
+                at = idx * interval
+                path = snapshots.snapshot_path(self.settings.log_dir, kind, at)
+                snapshots.write_json(path, {**snapshots.header(run.run_id, at, sim), **body})
+                with self.journal.transaction() as tx:
+                    tx.conn.execute(
+                        "INSERT OR REPLACE INTO snapshots(run_id, kind, idx, sim_elapsed_s, path,"
+                        " written_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                        (run.run_id, kind, idx, at, str(path), now_ms()))
+            self._next_snapshot[kind] = due[-1] + 1
+
+    def _database_of(self, exc: BaseException, kind: str) -> Path:
+        named = self._database_named(str(exc))
+        if named != self.settings.messages_db:
+            return named
+        return {"costs": self.settings.costs_db,
+                "patterns": self.settings.patterns_db}.get(kind, self.settings.messages_db)
+
+    def _measure(self, kind: str, run: runs.Run, sim: float) -> dict[str, Any]:
+        if kind == "metrics":
+            return self._metrics(run, sim)
+        if kind == "costs":
+            totals = self.ledger.totals(run.run_id)
+            return snapshots.cost_snapshot(totals, self.ledger.spent_since(run.run_id, sim - 3600),
+                                           runs.budget_usd(run, self.settings.budget_usd))
+        stats = self._pattern_stats(run, sim)
+        stats["memory_growth_pct_per_hour"] = self._last_growth
+        return stats
+
+    def _pattern_stats(self, run: runs.Run, sim: float) -> dict[str, Any]:
+        if not self.settings.patterns_db.exists():  # WITNESS has not started yet
+            events = snapshots.run_events(self.journal.conn, run.run_id)
+            return {"detections": {"total": 0, "by_type": dict.fromkeys(CATEGORIES, 0),
+                                   "average_confidence": None, "average_confidence_by_type": {}},
+                    "learning": {"total_patterns": 0, "new_patterns_this_hour": 0,
+                                 "confidence_trend": 0.0, "cross_session_matches": 0},
+                    "scoring": snapshots.detection_scores(events, {})}
+        conn = snapshots.open_readonly(self.settings.patterns_db)
+        try:
+            return snapshots.pattern_stats(self.journal.conn, conn, run.run_id, sim,
+                                           run.interval_s("patterns"))
+        except sqlite3.Error as exc:
+            raise sqlite3.DatabaseError(f"{self.settings.patterns_db.name}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _metrics(self, run: runs.Run, sim: float) -> dict[str, Any]:
+        pids = {name: h.pid for name, h in self.monitor.agents.items() if h.pid is not None}
+        pids[self.name] = os.getpid()
+        queues: dict[str, int] = {}
+        for backlog in self.journal.backlogs():
+            queues[backlog.stream] = max(queues.get(backlog.stream, 0), backlog.pending)
+        warm = {self.name} | {
+            name for name, h in self.monitor.agents.items()
+            if isinstance(h.last_payload.get("counters"), dict)
+            and h.last_payload["counters"].get("applied", 0) >= WARM_AFTER_MESSAGES}
+        sample = self.sampler.sample(pids, sim, queues=queues, warm=warm, databases={
+            path.name: path for path in (self.settings.patterns_db, self.settings.messages_db,
+                                         self.settings.costs_db)})
+        sample["sim_elapsed_s"] = round(sim, 1)
+        sample["agents_alive"] = {name: not h.silent and h.beats > 0
+                                  for name, h in self.monitor.agents.items()}
+        self._last_growth = sample["memory_growth_pct_per_hour"]
+        self._evaluate_rules(run, sim, sample)
+        return sample
+
+    def _evaluate_rules(self, run: runs.Run, sim: float, sample: dict[str, Any]) -> None:
+        """The anomaly rules, on the sample just measured and on the run's records."""
+        found = self.rules.backlog(sample["queues"], sim)
+        found += self.rules.memory(
+            {name: p["rss_mb"] for name, p in sample["processes"].items()},
+            self.sampler.hourly_growth(sim), sim)
+        try:
+            found += self.rules.cost_spike(self.ledger.spent_since(run.run_id, sim - 3600), sim)
+        except sqlite3.Error as exc:
+            self.alert_database_error(self.settings.costs_db, exc, "reading the cost ledger")
+        try:
+            found += self.rules.detection(self._pattern_stats(run, sim)["scoring"], sim)
+        except sqlite3.Error as exc:
+            self.alert_database_error(self.settings.patterns_db, exc, "reading the pattern store")
+        for alert in found:
+            self._raise(alert)
 
     def _end_run(self, status: str, state: dict[str, int]) -> None:
         assert self.active is not None

@@ -49,6 +49,24 @@ class Run:
     def total_cycles(self) -> int:
         return int(self.duration_s // self.event_interval_s)
 
+    @property
+    def noise_events(self) -> int:
+        """Noise events (none of the five patterns) emitted with each cycle's event."""
+        return int(self.config.get("noise_events", 0))
+
+    @property
+    def total_events(self) -> int:
+        return self.total_cycles * (1 + self.noise_events)
+
+    @property
+    def scenario_seed(self) -> int:
+        return int(self.config.get("scenario_seed", 0))
+
+    def interval_s(self, kind: str) -> float:
+        """Simulated seconds between snapshots of ``kind`` (costs, patterns, metrics)."""
+        key = "metrics_interval_min" if kind == "metrics" else "snapshot_interval_min"
+        return float(self.config.get(key, 5.0 if kind == "metrics" else 60.0)) * 60
+
 
 def budget_usd(run: Run, default: float) -> float:
     """The run's budget (``trinity run --budget`` / TRINITY_TEST_BUDGET at its start)."""
@@ -83,6 +101,11 @@ def create_run(conn: sqlite3.Connection, config: dict[str, Any]) -> Run:
 
 def latest_run(conn: sqlite3.Connection) -> Run | None:
     records.ensure_schema(conn)
+    return latest_run_readonly(conn)
+
+
+def latest_run_readonly(conn: sqlite3.Connection) -> Run | None:
+    """The most recently started run, on a connection that may not write."""
     row = conn.execute(
         "SELECT run_id, started_ms, status, config, sim_elapsed_s FROM runs"
         " ORDER BY started_ms DESC, rowid DESC LIMIT 1"
@@ -136,5 +159,6 @@ def progress(conn: sqlite3.Connection, run_id: str) -> dict[str, int]:
         " WHERE e.run_id=?",
         (run_id,),
     ).fetchone()[0]
-    last = conn.execute("SELECT max(cycle) FROM events WHERE run_id=?", (run_id,)).fetchone()[0]
+    last = conn.execute("SELECT max(cycle) FROM events WHERE run_id=? AND noise=0",
+                        (run_id,)).fetchone()[0]
     return {"emitted": int(emitted), "completed": int(done), "last_cycle": int(last or 0)}

@@ -17,6 +17,7 @@ import functools
 import importlib.resources
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 CATEGORIES: tuple[str, ...] = (
@@ -99,7 +100,18 @@ def _check_cycle(cycle: int) -> None:
         raise ValueError(f"cycle must be an int >= 1, got {cycle!r}")
 
 
-def event_for_cycle(cycle: int, seed: int = 0) -> tuple[str, dict[str, Any]]:
+def read_scenario(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """A user's scenario file (TRINITY_SCENARIO), in the shipped file's format."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioDataError(f"cannot read scenario file {path}: {exc}") from None
+    return parse_variants(text, str(path))
+
+
+def event_for_cycle(cycle: int, seed: int = 0,
+                    variants: dict[str, list[dict[str, Any]]] | None = None,
+                    ) -> tuple[str, dict[str, Any]]:
     """The ground-truth category and the event fields for a 1-based cycle.
 
     The category rotates through ``CATEGORIES``; the variant is the category's
@@ -109,21 +121,23 @@ def event_for_cycle(cycle: int, seed: int = 0) -> tuple[str, dict[str, Any]]:
     _check_cycle(cycle)
     category = CATEGORIES[(cycle - 1) % len(CATEGORIES)]
     occurrence = (cycle - 1) // len(CATEGORIES)
-    pool = _shipped()[category]
+    pool = (variants or _shipped())[category]
     round_, position = divmod(occurrence, len(pool))
     order = list(range(len(pool)))
     random.Random(f"{seed}:{category}:{round_}").shuffle(order)
     return category, copy.deepcopy(pool[order[position]]["fields"])
 
 
-def noise_for_cycle(cycle: int, seed: int, count: int) -> list[dict[str, Any]]:
+def noise_for_cycle(cycle: int, seed: int, count: int,
+                    variants: dict[str, list[dict[str, Any]]] | None = None,
+                    ) -> list[dict[str, Any]]:
     """``count`` noise events (fields only) for a cycle: distinct while the pool lasts."""
     _check_cycle(cycle)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
     if count == 0:
         return []
-    pool = _shipped()[NOISE]
+    pool = (variants or _shipped())[NOISE]
     rng = random.Random(f"{seed}:{NOISE}:{cycle}")
     picks = rng.sample(range(len(pool)), min(count, len(pool)))
     picks += rng.choices(range(len(pool)), k=count - len(picks))

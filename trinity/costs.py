@@ -147,6 +147,14 @@ class CostLedger:
                 (run_id,)).fetchone()
         return float(row[0])
 
+    def spent_since(self, run_id: str, sim_from_s: float) -> float:
+        """USD spent by a run's calls made after simulated time ``sim_from_s``."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT coalesce(sum(cost_usd), 0) FROM calls WHERE run_id=?"
+                " AND sim_elapsed_s > ?", (run_id, sim_from_s)).fetchone()
+        return float(row[0])
+
     def calls(self, run_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
             cur = self.conn.execute(

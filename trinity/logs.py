@@ -1,11 +1,19 @@
-"""Structured logging: one JSON object per line."""
+"""Structured logging: one JSON object per line, to stderr (supervisord keeps a log per
+program) and, for the processes of a run, appended to the run's shared ``trinity.log``.
+
+Every process appends whole lines with ``O_APPEND``, so lines from different processes
+interleave but are not torn; ``WatchedFileHandler`` reopens the file if it is rotated
+or removed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -30,9 +38,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(process_name: str, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(process_name))
+def configure(process_name: str, log_file: Path | None = None,
+              level: int = logging.INFO) -> None:
+    formatter = JsonFormatter(process_name)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
+        except OSError as exc:  # the run goes on; stderr still has every line
+            print(f"cannot open {log_file}: {exc}", file=sys.stderr)
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)

@@ -15,15 +15,22 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs ("
     " run_id TEXT PRIMARY KEY, started_ms INTEGER NOT NULL, ended_ms INTEGER,"
     " status TEXT NOT NULL, config TEXT NOT NULL, sim_elapsed_s REAL NOT NULL DEFAULT 0)",
+    # noise = 0: the cycle's scheduled event; 1..n: the noise events emitted with it.
     "CREATE TABLE IF NOT EXISTS events ("
     " event_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, cycle INTEGER NOT NULL,"
-    " category TEXT NOT NULL, emitted_ms INTEGER NOT NULL, sim_elapsed_s REAL NOT NULL,"
-    " UNIQUE (run_id, cycle))",
+    " noise INTEGER NOT NULL DEFAULT 0, category TEXT NOT NULL, emitted_ms INTEGER NOT NULL,"
+    " sim_elapsed_s REAL NOT NULL, UNIQUE (run_id, cycle, noise))",
     "CREATE TABLE IF NOT EXISTS outcomes ("
     " task_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, run_id TEXT,"
     " delegate TEXT NOT NULL, status TEXT NOT NULL, recorded_ms INTEGER NOT NULL,"
     " product TEXT)",
     "CREATE INDEX IF NOT EXISTS outcomes_event ON outcomes(event_id)",
+    # One row per snapshot file written (kind: costs, patterns, metrics; idx: its
+    # position in the schedule), so a restarted controller neither repeats nor skips one.
+    "CREATE TABLE IF NOT EXISTS snapshots ("
+    " run_id TEXT NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL,"
+    " sim_elapsed_s REAL NOT NULL, path TEXT NOT NULL, written_ms INTEGER NOT NULL,"
+    " PRIMARY KEY (run_id, kind, idx))",
 )
 
 

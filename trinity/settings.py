@@ -71,6 +71,12 @@ class Settings:
     budget_usd: float = 10.0
     budget_mode: str = "warn"
     routing_path: Path | None = None
+    snapshot_interval_min: float = 60.0
+    metrics_interval_min: float = 5.0
+    alert_webhook: str = ""
+    scenario_seed: int = 0
+    noise_events: int = 0
+    scenario_path: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -94,6 +100,13 @@ class Settings:
             "budget_mode": (env.get("TRINITY_BUDGET_MODE") or "warn").strip().lower(),
             "routing_path": Path(env["TRINITY_ROUTING"]).resolve()
             if env.get("TRINITY_ROUTING") else None,
+            "snapshot_interval_min": _env_float(env, "TRINITY_SNAPSHOT_INTERVAL", 60.0),
+            "metrics_interval_min": _env_float(env, "TRINITY_METRICS_INTERVAL", 5.0),
+            "alert_webhook": (env.get("TRINITY_ALERT_WEBHOOK") or "").strip(),
+            "scenario_seed": _env_int(env, "TRINITY_SCENARIO_SEED", 0),
+            "noise_events": _env_int(env, "TRINITY_NOISE_EVENTS", 0),
+            "scenario_path": Path(env["TRINITY_SCENARIO"]).resolve()
+            if env.get("TRINITY_SCENARIO") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -107,6 +120,8 @@ class Settings:
             "event_interval_min (TRINITY_EVENT_INTERVAL)": self.event_interval_min,
             "heartbeat_interval_s (TRINITY_HEARTBEAT_INTERVAL)": self.heartbeat_interval_s,
             "poll_interval_s": self.poll_interval_s,
+            "snapshot_interval_min (TRINITY_SNAPSHOT_INTERVAL)": self.snapshot_interval_min,
+            "metrics_interval_min (TRINITY_METRICS_INTERVAL)": self.metrics_interval_min,
         }
         for name, value in positive.items():
             if not 0 < value < float("inf"):
@@ -127,6 +142,14 @@ class Settings:
             raise ConfigError(
                 f"budget_mode (TRINITY_BUDGET_MODE) must be one of {', '.join(BUDGET_MODES)}, "
                 f"got {self.budget_mode!r}")
+        if not 0 <= self.noise_events <= 100:
+            raise ConfigError(
+                f"noise_events (TRINITY_NOISE_EVENTS) must be 0..100 per event interval, "
+                f"got {self.noise_events!r}")
+        if self.alert_webhook:
+            from trinity.controller.webhook import validate_webhook_url
+
+            validate_webhook_url(self.alert_webhook)
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if len(str(self.run_dir)) > _MAX_RUN_DIR_LEN + 20:
