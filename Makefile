@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_TIME_SCALE ?= 2880
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint start-24h stop status costs burst bench-bus eval-witness bench-witness bench-llm clean
+.PHONY: help install demo smoke test lint start-24h stop status costs kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv with everything Trinity needs (idempotent)
 
-demo: install ## Run the main job on embedded defaults: a compressed 24-hour run in the foreground
-	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE)
+demo: install ## The main job on embedded defaults: the 24-hour plan compressed, hour-12 restart included
+	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE) --restart-at 12
+
+smoke: install ## The plan's 2-hour smoke test, compressed, in the foreground
+	trinity run --duration 2 --time-scale $(DEMO_TIME_SCALE)
 
 test: install ## Run the test suite
 	pytest
@@ -40,6 +43,12 @@ status: install ## Show run progress, queues and agents
 costs: install ## Model-call totals of the latest run from the cost ledger
 	trinity costs
 
+kill-and-resume: install ## kill -9 everything, wait 5 s, resume the run, validate persistence
+	trinity kill-and-resume
+
+validate-persistence: install ## Check patterns, costs, cycle position and queues were restored
+	trinity validate-persistence
+
 burst: install ## 100 events at once through the three agents: one outcome each, bounded messages
 	TRINITY_BURST_EVENTS=$${TRINITY_BURST_EVENTS:-100} pytest -q tests/agents/test_pipeline.py -k burst
 
@@ -55,8 +64,11 @@ bench-witness: install ## Benchmark: WITNESS latency and RSS at 1k/10k/100k exem
 bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-python call (exit 1 if >5% overhead)
 	python benchmarks/bench_llm.py
 
+bench-24h: install ## Benchmark: compressed 24-hour run: wall time, peak total memory, growth per hour
+	python benchmarks/bench_24h.py
+
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
-	rm -rf trinity_*.db trinity_*.db-* logs/24h_test logs/supervisor reports .run
+	rm -rf trinity_*.db trinity_*.db-* trinity_*.faiss logs/24h_test logs/archive logs/supervisor reports .run
 
 lint: install ## ruff, and mypy --strict on the installed package layout
 	ruff check trinity bus agents controller tests benchmarks

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import sqlite3
 import time
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trinity.bus.journal import Journal
-from trinity.controller import runs
-from trinity.controller.alerts import read_alerts
+from trinity.bus.message import encode_payload
+from trinity.bus.topology import ALERTS
+from trinity.clock import now_ms
+from trinity.controller import criteria, persistence, runs, scenario
+from trinity.controller.alerts import make_alert, read_alerts
 from trinity.controller.supervision import Supervisor
 from trinity.costs import CostLedger
 from trinity.errors import ConfigError
@@ -26,52 +35,209 @@ def _run_config(settings: Settings) -> dict[str, Any]:
         "log_dir": str(settings.log_dir),
         "budget_usd": settings.budget_usd,
         "budget_mode": settings.budget_mode,
+        "snapshot_interval_min": settings.snapshot_interval_min,
+        "metrics_interval_min": settings.metrics_interval_min,
+        "scenario_seed": settings.scenario_seed,
+        "noise_events": settings.noise_events,
+        "scenario": str(settings.scenario_path) if settings.scenario_path else None,
     }
 
 
-def start(settings: Settings, config: Path, *, resume: bool, detach: bool) -> int:
+def start(settings: Settings, config: Path, *, resume: bool, detach: bool,
+          restart_at_h: float | None = None) -> int:
     sup = Supervisor(config)
     if sup.is_running():
         print(f"supervisord is already running for {sup.here}; "
               "see 'supervisorctl -c supervisor.conf status' or run 'make stop' first")
         return 1
+    if settings.scenario_path is not None and not resume:
+        try:
+            scenario.read_scenario(settings.scenario_path)
+        except scenario.ScenarioDataError as exc:
+            raise ConfigError(f"TRINITY_SCENARIO: {exc}") from None
     journal = Journal(settings.messages_db, source="cli")
     try:
         run = runs.resume_run(journal.conn) if resume else runs.create_run(
             journal.conn, _run_config(settings))
     finally:
         journal.close()
+    if not resume:
+        archived = archive_logs(settings.log_dir)
+        if archived is not None:
+            print(f"the previous run's logs and snapshots moved to {archived}")
     settings.log_dir.mkdir(parents=True, exist_ok=True)
+    write_test_config(settings, run, config, resumed=resume)
     sup.start()
     verb = "resumed" if resume else "started"
-    print(f"run {run.run_id} {verb}: {run.total_cycles} events over {run.config['duration_h']} "
-          f"simulated hours at time scale {run.time_scale:g}")
+    print(f"run {run.run_id} {verb}: {run.total_events} events over {run.config['duration_h']} "
+          f"simulated hours at time scale {run.time_scale:g}; logs in {settings.log_dir}")
     if detach:
         print(f"supervisord is running; 'supervisorctl -c {config} status' shows the programs")
         return 0
     try:
-        final = _follow(settings, run)
+        final, restart_ok = _follow(settings, run, sup, restart_at_h)
     finally:
         sup.stop()
-    return _summarize(settings, final)
+    code = _summarize(settings, final)
+    if restart_at_h is not None and not restart_ok:
+        print(f"the restart at simulated hour {restart_at_h:g} "
+              f"{'did not happen' if restart_ok is None else 'lost state (see above)'}")
+        return 1
+    return code
 
 
-def _follow(settings: Settings, run: runs.Run) -> runs.Run:
+RUN_LOGS = ("costs", "patterns", "metrics", "trinity.log", "alerts.log", "test_config.json",
+            persistence.BEFORE_FILE, criteria.AFTER_FILE)
+
+
+def archive_logs(log_dir: Path) -> Path | None:
+    """Move the previous run's files out of ``log_dir`` (into ``archive/<run_id>`` beside
+    it), so the folder holds exactly one run's snapshots, as the plan lays it out."""
+    try:
+        previous = json.loads((log_dir / "test_config.json").read_text(encoding="utf-8"))
+        run_id = str(previous["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        run_id = ""
+    present = [log_dir / name for name in RUN_LOGS if (log_dir / name).exists()]
+    if not present:
+        return None
+    target = log_dir.parent / "archive" / (run_id or "unknown")
+    if target.exists():
+        target = target.with_name(f"{target.name}-{now_ms()}")
+    target.mkdir(parents=True)
+    for path in present:
+        path.rename(target / path.name)
+    return target
+
+
+def write_test_config(settings: Settings, run: runs.Run, config: Path, *, resumed: bool) -> Path:
+    """``test_config.json``: the run's effective configuration, secrets redacted."""
+    from trinity.controller.webhook import redact_url
+
+    path = settings.log_dir / "test_config.json"
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = {}
+    resumes = earlier.get("resumed_ms", []) if earlier.get("run_id") == run.run_id else []
+    env = {name: value for name, value in sorted(os.environ.items())
+           if name.startswith("TRINITY_")}
+    if env.get("TRINITY_ALERT_WEBHOOK"):
+        env["TRINITY_ALERT_WEBHOOK"] = redact_url(env["TRINITY_ALERT_WEBHOOK"])
+    document = {
+        "run_id": run.run_id,
+        "started_ms": run.started_ms,
+        "resumed_ms": [*resumes, now_ms()] if resumed else resumes,
+        "run": run.config,
+        "settings": {
+            "data_dir": str(settings.data_dir), "log_dir": str(settings.log_dir),
+            "heartbeat_interval_s": settings.heartbeat_interval_s,
+            "heartbeat_max_missed": settings.heartbeat_max_missed,
+            "max_payload_bytes": settings.max_payload_bytes,
+            "routing": str(settings.routing_path) if settings.routing_path else "built-in",
+            "alert_webhook": redact_url(settings.alert_webhook) if settings.alert_webhook
+            else None,
+        },
+        "environment": env,
+        "secrets": {name: "set (redacted)" if os.environ.get(name) else "not set"
+                    for name in ("OPENAI_API_KEY",)},
+        "supervisor_config": str(config.resolve()),
+        "versions": {"python": platform.python_version(), **_versions()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for dist in ("trinity", "pyzmq", "supervisor", "llama_cpp_python", "faiss-cpu",
+                 "genai-prices"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _follow(settings: Settings, run: runs.Run, sup: Supervisor,
+            restart_at_h: float | None) -> tuple[runs.Run, bool | None]:
+    """Wait for the run to end, with a progress bar; restart once at ``restart_at_h``.
+
+    Returns the ended run and whether persistence held across the restart (None: none)."""
+    restart_ok: bool | None = None
     journal = Journal(settings.messages_db, source="cli")
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn()) as bar:
-            task = bar.add_task("events with an outcome", total=run.total_cycles)
+                      TextColumn("{task.fields[sim]}"), TimeElapsedColumn()) as bar:
+            task = bar.add_task("events with an outcome", total=run.total_events, sim="")
             while True:
                 state = runs.progress(journal.conn, run.run_id)
-                bar.update(task, completed=state["completed"])
                 current = runs.get_run(journal.conn, run.run_id)
                 assert current is not None
+                bar.update(task, completed=state["completed"],
+                           sim=f"simulated {current.sim_elapsed_s / 3600:5.2f} h")
                 if current.status != runs.ACTIVE:
-                    return current
+                    return current, restart_ok
+                if (restart_at_h is not None and restart_ok is None
+                        and current.sim_elapsed_s >= restart_at_h * 3600):
+                    bar.console.print(f"simulated hour {current.sim_elapsed_s / 3600:.2f}: "
+                                      "kill -9 of every process, then --resume")
+                    problems = kill_and_resume(settings, sup, echo=bar.console.print)
+                    restart_ok = not problems
                 time.sleep(0.25)
     finally:
         journal.close()
+
+
+def kill_and_resume(settings: Settings, sup: Supervisor, *, wait_s: float = 5.0,
+                    echo: Callable[[str], None] = print) -> list[str]:
+    """The plan's hour-12 check: capture the state, kill -9 supervisord and every program,
+    wait, start again with ``--resume`` and validate persistence; returns the problems."""
+    before = persistence.capture(settings)
+    persistence.save_before(settings, before)
+    _record_deliberate_kill(settings, before)
+    killed = sup.kill_all()
+    echo(f"killed {len(killed)} processes (pids {', '.join(map(str, killed))}); "
+         f"waiting {wait_s:g} s")
+    time.sleep(wait_s)
+    journal = Journal(settings.messages_db, source="cli")
+    try:
+        run = runs.resume_run(journal.conn)
+    finally:
+        journal.close()
+    sup.start()
+    echo(f"run {run.run_id} resumed at simulated {run.sim_elapsed_s / 3600:.2f} h "
+         f"(cycle {before['last_cycle']} done before the kill)")
+    state, problems = persistence.validate(settings, before)
+    criteria.save_after(settings, problems, state)
+    for line in format_validation(problems):
+        echo(line)
+    return problems
+
+
+def _record_deliberate_kill(settings: Settings, state: dict[str, Any]) -> None:
+    """Journaled before the kill: the report counts exits after it as deliberate."""
+    alert = make_alert(
+        "deliberate_restart", "info",
+        f"kill -9 of every process at simulated {state['sim_elapsed_s'] / 3600:.2f} h "
+        "(kill-and-resume), then --resume",
+        alert_id=f"deliberate_restart/{state['run_id']}/{state['captured_ms']}",
+        run_id=state["run_id"], last_cycle=state["last_cycle"])
+    alert["run_id"] = state["run_id"]
+    alert["sim_elapsed_s"] = state["sim_elapsed_s"]
+    journal = Journal(settings.messages_db, source="cli")
+    try:
+        with journal.transaction() as tx:
+            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+    finally:
+        journal.close()
+
+
+def format_validation(problems: list[str]) -> list[str]:
+    if not problems:
+        return ["persistence: OK (patterns, costs, cycle position and queues restored)"]
+    return ["persistence: FAILED", *(f"  - {p}" for p in problems)]
 
 
 def _summarize(settings: Settings, run: runs.Run) -> int:
@@ -96,7 +262,16 @@ def _summarize(settings: Settings, run: runs.Run) -> int:
     except ConfigError as exc:
         print(exc)
     ok = run.status == runs.COMPLETED and state["completed"] == state["emitted"] and per_event == 0
-    return 0 if ok else 1
+    try:
+        _, measured = criteria.evaluate(settings, run.run_id)
+    except sqlite3.Error as exc:
+        print(f"cannot evaluate the success criteria: {exc}")
+        return 1
+    for line in criteria.format_table(measured):
+        print(line)
+    passed = criteria.mandatory_passed(measured)
+    print(f"mandatory criteria: {'all passed' if passed else 'FAILED'}")
+    return 0 if ok and passed else 1
 
 
 def status(settings: Settings, config: Path) -> dict[str, Any]:
@@ -120,6 +295,8 @@ def status(settings: Settings, config: Path) -> dict[str, Any]:
                 "sim_elapsed_s": run.sim_elapsed_s,
                 "real_elapsed_s": round(time.time() - run.started_ms / 1000, 1),
                 "total_cycles": run.total_cycles,
+                "total_events": run.total_events,
+                "time_scale": run.time_scale,
                 **runs.progress(journal.conn, run.run_id),
             }
         report["queues"] = {
@@ -132,7 +309,10 @@ def status(settings: Settings, config: Path) -> dict[str, Any]:
         except Exception:
             rows = []
         report["agents"] = {
-            name: {"pid": pid, "last_heartbeat_age_s": round((now_ms - ts) / 1000, 1)}
+            name: {"pid": pid, "last_heartbeat_age_s": round((now_ms - ts) / 1000, 1),
+                   "alive": (now_ms - ts) / 1000 <= settings.heartbeat_deadline_s
+                   and report.get("programs", {}).get(name, "RUNNING") == "RUNNING"
+                   and report["supervisord"] == "running"}
             for name, pid, ts in rows
         }
     finally:
@@ -149,12 +329,14 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("no run recorded yet")
         return "\n".join(lines)
     lines.append(f"run {run['run_id']} ({run['status']}): cycle {run['last_cycle']}/"
-                 f"{run['total_cycles']}, {run['completed']} events with outcome, "
-                 f"simulated {run['sim_elapsed_s'] / 3600:.2f} h")
+                 f"{run['total_cycles']}, {run['completed']}/{run['emitted']} events with "
+                 f"outcome, simulated {run['sim_elapsed_s'] / 3600:.2f} h, real "
+                 f"{run['real_elapsed_s'] / 3600:.2f} h (time scale {run['time_scale']:g})")
     lines.append("queues (pending):")
     lines += [f"  {name:<32} {pending}" for name, pending in report.get("queues", {}).items()]
     lines.append("agents (last heartbeat):")
-    lines += [f"  {name:<12} pid {a['pid']}  {a['last_heartbeat_age_s']} s ago"
+    lines += [f"  {name:<12} {'alive' if a['alive'] else 'NOT ALIVE':<9} pid {a['pid']}  "
+              f"{a['last_heartbeat_age_s']} s ago"
               for name, a in report.get("agents", {}).items()]
     return "\n".join(lines)
 

@@ -111,6 +111,21 @@ class Supervisor:
         cleanup_orphans(self.here)
 
 
+    def kill_all(self) -> list[int]:
+        """kill -9 supervisord first (so it records no exit of its children), then every
+        program and listener of ours; returns the pids killed."""
+        killed: list[int] = []
+        pidfile = self.socket_path.parent / "supervisord.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            _wait_gone(pid, 10)
+        except (OSError, ValueError):
+            pass
+        return killed + cleanup_orphans(self.here)
+
+
 def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and psutil.pid_exists(pid):

@@ -38,9 +38,10 @@ def agent(name: str) -> None:
     from trinity.agents.executor import Executor
     from trinity.agents.witness import Witness
 
-    logs.configure(name)
+    settings = _settings()
+    logs.configure(name, settings.log_dir / "trinity.log")
     cls = {"witness": Witness, "architect": Architect, "executor": Executor}[name]
-    sys.exit(cls(_settings()).run())
+    sys.exit(cls(settings).run())
 
 
 @main.command()
@@ -49,8 +50,9 @@ def controller() -> None:
     from trinity import logs
     from trinity.controller.controller import Controller
 
-    logs.configure("controller")
-    sys.exit(Controller(_settings()).run())
+    settings = _settings()
+    logs.configure("controller", settings.log_dir / "trinity.log")
+    sys.exit(Controller(settings).run())
 
 
 @main.command()
@@ -59,8 +61,9 @@ def crashwatch() -> None:
     from trinity import logs
     from trinity.controller import crashwatch as watch
 
-    logs.configure("crashwatch")
-    sys.exit(watch.main(_settings()))
+    settings = _settings()
+    logs.configure("crashwatch", settings.log_dir / "trinity.log")
+    sys.exit(watch.main(settings))
 
 
 @main.command()
@@ -75,22 +78,43 @@ def crashwatch() -> None:
 @click.option("--budget-mode", type=click.Choice(["warn", "enforce"]),
               help="warn: alerts only; enforce: route every call local once the budget is "
                    "spent [TRINITY_BUDGET_MODE, warn].")
+@click.option("--snapshot-interval", "snapshot_interval_min", type=float,
+              help="Simulated minutes between cost and pattern snapshots "
+                   "[TRINITY_SNAPSHOT_INTERVAL, 60].")
+@click.option("--metrics-interval", "metrics_interval_min", type=float,
+              help="Simulated minutes between system metrics samples "
+                   "[TRINITY_METRICS_INTERVAL, 5].")
+@click.option("--noise", "noise_events", type=int,
+              help="Noise events (none of the five patterns) per event interval "
+                   "[TRINITY_NOISE_EVENTS, 0].")
+@click.option("--seed", "scenario_seed", type=int,
+              help="Scenario seed: which event variants are drawn [TRINITY_SCENARIO_SEED, 0].")
 @click.option("--resume", is_flag=True,
               help="Continue the latest run instead of starting a new one.")
 @click.option("--detach", is_flag=True, help="Start under supervisord and return at once.")
+@click.option("--restart-at", "restart_at_h", type=float,
+              help="Foreground only: at this simulated hour kill -9 every process, wait 5 s, "
+                   "resume and validate persistence (the plan's hour-12 check).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
 def run(duration_h: float | None, time_scale: float | None, event_interval_min: float | None,
-        budget_usd: float | None, budget_mode: str | None, resume: bool, detach: bool,
-        config: Path) -> None:
+        budget_usd: float | None, budget_mode: str | None, snapshot_interval_min: float | None,
+        metrics_interval_min: float | None, noise_events: int | None, scenario_seed: int | None,
+        resume: bool, detach: bool, restart_at_h: float | None, config: Path) -> None:
     """Start a run under supervisord; in the foreground, wait for it and stop cleanly."""
     from trinity.controller import runner
 
     settings = _settings(duration_h=duration_h, time_scale=time_scale,
                          event_interval_min=event_interval_min, budget_usd=budget_usd,
-                         budget_mode=budget_mode)
+                         budget_mode=budget_mode, snapshot_interval_min=snapshot_interval_min,
+                         metrics_interval_min=metrics_interval_min, noise_events=noise_events,
+                         scenario_seed=scenario_seed)
+    if restart_at_h is not None and (detach or not 0 < restart_at_h < settings.duration_h):
+        raise click.UsageError("--restart-at needs a foreground run and an hour inside "
+                               f"the run's duration (0 < hour < {settings.duration_h:g})")
     try:
-        code = runner.start(settings, config, resume=resume, detach=detach)
+        code = runner.start(settings, config, resume=resume, detach=detach,
+                            restart_at_h=restart_at_h)
     except TrinityError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
@@ -110,6 +134,90 @@ def stop(config: Path) -> None:
     except TrinityError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("stopped" if was_running else "supervisord was not running (orphans cleaned up)")
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=100, show_default=True,
+              help="Lines per journal transaction (1: publish each line as it arrives).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+def emit(source: Any, batch_size: int, quiet: bool) -> None:
+    """Journal JSON Lines events from SOURCE (a file, or - for stdin) onto telemetry_stream.
+
+    One JSON object per line with a non-empty "message"; an "event_id" makes re-emitting
+    the line a no-op. Writes one JSON result per non-blank line; rejected lines are
+    dead-lettered (trinity dead-letters). Exit status 1 if any line was rejected.
+    """
+    from trinity.controller import emit as emitter
+
+    settings = _settings()
+    summary = emitter.EmitSummary()
+    try:
+        for result in emitter.emit_lines(settings, source, batch_size=batch_size):
+            summary.add(result)
+            if not quiet:
+                click.echo(json.dumps(result.as_dict()))
+    except TrinityError as exc:
+        raise click.ClickException(f"{exc}; committed before it: {summary.describe()}") from None
+    click.echo(summary.describe(), err=True)
+    sys.exit(summary.exit_code)
+
+
+@main.command("kill-and-resume")
+@click.option("--wait", "wait_s", type=float, default=5.0, show_default=True,
+              help="Seconds between the kill and the restart.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default=True, help="supervisord config file.")
+def kill_and_resume(wait_s: float, config: Path) -> None:
+    """kill -9 supervisord and every program, wait, resume the run, validate persistence.
+
+    Exits 1 if anything was not restored. The kill is recorded as deliberate, so it
+    does not count as a crash.
+    """
+    from trinity.controller import runner
+    from trinity.controller.supervision import Supervisor
+
+    settings = _settings()
+    try:
+        sup = Supervisor(config)
+        if not sup.is_running():
+            raise click.ClickException("supervisord is not running: start a run first "
+                                       "('make start-24h')")
+        problems = runner.kill_and_resume(settings, sup, wait_s=wait_s, echo=click.echo)
+    except TrinityError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(1 if problems else 0)
+
+
+@main.command("validate-persistence")
+@click.option("--json", "as_json", is_flag=True, help="Print the state and problems as JSON.")
+def validate_persistence(as_json: bool) -> None:
+    """Check patterns, costs, cycle position and queues are restored; exit 1 if not.
+
+    Compares with the state captured by the last kill-and-resume of the same run, when
+    there is one; otherwise checks the stores are present, readable and consistent.
+    """
+    from trinity.controller import persistence, runner
+
+    settings = _settings()
+    before = None
+    if settings.messages_db.exists():
+        try:
+            run_id = persistence.capture(settings)["run_id"]
+            before = persistence.load_before(settings, run_id)
+        except Exception:  # validate() below reports what cannot be read
+            before = None
+    state, problems = persistence.validate(settings, before)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems, "state": state,
+                               "compared_with_capture": before is not None}, indent=2))
+    else:
+        if before is not None:
+            click.echo(f"compared with the state captured before the restart of run "
+                       f"{before['run_id']}")
+        for line in runner.format_validation(problems):
+            click.echo(line)
+    sys.exit(1 if problems else 0)
 
 
 @main.command()

@@ -1,0 +1,170 @@
+"""What must survive a restart, captured before it and checked after it.
+
+``capture`` reads the run's cycle position, events and outcomes, the pattern store's
+exemplars and per-pattern counts, the cost ledger's totals and every queue's head
+and cursor. ``validate`` checks the stores are readable and consistent (cycles
+contiguous and unrepeated, each queue's unapplied messages still in the journal)
+and, given an earlier capture, that nothing went backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from trinity.clock import now_ms
+from trinity.controller import runs
+from trinity.controller.snapshots import open_readonly
+from trinity.settings import Settings
+
+BEFORE_FILE = "persistence_before.json"
+
+
+def _patterns(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"exemplars": 0, "detections": 0, "by_pattern": {}}
+    conn = open_readonly(path)
+    try:
+        exemplars = conn.execute("SELECT count(*) FROM exemplars").fetchone()[0]
+        detections = conn.execute("SELECT count(*) FROM detections").fetchone()[0]
+        by_pattern = dict(conn.execute("SELECT pattern, detections FROM patterns").fetchall())
+    finally:
+        conn.close()
+    return {"exemplars": int(exemplars), "detections": int(detections),
+            "by_pattern": {str(k): int(v) for k, v in by_pattern.items()}}
+
+
+def _costs(path: Path, run_id: str) -> dict[str, Any]:
+    if not path.exists():
+        return {"calls": 0, "total_cost_usd": 0.0, "input_tokens": 0, "output_tokens": 0}
+    conn = open_readonly(path)
+    try:
+        calls, cost, tokens_in, tokens_out = conn.execute(
+            "SELECT count(*), coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens), 0),"
+            " coalesce(sum(output_tokens), 0) FROM calls WHERE run_id=?", (run_id,)).fetchone()
+    finally:
+        conn.close()
+    return {"calls": int(calls), "total_cost_usd": round(float(cost), 6),
+            "input_tokens": int(tokens_in), "output_tokens": int(tokens_out)}
+
+
+def capture(settings: Settings) -> dict[str, Any]:
+    """The state of the latest run and of the shared stores (raises sqlite3.Error)."""
+    conn = open_readonly(settings.messages_db)
+    try:
+        run = runs.latest_run_readonly(conn)
+        if run is None:
+            raise sqlite3.DatabaseError(f"{settings.messages_db.name}: no run recorded")
+        progress = runs.progress(conn, run.run_id)
+        outcomes = conn.execute(
+            "SELECT count(*) FROM outcomes o JOIN events e USING(event_id) WHERE e.run_id=?",
+            (run.run_id,)).fetchone()[0]
+        queues = {f"{stream}->{consumer}": {"head": int(head), "cursor": int(cursor)}
+                  for stream, consumer, head, cursor in conn.execute(
+                      "SELECT s.stream, c.consumer, s.head, c.seq FROM streams s"
+                      " JOIN cursors c ON c.stream = s.stream")}
+    finally:
+        conn.close()
+    return {
+        "captured_ms": now_ms(),
+        "run_id": run.run_id,
+        "status": run.status,
+        "sim_elapsed_s": run.sim_elapsed_s,
+        "last_cycle": progress["last_cycle"],
+        "events": progress["emitted"],
+        "events_with_outcome": progress["completed"],
+        "outcomes": int(outcomes),
+        "patterns": _patterns(settings.patterns_db),
+        "costs": _costs(settings.costs_db, run.run_id),
+        "queues": queues,
+    }
+
+
+def save_before(settings: Settings, state: dict[str, Any]) -> Path:
+    path = settings.log_dir / BEFORE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_before(settings: Settings, run_id: str) -> dict[str, Any] | None:
+    path = settings.log_dir / BEFORE_FILE
+    try:
+        state: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if state.get("run_id") == run_id else None
+
+
+def _consistency(settings: Settings, run_id: str) -> list[str]:
+    problems: list[str] = []
+    conn = open_readonly(settings.messages_db)
+    try:
+        cycles = [int(c) for (c,) in conn.execute(
+            "SELECT cycle FROM events WHERE run_id=? AND noise=0 ORDER BY cycle", (run_id,))]
+        if cycles != list(range(1, len(cycles) + 1)):
+            missing = sorted(set(range(1, max(cycles, default=0) + 1)) - set(cycles))
+            problems.append(f"cycles are not contiguous from 1: missing {missing[:10]}")
+        for stream, consumer, head, cursor in conn.execute(
+                "SELECT s.stream, c.consumer, s.head, c.seq FROM streams s"
+                " JOIN cursors c ON c.stream = s.stream"):
+            if cursor > head:
+                problems.append(f"queue {stream}->{consumer}: cursor {cursor} beyond head {head}")
+                continue
+            kept = conn.execute(
+                "SELECT count(*) FROM messages WHERE stream=? AND seq > ? AND seq <= ?",
+                (stream, cursor, head)).fetchone()[0]
+            if kept != head - cursor:
+                problems.append(f"queue {stream}->{consumer}: {head - cursor - kept} of "
+                                f"{head - cursor} unapplied messages missing from the journal")
+    finally:
+        conn.close()
+    return problems
+
+
+def _not_less(problems: list[str], what: str, before: float, after: float) -> None:
+    if after < before:
+        problems.append(f"{what} went down: {before} before, {after} after")
+
+
+def validate(settings: Settings, before: dict[str, Any] | None = None) -> tuple[
+        dict[str, Any] | None, list[str]]:
+    """(state now, problems); no problems means persistence holds."""
+    problems: list[str] = []
+    for path in (settings.messages_db, settings.patterns_db, settings.costs_db):
+        if not path.exists():
+            problems.append(f"{path.name} is missing from {path.parent}")
+    try:
+        after = capture(settings)
+        problems += _consistency(settings, after["run_id"])
+    except sqlite3.Error as exc:
+        return None, [*problems, f"cannot read the stores: {exc}"]
+    if after["patterns"]["exemplars"] == 0:
+        problems.append("the pattern store has no exemplars")
+    if before is None:
+        return after, problems
+    if before.get("run_id") != after["run_id"]:
+        problems.append(f"run changed: {before.get('run_id')} before, {after['run_id']} after")
+        return after, problems
+    _not_less(problems, "last cycle", before["last_cycle"], after["last_cycle"])
+    _not_less(problems, "events", before["events"], after["events"])
+    _not_less(problems, "outcomes", before["outcomes"], after["outcomes"])
+    _not_less(problems, "simulated time", before["sim_elapsed_s"], after["sim_elapsed_s"])
+    for key in ("exemplars", "detections"):
+        _not_less(problems, f"pattern store {key}", before["patterns"][key],
+                  after["patterns"][key])
+    for pattern, count in before["patterns"]["by_pattern"].items():
+        _not_less(problems, f"{pattern} detections", count,
+                  after["patterns"]["by_pattern"].get(pattern, 0))
+    for key in ("calls", "total_cost_usd", "input_tokens", "output_tokens"):
+        _not_less(problems, f"cost ledger {key}", before["costs"][key], after["costs"][key])
+    for queue, position in before["queues"].items():
+        now = after["queues"].get(queue)
+        if now is None:
+            problems.append(f"queue {queue} is gone")
+            continue
+        _not_less(problems, f"queue {queue} head", position["head"], now["head"])
+        _not_less(problems, f"queue {queue} cursor", position["cursor"], now["cursor"])
+    return after, problems
