@@ -1,0 +1,651 @@
+"""Each anomaly rule, triggered by creating its condition for real.
+
+* queue_backlog: a supervised run, WITNESS stopped with SIGSTOP, 60 events emitted.
+* detection_failure: a supervised run whose scenario gives the five pattern categories
+  only benign operational texts, so WITNESS abstains on every one.
+* memory_leak / memory_limit: child processes that allocate memory on command, measured
+  by the controller's psutil sampler at chosen simulated times.
+* cost_spike: a supervised run whose routing policy sends ARCHITECT's critical_error
+  calls to an OpenAI-compatible fault server billing 60,000 gpt-5 output tokens.
+* model_timeout: the same routing, the fault server answering only after the timeout.
+* database_error: a supervised run whose pattern store is corrupted, and one whose
+  journal is locked (BEGIN IMMEDIATE) for longer than the 10 s busy timeout.
+
+Each alert is checked in alerts.log (kind, severity, details) and checked to be raised
+once while its condition lasts. The budget alerts have their own test
+(tests/controller/test_budget.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from genai_prices import Usage, calc_price
+
+from tests.agents.servers import OK, SLOW, Fault, FaultServer, RefusingPort
+from tests.conftest import Project, wait_for
+from trinity.controller.alerts import read_alerts
+from trinity.controller.metrics import MB, MetricsSampler
+from trinity.controller.rules import (
+    BACKLOG_LIMIT,
+    COST_SPIKE_USD_PER_HOUR,
+    DETECTION_MIN_EVENTS,
+    DETECTION_RATE_MIN,
+    MEMORY_GROWTH_PCT_PER_HOUR,
+    MEMORY_LIMIT_MB,
+    Rules,
+)
+from trinity.controller.supervision import PROGRAMS
+
+pytestmark = pytest.mark.slow
+
+# Every text abstained on by WITNESS (best label "none"), in each category's shape.
+BENIGN: dict[str, dict[str, Any]] = {
+    "critical_error": {"message": "Cache warmed: 12,408 keys loaded in 3.2s",
+                       "severity": "info", "file": "cache.py", "line": 12,
+                       "error_type": "Info"},
+    "constitution_violation": {"message": "Cache warmed: 12,408 keys loaded in 3.2s",
+                               "file": "cache.py", "line": 12, "severity": "info",
+                               "violation_type": "none", "keywords": []},
+    "feature_request": {"message": "Deployment of api v2.14.3 to production finished "
+                                   "successfully", "source": "deploy", "priority": "low",
+                        "complexity": "low"},
+    "duplication": {"message": "Cache warmed: 12,408 keys loaded in 3.2s",
+                    "files": ["cache.py"], "duplication_ratio": 0.0},
+    "flaky_test": {"message": "Server started on port 8080", "test_file": "server.py",
+                   "test_name": "startup", "failure_rate": 0},
+    "none": {"message": "Server started on port 8080", "source": "app_log",
+             "severity": "info"},
+}
+# The test plan's own critical error: WITNESS detects it (critical_error, p ~ 0.96).
+CRITICAL = {"message": "Fatal error: NoneType in production payment processing",
+            "severity": "critical", "file": "payments/stripe.py", "line": 142,
+            "error_type": "AttributeError"}
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _statuses(project: Project) -> dict[str, tuple[str, int | None]]:
+    out = project.supervisorctl("status").stdout
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            pid = int(parts[3].rstrip(",")) if len(parts) > 3 and parts[2] == "pid" else None
+            found[parts[0]] = (parts[1], pid)
+    return found
+
+
+def _pids(project: Project) -> dict[str, int | None]:
+    status = _statuses(project)
+    assert all(status[p][0] == "RUNNING" for p in PROGRAMS), status
+    return {p: status[p][1] for p in PROGRAMS}
+
+
+def _alerts(project: Project, kind: str) -> list[dict[str, Any]]:
+    return [a for a in read_alerts(project.alerts_log) if a.get("kind") == kind]
+
+
+def _write_scenario(project: Project, overrides: dict[str, dict[str, Any]] | None = None
+                    ) -> Path:
+    """A scenario file (TRINITY_SCENARIO) with one variant per category."""
+    variants = {**BENIGN, **(overrides or {})}
+    path = project.root / "scenario.jsonl"
+    path.write_text("".join(
+        json.dumps({"category": c, "fields": f, "origin": "test_alert_rules"}) + "\n"
+        for c, f in variants.items()))
+    project.env["TRINITY_SCENARIO"] = str(path)
+    return path
+
+
+def _start(project: Project, *args: str) -> None:
+    result = project.trinity("run", "--detach", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _db(project: Project) -> sqlite3.Connection:
+    return sqlite3.connect(project.db, timeout=30)
+
+
+def _wait_for_agents(project: Project, db: sqlite3.Connection) -> None:
+    def beating() -> bool:
+        try:  # the controller creates the table once it is up
+            return bool(db.execute("SELECT count(*) FROM agents").fetchone()[0] == 3)
+        except sqlite3.OperationalError:
+            return False
+
+    wait_for(beating, 60, "heartbeats from all three agents")
+
+
+def _run(db: sqlite3.Connection) -> tuple[str, float]:
+    run_id, sim = db.execute(
+        "SELECT run_id, sim_elapsed_s FROM runs WHERE status='active'").fetchone()
+    return str(run_id), float(sim)
+
+
+def _sim(db: sqlite3.Connection) -> float:
+    return _run(db)[1]
+
+
+def _wait_sim(db: sqlite3.Connection, until_s: float, timeout_s: float) -> None:
+    wait_for(lambda: _sim(db) >= until_s, timeout_s, f"simulated time {until_s:.0f} s")
+
+
+def _no_crash(project: Project, pids: dict[str, int | None]) -> None:
+    assert _pids(project) == pids
+    assert _alerts(project, "agent_crashed") == []
+
+
+# -- queue_backlog ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_queue_backlog_fires_once_while_witness_is_stopped(project: Project) -> None:
+    _write_scenario(project)
+    # One scenario event a day: the backlog is the emitted events alone.
+    _start(project, "--duration", "24", "--time-scale", "600", "--metrics-interval", "5",
+           "--event-interval", "1440")
+    db = _db(project)
+    _wait_for_agents(project, db)
+    pids = _pids(project)
+    witness = pids["witness"]
+    assert witness is not None
+    events = project.root / "events.jsonl"
+    events.write_text("".join(
+        json.dumps({"event_id": f"burst-{n:02d}", "message": f"Cache warmed: {n} keys loaded",
+                    "severity": "info"}) + "\n" for n in range(60)))
+    os.kill(witness, signal.SIGSTOP)
+    try:
+        emitted = project.trinity("emit", "--quiet", str(events))
+        assert emitted.returncode == 0, emitted.stdout + emitted.stderr
+        (alert,) = wait_for(lambda: _alerts(project, "queue_backlog"), 15,  # type: ignore[misc]
+                            "a queue_backlog alert")
+        # The condition lasts: more samples (every 0.5 s), no second alert.
+        sim = _sim(db)
+        _wait_sim(db, sim + 1800, 15)
+        assert len(_alerts(project, "queue_backlog")) == 1
+    finally:
+        os.kill(witness, signal.SIGCONT)
+    run_id, _ = _run(db)
+    assert alert["severity"] == "warning"
+    assert alert["agent"] is None
+    assert alert["run_id"] == run_id
+    details = alert["details"]
+    assert details["queue"] == "telemetry_stream"
+    assert details["limit"] == BACKLOG_LIMIT == 50
+    assert 60 <= details["pending"] <= 61  # the burst (and at most the day's one event)
+    assert alert["alert_id"].startswith(f"backlog/{run_id}/telemetry_stream/h")
+    assert "telemetry_stream" in alert["message"] and str(details["pending"]) in alert["message"]
+
+    # WITNESS resumes and works the queue off: the rule re-arms, nothing new is raised.
+    def drained() -> bool:
+        head, cursor = db.execute(
+            "SELECT s.head, c.seq FROM streams s JOIN cursors c USING(stream)"
+            " WHERE stream='telemetry_stream' AND consumer='witness'").fetchone()
+        return bool(head == cursor)
+
+    wait_for(drained, 30, "WITNESS to apply the burst")
+    sim = _sim(db)
+    _wait_sim(db, sim + 1800, 15)
+    assert len(_alerts(project, "queue_backlog")) == 1
+    burst = db.execute("SELECT count(*) FROM outcomes WHERE event_id LIKE 'burst-%'").fetchone()
+    assert burst[0] == 60
+    _no_crash(project, pids)
+    db.close()
+
+
+# -- detection_failure --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_detection_failure_when_witness_abstains_on_every_pattern_event(
+        project: Project) -> None:
+    _write_scenario(project)
+    _start(project, "--duration", "24", "--time-scale", "600", "--event-interval", "5")
+    db = _db(project)
+    (alert,) = wait_for(lambda: _alerts(project, "detection_failure"), 60,  # type: ignore[misc]
+                        "a detection_failure alert")
+    run_id, _ = _run(db)
+    assert alert["severity"] == "error"
+    assert alert["agent"] == "witness"
+    assert alert["run_id"] == run_id
+    details = alert["details"]
+    assert details["classified"] >= DETECTION_MIN_EVENTS == 5
+    assert details["detected"] == 0
+    assert details["detection_rate"] == 0.0 < DETECTION_RATE_MIN
+    assert details["minimum"] == DETECTION_RATE_MIN == 0.8
+    assert alert["alert_id"].startswith(f"detection/{run_id}/witness/h")
+    assert f"0 of {details['classified']} pattern events" in alert["message"]
+    # WITNESS really abstained: every classified event has its no_pattern outcome.
+    abstained = db.execute(
+        "SELECT count(*) FROM outcomes o JOIN events e USING(event_id)"
+        " WHERE e.run_id=? AND e.category != 'none' AND o.status='no_pattern'",
+        (run_id,)).fetchone()[0]
+    assert abstained >= details["classified"]
+
+    # The rate stays at 0 % over many more events: still one alert.
+    target = details["classified"] + 15
+    wait_for(lambda: db.execute(
+        "SELECT count(*) FROM outcomes o JOIN events e USING(event_id)"
+        " WHERE e.run_id=? AND e.category != 'none'", (run_id,)).fetchone()[0] >= target,
+        60, f"{target} pattern events classified")
+    sim = _sim(db)
+    _wait_sim(db, sim + 900, 15)  # a few samples after the last one counted
+    assert len(_alerts(project, "detection_failure")) == 1
+    assert db.execute("SELECT count(*) FROM outcomes WHERE status != 'no_pattern'"
+                      ).fetchone()[0] == 0  # no pattern detected, no model call
+    db.close()
+
+
+# -- memory_leak and memory_limit -----------------------------------------------------------
+
+_ALLOCATOR = r"""
+import sys
+held = []
+for line in sys.stdin:
+    mb = int(line)
+    if mb:
+        held.append(bytearray(b"\x01") * (mb << 20))  # written, so resident
+    else:
+        held.clear()
+    sys.stdout.write("ok\n")
+    sys.stdout.flush()
+"""
+
+
+class Allocator:
+    """A child python process that allocates (and touches) N MB when told to."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _ALLOCATOR], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.allocate(1)  # started and answering
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def allocate(self, mb: int) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{mb}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "ok\n"
+
+    def free(self) -> None:
+        self.allocate(0)
+
+    def rss_mb(self) -> float:
+        return float(psutil.Process(self.pid).memory_info().rss / MB)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def allocators() -> Iterator[list[Allocator]]:
+    made: list[Allocator] = []
+    yield made
+    for child in made:
+        child.close()
+
+
+def _sample(sampler: MetricsSampler, pids: dict[str, int], sim: float) -> dict[str, float]:
+    sample = sampler.sample(pids, sim, queues={}, databases={})
+    return {name: p["rss_mb"] for name, p in sample["processes"].items()}
+
+
+def test_memory_leak_is_measured_growth_per_simulated_hour(
+        allocators: list[Allocator]) -> None:
+    leaky, flat = Allocator(), Allocator()
+    allocators += [leaky, flat]
+    pids = {"leaky": leaky.pid, "flat": flat.pid}
+    sampler, rules = MetricsSampler(), Rules("run-mem")
+
+    def evaluate(sim: float) -> tuple[dict[str, float], dict[str, float], list[Any]]:
+        rss = _sample(sampler, pids, sim)
+        growth = sampler.hourly_growth(sim)
+        return rss, growth, rules.memory(rss, growth, sim)
+
+    # Flat for a simulated hour: no growth, no alert.
+    for sim in (0.0, 1800.0, 3600.0):
+        rss_base, growth, found = evaluate(sim)
+        assert found == [] and all(abs(g) < MEMORY_GROWTH_PCT_PER_HOUR for g in growth.values())
+    leak_mb = 40
+    leaky.allocate(leak_mb)
+    rss, growth, found = evaluate(7200.0)
+    assert set(growth) == {"leaky", "flat"}
+    expected = leak_mb / rss_base["leaky"] * 100
+    # Measured: the allocation shows as RSS growth (within 2 MB of interpreter noise).
+    assert rss["leaky"] - rss_base["leaky"] == pytest.approx(leak_mb, abs=2.0)
+    assert growth["leaky"] == pytest.approx(expected, abs=2.0 / rss_base["leaky"] * 100)
+    assert growth["leaky"] > MEMORY_GROWTH_PCT_PER_HOUR
+    assert abs(growth["flat"]) < MEMORY_GROWTH_PCT_PER_HOUR / 4
+    (alert,) = found
+    assert (alert.kind, alert.severity, alert.agent) == ("memory_leak", "warning", "leaky")
+    assert alert.alert_id == "memory_growth/run-mem/leaky/h002"
+    assert alert.details == {"growth_pct_per_hour": round(growth["leaky"], 2),
+                             "limit_pct": MEMORY_GROWTH_PCT_PER_HOUR}
+    assert f"{growth['leaky']:.1f}%" in alert.message
+
+    # While the last hour still shows the growth: no second alert.
+    for sim in (7500.0, 9000.0, 10_000.0):
+        _, growth, found = evaluate(sim)
+        assert growth["leaky"] > MEMORY_GROWTH_PCT_PER_HOUR and found == []
+    # An hour without growth clears it; a new leak is a new alert.
+    _, growth, found = evaluate(14_400.0)
+    assert abs(growth["leaky"]) < MEMORY_GROWTH_PCT_PER_HOUR and found == []
+    leaky.allocate(leak_mb)
+    _, growth, found = evaluate(18_000.0)
+    assert [(a.kind, a.agent, a.alert_id) for a in found] == [
+        ("memory_leak", "leaky", "memory_growth/run-mem/leaky/h005")]
+    assert not any(a.agent == "flat" for a in found)
+
+
+def test_memory_limit_is_measured_rss_of_one_process(allocators: list[Allocator]) -> None:
+    hog, small = Allocator(), Allocator()
+    allocators += [hog, small]
+    pids = {"hog": hog.pid, "small": small.pid}
+    sampler, rules = MetricsSampler(), Rules("run-rss")
+    assert rules.memory(_sample(sampler, pids, 0.0), {}, 0.0) == []
+    hog.allocate(int(MEMORY_LIMIT_MB) + 20)
+    rss = _sample(sampler, pids, 300.0)
+    assert rss["hog"] == pytest.approx(hog.rss_mb(), abs=1.0)
+    assert rss["hog"] > MEMORY_LIMIT_MB > rss["small"]
+    (alert,) = rules.memory(rss, {}, 300.0)
+    assert (alert.kind, alert.severity, alert.agent) == ("memory_limit", "error", "hog")
+    assert alert.details == {"rss_mb": rss["hog"], "limit_mb": MEMORY_LIMIT_MB}
+    assert alert.alert_id == "memory_limit/run-rss/hog/h000"
+    # Over the limit for a while: one alert. Freed: cleared, and nothing raised.
+    assert rules.memory(_sample(sampler, pids, 600.0), {}, 600.0) == []
+    hog.free()
+    rss = _sample(sampler, pids, 900.0)
+    assert rss["hog"] < MEMORY_LIMIT_MB
+    assert rules.memory(rss, {}, 900.0) == []
+
+
+# -- cost_spike -------------------------------------------------------------------------
+
+PLAN = json.dumps({"summary": "Guard the payment processor against a missing charge",
+                   "steps": ["check the charge is set", "add a regression test"],
+                   "tasks": [{"description": "Return early when the charge is None",
+                              "acceptance": "the regression test passes"}]})
+OUTPUT_TOKENS = 60_000
+
+
+def _gpt5_usd(input_tokens: int, output_tokens: int) -> float:
+    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    return float(calc_price(usage, model_ref="gpt-5", provider_id="openai").total_price)
+
+
+@pytest.fixture
+def cloud() -> Iterator[FaultServer]:
+    server = FaultServer(Fault(OK, content=PLAN, prompt_tokens=1000,
+                               completion_tokens=OUTPUT_TOKENS)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def refused() -> Iterator[str]:
+    port = RefusingPort()
+    yield port.url
+    port.close()
+
+
+def _route_critical_errors_to(project: Project, cloud: FaultServer, refused: str, *,
+                              timeout_s: float = 20.0) -> None:
+    """TRINITY_ROUTING: ARCHITECT's critical_error calls go to ``cloud`` (gpt-5 prices,
+    key and URL from OPENAI_API_KEY / OPENAI_BASE_URL); every other call to a port that
+    refuses connections (fails at once, costs nothing). The scenario's critical error is
+    the plan's own, at cycle 1 (simulated hour 0); the other categories are benign."""
+    routing = project.root / "routing.toml"
+    routing.write_text(f"""
+[call]
+timeout_s = {timeout_s}
+max_attempts = 1
+backoff_s = []
+
+[providers.cloud]
+kind = "openai"
+model = "gpt-5"
+api_key_env = "OPENAI_API_KEY"
+base_url_env = "OPENAI_BASE_URL"
+price_model = "gpt-5"
+price_provider = "openai"
+
+[providers.offline]
+kind = "openai"
+model = "gpt-5"
+api_key = "sk-test"
+base_url = "{refused}/v1"
+price_model = "gpt-5"
+
+[[routes]]
+agents = ["architect"]
+patterns = ["critical_error"]
+chain = ["cloud"]
+
+[[routes]]
+chain = ["offline"]
+""")
+    project.env.update({"TRINITY_ROUTING": str(routing), "OPENAI_API_KEY": "sk-test",
+                        "OPENAI_BASE_URL": cloud.base_url})
+    _write_scenario(project, {"critical_error": CRITICAL})
+
+
+def _calls(project: Project, run_id: str) -> list[sqlite3.Row]:
+    costs = sqlite3.connect(project.root / "trinity_costs.db", timeout=30)
+    costs.row_factory = sqlite3.Row
+    try:
+        return costs.execute("SELECT * FROM calls WHERE run_id=? AND provider='cloud'",
+                             (run_id,)).fetchall()
+    finally:
+        costs.close()
+
+
+@pytest.mark.timeout(120)
+def test_cost_spike_from_a_real_expensive_call_in_a_supervised_run(
+        project: Project, cloud: FaultServer, refused: str) -> None:
+    _route_critical_errors_to(project, cloud, refused)
+    # Critical errors at cycles 1, 6, 11 ...: simulated hours 0, 10, 20.
+    _start(project, "--duration", "24", "--time-scale", "600", "--event-interval", "120")
+    db = _db(project)
+    (alert,) = wait_for(lambda: _alerts(project, "cost_spike"), 60,  # type: ignore[misc]
+                        "a cost_spike alert")
+    run_id, _ = _run(db)
+    (call,) = _calls(project, run_id)
+    assert (call["agent"], call["status"]) == ("architect", "success")
+    assert (call["input_tokens"], call["output_tokens"]) == (1000, OUTPUT_TOKENS)
+    assert call["cost_usd"] == pytest.approx(_gpt5_usd(1000, OUTPUT_TOKENS), abs=1e-9)
+    assert call["cost_usd"] > COST_SPIKE_USD_PER_HOUR
+    assert len(cloud.hits) == 1
+
+    assert alert["severity"] == "warning"
+    assert alert["run_id"] == run_id
+    assert alert["details"] == {"spent_last_hour_usd": round(call["cost_usd"], 6),
+                                "limit_usd": COST_SPIKE_USD_PER_HOUR}
+    assert alert["alert_id"].startswith(f"cost_spike/{run_id}/run/h")
+    assert f"${call['cost_usd']:.2f}" in alert["message"]
+    assert call["sim_elapsed_s"] <= alert["sim_elapsed_s"] < call["sim_elapsed_s"] + 3600
+    # The spike lasts until the call is an hour old: one alert all along (and after).
+    _wait_sim(db, float(call["sim_elapsed_s"]) + 3600 + 1200, 30)
+    assert _sim(db) < 10 * 3600  # before the next critical error
+    assert len(_alerts(project, "cost_spike")) == 1
+    assert not [a for a in read_alerts(project.alerts_log)
+                if str(a["kind"]).startswith("budget")]  # $0.60 of $10
+    db.close()
+
+
+@pytest.mark.timeout(120)
+def test_model_timeout_alert_from_a_provider_that_does_not_answer(
+        project: Project, cloud: FaultServer, refused: str) -> None:
+    cloud.program(default=Fault(SLOW, delay_s=6.0))
+    _route_critical_errors_to(project, cloud, refused, timeout_s=1.0)
+    _start(project, "--duration", "24", "--time-scale", "600", "--event-interval", "120")
+    db = _db(project)
+    (alert,) = wait_for(lambda: _alerts(project, "model_timeout"), 60,  # type: ignore[misc]
+                        "a model_timeout alert")
+    run_id, _ = _run(db)
+    (call,) = _calls(project, run_id)
+    assert (call["agent"], call["status"], call["error_class"]) == (
+        "architect", "timeout", "timeout")
+    assert 1000 <= call["latency_ms"] < 4000
+    assert alert["severity"] == "warning"
+    assert alert["agent"] == "architect"
+    assert alert["run_id"] == run_id
+    assert alert["alert_id"] == f"model_timeout/{call['call_id']}"
+    assert alert["details"]["call_id"] == call["call_id"]
+    assert alert["details"]["provider"] == "cloud"
+    assert alert["details"]["route"] == "primary"
+    assert alert["details"]["event_id"] == f"{run_id}/c001"
+    assert "timed out" in alert["message"]
+    # No answer: the event's outcome is plan_failed, recorded once; one alert per call.
+    wait_for(lambda: db.execute("SELECT status FROM outcomes WHERE event_id=?",
+                                (f"{run_id}/c001",)).fetchall() == [("plan_failed",)], 30,
+             "the plan_failed outcome")
+    assert len(_alerts(project, "model_timeout")) == 1
+    assert _alerts(project, "cost_spike") == []  # a timed-out call is not billed
+    db.close()
+
+
+# -- database_error ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_pattern_store_is_a_database_error_and_the_controller_runs_on(
+        project: Project) -> None:
+    _write_scenario(project)
+    _start(project, "--duration", "24", "--time-scale", "600", "--event-interval", "5")
+    db = _db(project)
+    _wait_for_agents(project, db)
+    run_id, _ = _run(db)
+    patterns_db = project.root / "trinity_patterns.db"
+    wait_for(lambda: db.execute("SELECT count(*) FROM outcomes").fetchone()[0] >= 3, 30,
+             "WITNESS to record detections")
+    pids = _pids(project)
+    witness = pids["witness"]
+    assert witness is not None
+    # In WAL mode the live pages (page 1 included) are in the -wal file, and a checkpoint
+    # would write the good page 1 back over garbage: so WITNESS is paused, the WAL is
+    # checkpointed into the file and emptied, and then the header is overwritten.
+    os.kill(witness, signal.SIGSTOP)
+    try:
+        store = sqlite3.connect(patterns_db, timeout=10)
+        assert store.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        store.close()
+        assert os.path.getsize(f"{patterns_db}-wal") == 0
+        with patterns_db.open("r+b") as fh:
+            fh.write(os.urandom(100))
+    finally:
+        os.kill(witness, signal.SIGCONT)
+    (alert,) = wait_for(lambda: _alerts(project, "database_error"), 15,  # type: ignore[misc]
+                        "a database_error alert")
+    corrupted_at = _sim(db)
+    assert alert["severity"] == "error"
+    assert alert["agent"] == "controller"
+    assert alert["run_id"] == run_id
+    assert alert["details"]["database"] == "trinity_patterns.db"
+    assert alert["details"]["error_type"] == "DatabaseError"
+    assert "not a database" in alert["details"]["error"]
+    assert alert["message"].startswith("trinity_patterns.db: ")
+
+    # The controller goes on: same pid, its run clock and its metrics snapshots advance.
+    metrics = project.root / "logs" / "24h_test" / "metrics"
+    before = len(list(metrics.glob("system_metrics_*.json")))
+    _wait_sim(db, corrupted_at + 3600, 30)
+    assert len(list(metrics.glob("system_metrics_*.json"))) >= before + 10
+    assert _statuses(project)["controller"] == ("RUNNING", pids["controller"])
+    # One alert per database per minute while it lasts, not one per sample.
+    errors = _alerts(project, "database_error")
+    assert [a["details"]["database"] for a in errors].count("trinity_patterns.db") == 1, errors
+    assert _alerts(project, "agent_crashed") == []
+    db.close()
+
+
+def _send_garbage(project: Project, to: str) -> None:
+    """A malformed message on ``to``'s inbound socket (the agent dead-letters it)."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    try:
+        pub.setsockopt(zmq.LINGER, 1000)
+        pub.connect(f"ipc://{project.root / '.run' / to}.sock")
+        time.sleep(0.5)  # PUB/SUB: let the subscription arrive first
+        pub.send_multipart([b"no_such_stream", b"not an envelope", b"{}"])
+        time.sleep(0.2)
+    finally:
+        pub.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_locked_journal_is_a_database_error_after_the_lock_and_nothing_crashes(
+        project: Project) -> None:
+    """The journal write-locked for 12 s (> the 10 s busy timeout): the controller's own
+    writes fail, and so does ARCHITECT's dead-lettering of a malformed message that
+    arrives meanwhile (reported in its heartbeat). Both are alerted once the lock is
+    gone, through the journal; no process dies."""
+    _write_scenario(project)  # ARCHITECT stays idle: WITNESS detects nothing
+    _start(project, "--duration", "24", "--time-scale", "600", "--event-interval", "5")
+    db = _db(project)
+    _wait_for_agents(project, db)
+    # The run's one expected alert, applied before the lock: the controller's write that
+    # meets the lock is then one of its own loop's (an emit, a checkpoint), not the
+    # application of an alert, whose failure BusNode retries without reporting it.
+    wait_for(lambda: _alerts(project, "detection_failure"), 60, "the detection_failure alert")
+    pids = _pids(project)
+    run_id, _ = _run(db)
+    lock = sqlite3.connect(project.db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    locked_at = time.monotonic()
+    try:
+        # A write ARCHITECT must make while the lock is held: dead-lettering a message.
+        _send_garbage(project, "architect")
+        time.sleep(12.0 - (time.monotonic() - locked_at))
+        assert _alerts(project, "database_error") == []  # nothing journaled meanwhile
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    wait_for(lambda: {a["agent"] for a in _alerts(project, "database_error")}
+             >= {"controller", "architect"}, 20,
+             "database_error alerts of the controller and ARCHITECT")
+    errors = _alerts(project, "database_error")
+    agents = [a["agent"] for a in errors]
+    assert len(agents) == len(set(agents)), errors  # one each, not one per failed write
+    by_agent = {a["agent"]: a for a in errors}
+    for agent in ("controller", "architect"):
+        alert = by_agent[agent]
+        assert alert["severity"] == "error"
+        assert alert["run_id"] == run_id
+        assert alert["details"]["database"] == "trinity_messages.db", alert
+        assert "database is locked" in alert["details"]["error"], alert
+        assert alert["message"].startswith("trinity_messages.db: ")
+        assert ("while architect was applying messages" if agent == "architect"
+                else "while running its loop") in alert["message"]
+    # Journaled once the lock was gone (not written around the journal).
+    log = (project.root / "logs" / "24h_test" / "trinity.log").read_text()
+    assert "cannot journal alert" not in log
+    head = db.execute("SELECT head FROM streams WHERE stream='alerts'").fetchone()[0]
+    assert head >= len(read_alerts(project.alerts_log))
+    # Nothing crashed, and the run goes on.
+    done = db.execute("SELECT count(*) FROM outcomes").fetchone()[0]
+    wait_for(lambda: db.execute("SELECT count(*) FROM outcomes").fetchone()[0] > done + 3, 20,
+             "WITNESS to apply events again")
+    _no_crash(project, pids)
+    db.close()
