@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from trinity import records
 from trinity.agents.base import BaseProcess
+from trinity.agents.providers.embedded import limit_malloc_arenas
 from trinity.agents.router import CallContext, Router
 from trinity.agents.routing import build_providers, load_policy
 from trinity.bus.journal import Transaction
@@ -33,6 +34,9 @@ class ModelAgent(BaseProcess):
     isolate_each_message: ClassVar[bool] = True
 
     def initialize(self) -> None:
+        # Before any call thread exists: every extra malloc arena a call thread lands in
+        # keeps another ~30 MB of grammar-sampling scratch (steps of +32 MB, measured).
+        limit_malloc_arenas()
         super().initialize()
         records.ensure_schema(self.journal.conn)
         self.policy = load_policy(self.settings.routing_path)

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from trinity import records
 from trinity.agents.base import BaseProcess
-from trinity.agents.knowledge import Knowledge
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, HEARTBEATS, IMPROVEMENT
 from trinity.clock import now_ms
 from trinity.errors import InvalidPayload, MalformedMessage
+
+if TYPE_CHECKING:
+    from trinity.agents.knowledge import Knowledge
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,14 @@ class Witness(BaseProcess):
     isolate_each_message: ClassVar[bool] = False
 
     def initialize(self) -> None:
+        # Imported here, not at the top: ``trinity agent`` imports this module in the
+        # ARCHITECT and EXECUTOR processes too, and the detector's scikit-learn, SciPy
+        # and FAISS would cost each of them ~75 MB private (~115 MB RSS) they never use.
+        from trinity.agents.knowledge import Knowledge
+
         super().initialize()
         records.ensure_schema(self.journal.conn)
-        self.knowledge = Knowledge.open(self.settings)
+        self.knowledge: Knowledge = Knowledge.open(self.settings)
 
     def shutdown(self) -> None:
         self.knowledge.close()

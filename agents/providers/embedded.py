@@ -7,11 +7,21 @@ streamed: between tokens the deadline and the cancel flag are checked and genera
 is abandoned when either is due. A logits processor (run once per sampled token)
 counts the prompt and the generated tokens, so every call, a timed-out one too,
 reports what the model actually processed.
+
+Memory (the plan allows 500 MB per process, the benchmark 400 MB for all of them): the
+GGUF is memory-mapped, so its ~92 MB of weights are file pages shared by every process
+that loads it. Private to each process are the KV cache (45 MB at ``n_ctx`` 2048), the
+compute buffer, sized for ``n_batch`` tokens at once (99 MB reserved at llama.cpp's 512,
+of which a long prompt touches ~35 MB; 12 MB at 64, as fast and with the same answers),
+and what grammar sampling allocates while a call runs, ~30 MB that glibc keeps after the
+call unless trimmed (once per malloc arena: see ``limit_malloc_arenas``).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import importlib.resources
 import json
 import os
@@ -29,6 +39,10 @@ from trinity.errors import ConfigError, InvalidModelOutput, ModelTimeout
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Tokens per llama.cpp decode (n_batch = n_ubatch). The compute buffer scales with it;
+# prompt evaluation on one thread is no slower at 64 than at 512 for this model, and the
+# logits, hence the answers, are the same.
+DEFAULT_N_BATCH = 64
 
 
 def shipped_model_path() -> Path:
@@ -64,10 +78,58 @@ def schema_grammar_text(schema_json: str) -> str:
 
 
 def schema_grammar(schema: dict[str, Any]) -> Any:
+    return _grammar(json.dumps(schema, sort_keys=True))
+
+
+@cache
+def _grammar(schema_json: str) -> Any:
+    # Immutable (the GBNF text): llama.cpp builds its sampling state from it per call.
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    return LlamaGrammar.from_string(
-        schema_grammar_text(json.dumps(schema, sort_keys=True)), verbose=False)
+    return LlamaGrammar.from_string(schema_grammar_text(schema_json), verbose=False)
+
+
+@cache
+def _glibc() -> Any:
+    """The C library if it is glibc (it has ``malloc_trim``), else None (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process (call it before starting threads).
+
+    Each model call runs in a fresh thread (see ``BaseProcess.wait_for``); one started
+    before the previous one has fully exited gets an arena of its own, and every arena
+    keeps what grammar sampling left in it. Two arenas: the main thread's and one that
+    all call threads share.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, arenas)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system.
+
+    Grammar sampling holds ~30 MB of small blocks while a call runs (llama.cpp's grammar
+    sampler works over the whole 49k-token vocabulary) and frees them at its end; glibc
+    keeps the pages, so without this a process holding a model stays ~35 MB higher after
+    its first call, and as much again for every malloc arena a call thread lands in.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _TokenCounter:
@@ -100,6 +162,7 @@ class EmbeddedProvider:
         model_path: str | Path | None = None,
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        n_batch: int = DEFAULT_N_BATCH,
     ) -> None:
         self.name = name
         self.model = model
@@ -107,6 +170,7 @@ class EmbeddedProvider:
         if not self.model_path.is_file():
             raise ConfigError(f"provider {name}: model file {self.model_path} does not exist")
         self.n_ctx = n_ctx
+        self.n_batch = max(1, min(n_batch, n_ctx))
         self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
         self._llama: Any = None
         # One generation at a time: a timed-out call may still be unwinding in its
@@ -123,6 +187,7 @@ class EmbeddedProvider:
             # n_threads_batch too: left unset, prompt evaluation uses every core and
             # two agents on a busy machine slow each other down many times over.
             self._llama = Llama(model_path=str(self.model_path), n_ctx=self.n_ctx,
+                                n_batch=self.n_batch, n_ubatch=self.n_batch,
                                 n_threads=self.n_threads, n_threads_batch=self.n_threads,
                                 verbose=False, seed=0)
         return self._llama
@@ -161,6 +226,8 @@ class EmbeddedProvider:
                                            f"({counter.sampled} tokens generated)")
             except ValueError as exc:  # e.g. a prompt longer than the context window
                 raise InvalidModelOutput(f"{self.name}: {exc}") from None
+            finally:
+                release_free_memory()
         # The last sampled token is the end-of-generation token unless the limit hit.
         generated = counter.sampled - (finish_reason == "stop")
         return Completion(
