@@ -74,6 +74,9 @@ class BaseProcess:
         """One turn: receive, apply, beat, then the subclass's periodic work."""
         self.node.receive(timeout_ms=int(self.settings.poll_interval_s * 500))
         self.node.drain(self.handle, prepare=self.prepare if self.prepares else None)
+        failure = self.node.take_storage_error()
+        if failure is not None:  # the message waits for a retry; say why
+            raise failure
         inbox, self.node.ephemeral_inbox = self.node.ephemeral_inbox, []
         for msg in inbox:
             self.handle_ephemeral(msg)

@@ -15,6 +15,7 @@ crash reuses the detection already stored rather than classifying again.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -78,8 +79,15 @@ class Witness(BaseProcess):
             event_id = msg.msg_id
         run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
         started = time.perf_counter()
-        outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
-                                         started=started)
+        try:
+            outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
+                                             started=started)
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError and not isinstance(
+                    exc, sqlite3.OperationalError):
+                raise
+            # Name the file: the event waits for a retry and the alert says which store.
+            raise type(exc)(f"{self.settings.patterns_db.name}: {exc}") from exc
         if outcome.pattern is None:
             tx.conn.execute(
                 "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"

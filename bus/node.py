@@ -55,6 +55,14 @@ def _raiser(exc: Exception) -> Callable[[Transaction], None]:
     return commit
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Failures of the moment, not of the message: retried, never dead-lettered. A plain
+    DatabaseError is a corrupt or unreadable database file (its subclasses
+    IntegrityError and ProgrammingError are about the message or the code)."""
+    return isinstance(exc, RetryableError | JournalError | sqlite3.OperationalError) or (
+        type(exc) is sqlite3.DatabaseError)
+
+
 def _committer(commit: Callable[[Transaction], None]) -> Handler:
     def handler(msg: Message, tx: Transaction) -> None:
         commit(tx)
@@ -115,6 +123,7 @@ class BusNode:
         self.journal = journal
         self.topology = topology
         self.counters = NodeCounters()
+        self.storage_error: BaseException | None = None
         self.ephemeral_inbox: list[Message] = []
         self._ctx = context or zmq.Context.instance()
         self._last_journal_check = 0.0
@@ -323,6 +332,7 @@ class BusNode:
                 continue
             except JournalError as exc:
                 log.error("journal transaction failed on %s: %s", stream, exc)
+                self.storage_error = exc
                 retry = True
                 done, failed, outputs = [], [], []
                 break
@@ -363,13 +373,24 @@ class BusNode:
         """Run the slow part of ``msg``; None when it is to be retried later."""
         try:
             commit = prepare(msg)
-        except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
+        except Exception as exc:
+            if not _retryable(exc):  # dead-lettered in the transaction, like a handler error
+                return _committer(_raiser(exc))
             log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+            self._note_storage_error(exc)
             self._schedule_retry(state)
             return None
-        except Exception as exc:  # dead-lettered in the transaction, like a handler error
-            commit = _raiser(exc)
         return _committer(commit)
+
+    def _note_storage_error(self, exc: BaseException) -> None:
+        if isinstance(exc, JournalError | sqlite3.DatabaseError):
+            self.storage_error = exc
+
+    def take_storage_error(self) -> BaseException | None:
+        """The last database failure that made a message wait for a retry (then cleared):
+        the process reports it, since a retried message shows nothing else."""
+        exc, self.storage_error = self.storage_error, None
+        return exc
 
     def _schedule_retry(self, state: _StreamState) -> None:
         state.failures += 1
@@ -390,14 +411,13 @@ class BusNode:
                         handler(msg, tx)
                 else:
                     handler(msg, tx)
-            except (RetryableError, JournalError, sqlite3.OperationalError) as exc:
-                if not isolate:
-                    raise _BatchFailed from exc
-                log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
-                return done, failed, True
             except Exception as exc:  # the loop never dies of one message
                 if not isolate:
                     raise _BatchFailed from exc
+                if _retryable(exc):
+                    log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+                    self._note_storage_error(exc)
+                    return done, failed, True
                 if isinstance(exc, InvalidPayload | MalformedMessage):
                     reason = exc.reason
                 else:

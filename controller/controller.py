@@ -94,6 +94,7 @@ class Controller(BaseProcess):
             self.notifier = WebhookNotifier(self.settings.alert_webhook)
         self._db_error_at: dict[str, float] = {}
         self._last_growth: float | None = None
+        self._last_tick = self.clock.monotonic()
         self._load_run()
 
     def _load_run(self) -> None:
@@ -218,6 +219,14 @@ class Controller(BaseProcess):
 
     def tick(self) -> None:
         now = self.clock.monotonic()
+        if now - self._last_tick > self.settings.heartbeat_interval_s:
+            # This turn was long (e.g. waiting on a locked database): heartbeats that came
+            # in meanwhile are still unread, and an agent is not silent for our delay.
+            self.node.receive(timeout_ms=0)
+            inbox, self.node.ephemeral_inbox = self.node.ephemeral_inbox, []
+            for msg in inbox:
+                self.handle_ephemeral(msg)
+        self._last_tick = now
         for agent, quiet in self.monitor.newly_silent(now):
             self.raise_alert(
                 "agent_silent", "error",
@@ -353,8 +362,6 @@ class Controller(BaseProcess):
         try:
             return snapshots.pattern_stats(self.journal.conn, conn, run.run_id, sim,
                                            run.interval_s("patterns"))
-        except sqlite3.Error as exc:
-            raise sqlite3.DatabaseError(f"{self.settings.patterns_db.name}: {exc}") from exc
         finally:
             conn.close()
 

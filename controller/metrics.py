@@ -16,6 +16,8 @@ from typing import Any
 import psutil
 
 MB = 1024 * 1024
+# Warm samples kept per process: a day of 5-minute samples and then some.
+HISTORY_SAMPLES = 2000
 # Memory growth is measured from the first sample after a process is warm (the caller
 # says when: an agent once it has applied its first few messages, so its model is
 # loaded and its buffers have grown to their working size): loading is not a leak. In a
@@ -27,9 +29,12 @@ MB = 1024 * 1024
 class _Tracked:
     proc: psutil.Process
     warm_sim_s: float | None = None  # when the process was first seen warm
-    baseline_mb: float | None = None
-    baseline_sim_s: float = 0.0
-    history: list[tuple[float, float]] = field(default_factory=list)  # (sim s, rss MB)
+    history: list[tuple[float, float]] = field(default_factory=list)  # (sim s, rss MB), warm
+
+    def peak(self, start_s: float, end_s: float) -> float | None:
+        """Highest RSS sampled in (start_s, end_s] (None if no sample fell there)."""
+        values = [mb for t, mb in self.history if start_s < t <= end_s]
+        return max(values) if values else None
 
 
 def _round(value: float, digits: int = 1) -> float:
@@ -84,9 +89,7 @@ class MetricsSampler:
                 tracked.warm_sim_s = sim_s
             if tracked.warm_sim_s is not None:
                 tracked.history.append((sim_s, rss_mb))
-                del tracked.history[:-64]
-                if tracked.baseline_mb is None:
-                    tracked.baseline_mb, tracked.baseline_sim_s = rss_mb, sim_s
+                del tracked.history[1:-HISTORY_SAMPLES]  # the first hour's samples stay
             if io is not None:
                 read += io.read_bytes
                 write += io.write_bytes
@@ -96,7 +99,7 @@ class MetricsSampler:
                 "uss_mb": _round(mem.uss / MB),
                 "pss_mb": _round(getattr(mem, "pss", mem.uss) / MB),
                 "cpu_percent": _round(cpu),
-                "growth_pct_per_hour": self._growth(tracked, sim_s, rss_mb),
+                "growth_pct_per_hour": self._growth(tracked, sim_s),
             }
         total_pss = sum(p["pss_mb"] for p in processes.values())
         sizes = {}
@@ -123,38 +126,39 @@ class MetricsSampler:
         }
 
     @staticmethod
-    def _growth(tracked: _Tracked, sim_s: float, rss_mb: float) -> float | None:
-        if tracked.baseline_mb is None or sim_s <= tracked.baseline_sim_s:
+    def _growth(tracked: _Tracked, sim_s: float) -> float | None:
+        """Growth per simulated hour from the peak RSS of the first warm hour to the peak
+        of the last hour. Peaks, because a model call's scratch memory comes and goes
+        (a sawtooth of ~30 MB) while a leak raises every peak. None before two warm hours."""
+        warm = tracked.warm_sim_s
+        if warm is None or sim_s - warm < 7200:
             return None
-        hours = (sim_s - tracked.baseline_sim_s) / 3600
-        return round((rss_mb - tracked.baseline_mb) / tracked.baseline_mb / hours * 100, 3)
+        first = tracked.peak(warm - 1, warm + 3600)
+        last = tracked.peak(sim_s - 3600, sim_s)
+        if not first or last is None:
+            return None
+        return round((last - first) / first / ((sim_s - warm - 3600) / 3600) * 100, 3)
 
     def _total_growth(self, sim_s: float) -> float | None:
-        """Growth of the warm processes together: their growth rates weighted by their
-        baseline memory (None until one is warm and time has passed since)."""
+        """Growth of the warm processes together: their rates weighted by their memory."""
         weighted = total = 0.0
         for tracked in self._tracked.values():
-            rate = self._growth(tracked, sim_s, tracked.history[-1][1]) if tracked.history else None
-            if rate is None or tracked.baseline_mb is None:
+            rate = self._growth(tracked, sim_s)
+            if rate is None or not tracked.history:
                 continue
-            weighted += rate * tracked.baseline_mb
-            total += tracked.baseline_mb
+            weighted += rate * tracked.history[0][1]
+            total += tracked.history[0][1]
         return round(weighted / total, 3) if total else None
 
     def hourly_growth(self, sim_s: float) -> dict[str, float]:
-        """Per process: RSS growth over the last simulated hour, in percent, for processes
-        past their warm-up that have a sample about an hour old."""
+        """Per warm process: the peak RSS of the last simulated hour against the peak of
+        the hour before, in percent (what the memory-leak rule reads)."""
         found: dict[str, float] = {}
         for name, tracked in self._tracked.items():
-            if tracked.baseline_mb is None or not tracked.history:
+            if tracked.warm_sim_s is None or sim_s - tracked.warm_sim_s < 7200:
                 continue
-            older = [(t, mb) for t, mb in tracked.history
-                     if sim_s - t >= 3600 and t >= tracked.baseline_sim_s]
-            if not older:
-                continue
-            then_mb = older[-1][1]
-            now_mb = tracked.history[-1][1]
-            if then_mb <= 0:
-                continue
-            found[name] = (now_mb - then_mb) / then_mb * 100
+            last = tracked.peak(sim_s - 3600, sim_s)
+            before = tracked.peak(sim_s - 7200, sim_s - 3600)
+            if last is not None and before:
+                found[name] = (last - before) / before * 100
         return found

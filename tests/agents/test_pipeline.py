@@ -31,7 +31,7 @@ import pytest
 from trinity.bus.journal import Journal
 from trinity.bus.message import encode_payload
 from trinity.bus.topology import ALERTS, EXECUTION, IMPROVEMENT, TELEMETRY
-from trinity.controller.scenario import CATEGORIES
+from trinity.controller.scenario import event_for_cycle
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def pipeline() -> Iterator[Pipeline]:
 
 
 def _event(i: int) -> tuple[str, dict[str, Any]]:
-    category, fields = CATEGORIES[i % len(CATEGORIES)]
+    category, fields = event_for_cycle(i + 1)  # the run's own scenario, seed 0
     return category, {"event_id": f"burst/e{i:03d}", "run_id": None, **fields}
 
 
