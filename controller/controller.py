@@ -106,6 +106,7 @@ class Controller(BaseProcess):
         self.active = run
         # Continue simulated time from the last checkpoint: downtime is not run time.
         self.active_clock = ScaledClock(run.time_scale, sim_offset_s=run.sim_elapsed_s)
+        self.sampler.set_time_scale(run.time_scale)
         self.rules = Rules(run.run_id)
         self.variants: dict[str, list[dict[str, Any]]] | None = None
         if run.config.get("scenario"):

@@ -18,6 +18,12 @@ import psutil
 MB = 1024 * 1024
 # Warm samples kept per process: a day of 5-minute samples and then some.
 HISTORY_SAMPLES = 2000
+FLOOR_SAMPLES = 3
+# Memory growth compares windows of one simulated hour, but never shorter than this much
+# real time: memory changes with the work done in real time. In a compressed run one
+# simulated hour is about a second, less than one model call, whose scratch memory
+# (~30 MB, returned after the call) would otherwise read as a leak of 10 %/h or more.
+MIN_WINDOW_REAL_S = 10.0
 # Memory growth is measured from the first sample after a process is warm (the caller
 # says when: an agent once it has applied its first few messages, so its model is
 # loaded and its buffers have grown to their working size): loading is not a leak. In a
@@ -31,10 +37,10 @@ class _Tracked:
     warm_sim_s: float | None = None  # when the process was first seen warm
     history: list[tuple[float, float]] = field(default_factory=list)  # (sim s, rss MB), warm
 
-    def peak(self, start_s: float, end_s: float) -> float | None:
-        """Highest RSS sampled in (start_s, end_s] (None if no sample fell there)."""
+    def floor(self, start_s: float, end_s: float, min_samples: int = 1) -> float | None:
+        """Lowest RSS sampled in (start_s, end_s] (None with fewer than min_samples)."""
         values = [mb for t, mb in self.history if start_s < t <= end_s]
-        return max(values) if values else None
+        return min(values) if len(values) >= min_samples else None
 
 
 def _round(value: float, digits: int = 1) -> float:
@@ -45,9 +51,14 @@ class MetricsSampler:
     """Samples a changing set of named processes; keeps per-process RSS history so that
     growth per simulated hour can be computed (and alerted on) from measured data."""
 
-    def __init__(self) -> None:
+    def __init__(self, time_scale: float = 1.0) -> None:
         self._tracked: dict[str, _Tracked] = {}
+        self.set_time_scale(time_scale)
         psutil.cpu_percent(None)  # the first call only starts the measurement
+
+    def set_time_scale(self, time_scale: float) -> None:
+        """Simulated seconds per real second; sets the growth window (simulated s)."""
+        self.window_s = max(3600.0, MIN_WINDOW_REAL_S * time_scale)
 
     def _track(self, pids: dict[str, int], sim_s: float) -> None:
         for name, pid in pids.items():
@@ -125,19 +136,22 @@ class MetricsSampler:
             "databases_mb": sizes,
         }
 
-    @staticmethod
-    def _growth(tracked: _Tracked, sim_s: float) -> float | None:
-        """Growth per simulated hour from the peak RSS of the first warm hour to the peak
-        of the last hour. Peaks, because a model call's scratch memory comes and goes
-        (a sawtooth of ~30 MB) while a leak raises every peak. None before two warm hours."""
+    def _growth(self, tracked: _Tracked, sim_s: float) -> float | None:
+        """Growth per simulated hour from the lowest RSS of the first warm window to the
+        lowest of the last one. Floors, because a model call's scratch memory comes and
+        goes while a leak raises the floor too. The windows are as long as the leak rule's
+        when the process has lived two of them, else half its warm life (at least an
+        hour): a compressed run restarted at hour 12 still reports its growth. None before
+        two warm hours."""
         warm = tracked.warm_sim_s
         if warm is None or sim_s - warm < 7200:
             return None
-        first = tracked.peak(warm - 1, warm + 3600)
-        last = tracked.peak(sim_s - 3600, sim_s)
+        window = max(3600.0, min(self.window_s, (sim_s - warm) / 2))
+        first = tracked.floor(warm - 1, warm + window)
+        last = tracked.floor(sim_s - window, sim_s)
         if not first or last is None:
             return None
-        return round((last - first) / first / ((sim_s - warm - 3600) / 3600) * 100, 3)
+        return round((last - first) / first / ((sim_s - warm - window) / 3600) * 100, 3)
 
     def _total_growth(self, sim_s: float) -> float | None:
         """Growth of the warm processes together: their rates weighted by their memory."""
@@ -151,14 +165,18 @@ class MetricsSampler:
         return round(weighted / total, 3) if total else None
 
     def hourly_growth(self, sim_s: float) -> dict[str, float]:
-        """Per warm process: the peak RSS of the last simulated hour against the peak of
-        the hour before, in percent (what the memory-leak rule reads)."""
+        """Per warm process: the lowest RSS of the last window against the lowest of the
+        window before, in percent per simulated hour (what the memory-leak rule reads);
+        each window needs a few samples, so one sample caught inside a model call decides
+        nothing. The window is one simulated hour unless the run is compressed so far
+        that an hour is shorter than ``MIN_WINDOW_REAL_S``."""
         found: dict[str, float] = {}
+        window = self.window_s
         for name, tracked in self._tracked.items():
-            if tracked.warm_sim_s is None or sim_s - tracked.warm_sim_s < 7200:
+            if tracked.warm_sim_s is None or sim_s - tracked.warm_sim_s < 2 * window:
                 continue
-            last = tracked.peak(sim_s - 3600, sim_s)
-            before = tracked.peak(sim_s - 7200, sim_s - 3600)
+            last = tracked.floor(sim_s - window, sim_s, FLOOR_SAMPLES)
+            before = tracked.floor(sim_s - 2 * window, sim_s - window, FLOOR_SAMPLES)
             if last is not None and before:
-                found[name] = (last - before) / before * 100
+                found[name] = (last - before) / before * 100 / (window / 3600)
         return found

@@ -72,7 +72,7 @@ class Rules:
             if self._edge(f"memory_growth:{name}", pct > MEMORY_GROWTH_PCT_PER_HOUR):
                 alerts.append(Alert(
                     "memory_leak", "warning",
-                    f"{name} memory grew {pct:.1f}% in the last simulated hour "
+                    f"{name} memory grew {pct:.1f}% per simulated hour "
                     f"(limit {MEMORY_GROWTH_PCT_PER_HOUR:.0f}%)",
                     self._id("memory_growth", name, sim_s), agent=name,
                     details={"growth_pct_per_hour": round(pct, 2),

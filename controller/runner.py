@@ -206,6 +206,7 @@ def kill_and_resume(settings: Settings, sup: Supervisor, *, wait_s: float = 5.0,
         run = runs.resume_run(journal.conn)
     finally:
         journal.close()
+    write_test_config(settings, run, sup.config, resumed=True)
     sup.start()
     echo(f"run {run.run_id} resumed at simulated {run.sim_elapsed_s / 3600:.2f} h "
          f"(cycle {before['last_cycle']} done before the kill)")

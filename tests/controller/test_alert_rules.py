@@ -37,7 +37,7 @@ from genai_prices import Usage, calc_price
 from tests.agents.servers import OK, SLOW, Fault, FaultServer, RefusingPort
 from tests.conftest import Project, wait_for
 from trinity.controller.alerts import read_alerts
-from trinity.controller.metrics import MB, MetricsSampler
+from trinity.controller.metrics import MB, MIN_WINDOW_REAL_S, MetricsSampler
 from trinity.controller.rules import (
     BACKLOG_LIMIT,
     COST_SPIKE_USD_PER_HOUR,
@@ -323,14 +323,24 @@ def test_memory_leak_is_measured_growth_per_simulated_hour(
         growth = sampler.hourly_growth(sim)
         return rss, growth, rules.memory(rss, growth, sim)
 
-    # Flat for a simulated hour: no growth, no alert.
-    for sim in (0.0, 1800.0, 3600.0):
-        rss_base, growth, found = evaluate(sim)
-        assert found == [] and all(abs(g) < MEMORY_GROWTH_PCT_PER_HOUR for g in growth.values())
+    def run(start: float, end: float) -> tuple[dict[str, float], dict[str, float], list[Any]]:
+        """Samples every 10 simulated minutes in [start, end]; the alerts raised on the way."""
+        raised: list[Any] = []
+        sim = start
+        while sim <= end:
+            rss, growth, found = evaluate(sim)
+            raised += found
+            sim += 600.0
+        return rss, growth, raised
+
+    # Flat for two simulated hours: no growth, no alert.
+    rss_base, growth, found = run(0.0, 7200.0)
+    assert found == [] and set(growth) == {"leaky", "flat"}
+    assert all(abs(g) < MEMORY_GROWTH_PCT_PER_HOUR for g in growth.values())
     leak_mb = 40
     leaky.allocate(leak_mb)
-    rss, growth, found = evaluate(7200.0)
-    assert set(growth) == {"leaky", "flat"}
+    # Once a whole hour's samples sit above the hour before: one alert.
+    rss, growth, found = run(7800.0, 10_800.0)
     expected = leak_mb / rss_base["leaky"] * 100
     # Measured: the allocation shows as RSS growth (within 2 MB of interpreter noise).
     assert rss["leaky"] - rss_base["leaky"] == pytest.approx(leak_mb, abs=2.0)
@@ -339,23 +349,59 @@ def test_memory_leak_is_measured_growth_per_simulated_hour(
     assert abs(growth["flat"]) < MEMORY_GROWTH_PCT_PER_HOUR / 4
     (alert,) = found
     assert (alert.kind, alert.severity, alert.agent) == ("memory_leak", "warning", "leaky")
-    assert alert.alert_id == "memory_growth/run-mem/leaky/h002"
-    assert alert.details == {"growth_pct_per_hour": round(growth["leaky"], 2),
-                             "limit_pct": MEMORY_GROWTH_PCT_PER_HOUR}
-    assert f"{growth['leaky']:.1f}%" in alert.message
+    assert alert.alert_id == "memory_growth/run-mem/leaky/h003"
+    assert alert.details["limit_pct"] == MEMORY_GROWTH_PCT_PER_HOUR
+    assert alert.details["growth_pct_per_hour"] > MEMORY_GROWTH_PCT_PER_HOUR
 
-    # While the last hour still shows the growth: no second alert.
-    for sim in (7500.0, 9000.0, 10_000.0):
-        _, growth, found = evaluate(sim)
-        assert growth["leaky"] > MEMORY_GROWTH_PCT_PER_HOUR and found == []
     # An hour without growth clears it; a new leak is a new alert.
-    _, growth, found = evaluate(14_400.0)
+    _, growth, found = run(11_400.0, 15_000.0)
     assert abs(growth["leaky"]) < MEMORY_GROWTH_PCT_PER_HOUR and found == []
     leaky.allocate(leak_mb)
-    _, growth, found = evaluate(18_000.0)
+    _, growth, found = run(15_600.0, 18_600.0)
     assert [(a.kind, a.agent, a.alert_id) for a in found] == [
         ("memory_leak", "leaky", "memory_growth/run-mem/leaky/h005")]
     assert not any(a.agent == "flat" for a in found)
+
+
+def test_a_compressed_run_judges_growth_over_real_seconds_not_a_call_long_hour(
+        allocators: list[Allocator]) -> None:
+    """At 2880x one simulated hour is 1.25 real seconds, shorter than one model call: a
+    call's scratch memory held through a whole simulated hour is not a leak, while memory
+    that stays is one, per simulated hour over windows of MIN_WINDOW_REAL_S."""
+    agent = Allocator()
+    allocators.append(agent)
+    agent.allocate(200)  # a working set the size of a model agent's
+    pids = {"agent": agent.pid}
+    hourly, compressed = MetricsSampler(), MetricsSampler(time_scale=2880)
+    assert compressed.window_s == MIN_WINDOW_REAL_S * 2880 > hourly.window_s == 3600
+    hourly_alerts, compressed_rules = Rules("run-h"), Rules("run-c")
+
+    def run(start_h: int, end_h: int, busy_h: set[int] = frozenset()) -> tuple[list, list]:
+        found_h: list[Any] = []
+        found_c: list[Any] = []
+        for step in range(start_h * 12, end_h * 12):
+            sim = step * 300.0
+            busy = step // 12 in busy_h
+            if busy and step % 12 == 0:
+                agent.allocate(30)  # a model call's scratch, held for the whole hour
+            for sampler, rules, found in ((hourly, hourly_alerts, found_h),
+                                          (compressed, compressed_rules, found_c)):
+                rss = _sample(sampler, pids, sim)
+                found += rules.memory(rss, sampler.hourly_growth(sim), sim)
+            if busy and step % 12 == 11:
+                agent.free()
+                agent.allocate(200)
+        return found_h, found_c
+
+    # Calls spanning simulated hours 9 and 17: read per hour, they look like a 15 % leak.
+    found_h, found_c = run(0, 24, busy_h={9, 17})
+    assert [a.kind for a in found_h] == ["memory_leak", "memory_leak"]
+    assert found_c == []
+    # Memory that stays (+100 % in 8 simulated hours, 12.5 %/h) is a leak at any scale.
+    agent.allocate(200)
+    found_h, found_c = run(24, 40)
+    assert [(a.kind, a.agent) for a in found_c] == [("memory_leak", "agent")]
+    assert found_c[0].details["growth_pct_per_hour"] == pytest.approx(100 / 8, abs=1.5)
 
 
 def test_memory_limit_is_measured_rss_of_one_process(allocators: list[Allocator]) -> None:
