@@ -91,3 +91,23 @@ def project(short_dir: Path) -> Iterator[Project]:
         proj.supervisor().stop()
     finally:
         cleanup_orphans(short_dir)
+
+
+@pytest.fixture(scope="session")
+def compressed_24h_run() -> Iterator[tuple[Project, subprocess.CompletedProcess[str]]]:
+    """One finished compressed 24-hour run (time scale 2880, the hour-12 kill-and-resume
+    included) shared by every test that reads a whole run's records: its project (the
+    stores, ``logs/24h_test``) and the ``trinity run`` result. Runs once per session
+    (~2 minutes), on first use; the folder is removed at the end of the session."""
+    root = Path(tempfile.mkdtemp(prefix="t24", dir="/tmp"))
+    proj = Project(root)
+    try:
+        result = proj.trinity("run", "--duration", "24", "--time-scale", "2880",
+                              "--restart-at", "12", timeout=540)
+        yield proj, result
+    finally:
+        try:
+            proj.supervisor().stop()
+        finally:
+            cleanup_orphans(root)
+            shutil.rmtree(root, ignore_errors=True)

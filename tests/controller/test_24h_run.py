@@ -10,44 +10,21 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Project
 from trinity.controller.alerts import read_alerts
 from trinity.controller.scenario import CATEGORIES
 
 pytestmark = pytest.mark.slow
 
 HOURS = 24
-SCALE = 2880
 
 
 def _load_all(folder: Path, pattern: str) -> dict[str, dict[str, Any]]:
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import shutil
-    import tempfile
-
-    from trinity.controller.supervision import cleanup_orphans
-
-    root = Path(tempfile.mkdtemp(prefix="t24", dir="/tmp"))
-    project = Project(root)
-    try:
-        result = project.trinity("run", "--duration", str(HOURS), "--time-scale", str(SCALE),
-                                 "--restart-at", "12", timeout=540)
-        yield project, result
-    finally:
-        try:
-            project.supervisor().stop()
-        finally:
-            cleanup_orphans(root)
-            shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.timeout(600)
-def test_compressed_run_passes_with_the_hour_12_restart(finished_run: Any) -> None:
-    project, result = finished_run
+def test_compressed_run_passes_with_the_hour_12_restart(compressed_24h_run: Any) -> None:
+    project, result = compressed_24h_run
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "persistence: OK" in out
@@ -55,8 +32,8 @@ def test_compressed_run_passes_with_the_hour_12_restart(finished_run: Any) -> No
 
 
 @pytest.mark.timeout(600)
-def test_snapshot_files_counts_and_shapes(finished_run: Any) -> None:
-    project, _ = finished_run
+def test_snapshot_files_counts_and_shapes(compressed_24h_run: Any) -> None:
+    project, _ = compressed_24h_run
     logs = project.root / "logs" / "24h_test"
     costs = _load_all(logs / "costs", "cost_snapshot_*.json")
     patterns = _load_all(logs / "patterns", "pattern_stats_*.json")
@@ -95,8 +72,8 @@ def test_snapshot_files_counts_and_shapes(finished_run: Any) -> None:
 
 @pytest.mark.timeout(600)
 def test_every_event_has_its_outcome_once_and_cycles_continue_after_the_restart(
-        finished_run: Any) -> None:
-    project, _ = finished_run
+        compressed_24h_run: Any) -> None:
+    project, _ = compressed_24h_run
     db = sqlite3.connect(project.db)
     try:
         cycles = [c for (c,) in db.execute("SELECT cycle FROM events ORDER BY cycle")]
