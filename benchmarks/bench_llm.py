@@ -91,12 +91,14 @@ def log(quiet: bool, text: str) -> None:
 
 
 def signals() -> list[dict[str, Any]]:
-    """The test plan's five events as the signals WITNESS publishes for them."""
+    """The scenario's first five events (one per category, as a run emits them) as the
+    signals WITNESS publishes for them."""
     from trinity.agents.witness import SIGNAL_CONTEXT
-    from trinity.controller.scenario import CATEGORIES
+    from trinity.controller.scenario import CATEGORIES, event_for_cycle
 
     out = []
-    for cycle, (pattern, event) in enumerate(CATEGORIES, start=1):
+    for cycle in range(1, len(CATEGORIES) + 1):
+        pattern, event = event_for_cycle(cycle)
         severity = event.get("severity")
         out.append({
             "signal_id": "", "event_id": "", "run_id": RUN_ID, "cycle": cycle,
