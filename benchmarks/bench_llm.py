@@ -20,14 +20,14 @@ very request the agent built (captured during warm-up):
 same messages, the same JSON-schema grammar (``embedded.schema_grammar``), max_tokens,
 temperature, seed.
 
-Prompts: the test plan's five events as WITNESS signals (ARCHITECT); the five tasks
-ARCHITECT planned for them in warm-up (EXECUTOR). Each prompt is called once per
-path in warm-up, then ``reps`` times per path, the two paths alternating (ABBA: the
-first path of each pair alternates). Each Llama sees the same sequence of prompts, so
-both keep the same KV prefix cache. Every call has a fresh event id, so the ledger
-never answers from a stored request. A prompt whose first answer the agent rejects
-(its router retries with seed + 1 after a backoff, which the direct call has no
-reason to do) is left out of the timed rounds and named in the output.
+Prompts: the scenario's first five events (one per category) as WITNESS signals
+(ARCHITECT); the five tasks ARCHITECT planned for them in warm-up (EXECUTOR). Each
+prompt is called once per path in warm-up, then ``reps`` times per path, the two paths
+alternating (ABBA: the first path of each pair alternates). Each Llama sees the same
+sequence of prompts, so both keep the same KV prefix cache. Every call has a fresh event
+id, so the ledger never answers from a stored request. A prompt whose first answer the
+agent rejects (its router retries with seed + 1 after a backoff, which the direct call
+has no reason to do) is left out of the timed rounds and named in the output.
 
 Same seed and prompt give the same tokens; the token counts and texts of the two
 paths are checked. Overhead = (agent - direct) / direct on the median wall times per
