@@ -23,6 +23,9 @@ _MAX_RUN_DIR_LEN = 80
 # warn: budget alerts only, the run goes on as planned; enforce: once the budget is
 # spent, every call is routed to a free (local) provider.
 BUDGET_MODES = ("warn", "enforce")
+# The controller's Prometheus /metrics port (loopback only); 0 turns the endpoint off.
+# 9464 is the port the Prometheus exporter of OpenTelemetry uses by convention.
+DEFAULT_METRICS_PORT = 9464
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -43,6 +46,13 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
+
+def _validate_metrics_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(
+            f"metrics_port (TRINITY_METRICS_PORT) must be a TCP port 1..65535, or 0 to turn "
+            f"the /metrics endpoint off, got {port!r}")
 
 
 def default_run_dir(data_dir: Path) -> Path:
@@ -77,6 +87,7 @@ class Settings:
     scenario_seed: int = 0
     noise_events: int = 0
     scenario_path: Path | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -107,6 +118,7 @@ class Settings:
             "noise_events": _env_int(env, "TRINITY_NOISE_EVENTS", 0),
             "scenario_path": Path(env["TRINITY_SCENARIO"]).resolve()
             if env.get("TRINITY_SCENARIO") else None,
+            "metrics_port": _env_int(env, "TRINITY_METRICS_PORT", DEFAULT_METRICS_PORT),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -146,6 +158,7 @@ class Settings:
             raise ConfigError(
                 f"noise_events (TRINITY_NOISE_EVENTS) must be 0..100 per event interval, "
                 f"got {self.noise_events!r}")
+        _validate_metrics_port(self.metrics_port)
         if self.alert_webhook:
             from trinity.controller.webhook import validate_webhook_url
 
