@@ -33,6 +33,7 @@ from trinity.controller import runs, snapshots
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.metrics import MetricsSampler
+from trinity.controller.prometheus import start_exporter
 from trinity.controller.rules import Alert, Rules
 from trinity.controller.scenario import (
     CATEGORIES,
@@ -96,6 +97,8 @@ class Controller(BaseProcess):
         self._last_growth: float | None = None
         self._last_tick = self.clock.monotonic()
         self._load_run()
+        # Prometheus /metrics on loopback (None: TRINITY_METRICS_PORT=0, or port in use).
+        self.exporter = start_exporter(self.settings, {self.name: os.getpid()})
 
     def _load_run(self) -> None:
         records.ensure_schema(self.journal.conn)
@@ -122,6 +125,8 @@ class Controller(BaseProcess):
         log.info("continuing run %s at simulated %.0f s", run.run_id, run.sim_elapsed_s)
 
     def shutdown(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
         self.ledger.close()
         if self.notifier is not None:
             self.notifier.close()
