@@ -250,10 +250,22 @@ def _sample_ok(sample: object) -> bool:
                for k in numbers) and isinstance(sample.get("queues", {}), dict)
 
 
-def latest_metrics(log_dir: Path, run_id: str) -> tuple[dict[str, Any] | None, str | None,
-                                                         str | None]:
+Sample = tuple[dict[str, Any] | None, str | None, str | None]
+
+
+def latest_metrics(log_dir: Path, run_id: str) -> Sample:
     """(the run's latest system metrics sample, its file name, a note on what is missing
-    or was unreadable in ``log_dir``)."""
+    or was unreadable); looked for in ``log_dir``, then where a later run moved the run's
+    logs (``archive/<run_id>`` beside it, see runner.archive_logs)."""
+    found = _latest_in(log_dir, run_id)
+    archived = log_dir.parent / "archive" / run_id
+    if found[0] is None and archived.is_dir():
+        moved = _latest_in(archived, run_id)
+        return moved if moved[0] is not None else found
+    return found
+
+
+def _latest_in(log_dir: Path, run_id: str) -> Sample:
     folder = log_dir / "metrics"
     if not log_dir.is_dir():
         return None, None, f"log directory {log_dir} does not exist"

@@ -30,7 +30,7 @@ from trinity.bus.journal import Journal
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import EXECUTION, HEARTBEATS
 from trinity.clock import ManualClock, now_ms
-from trinity.controller import dashboards, runs
+from trinity.controller import dashboards, runner, runs
 from trinity.controller.controller import Controller
 from trinity.controller.dashboards import dashboard_command
 from trinity.costs import CallRecord, CostLedger
@@ -378,6 +378,7 @@ def stores(short_dir: Path) -> Stores:
     run = runs.create_run(journal.conn, {
         "time_scale": 1e6, "duration_h": 1.5, "event_interval_min": 30, "noise_events": 1,
         "budget_usd": 4.0, "metrics_interval_min": 5, "snapshot_interval_min": 60})
+    runner.write_test_config(settings, run, short_dir / "supervisor.conf", resumed=False)
     controller = Controller(settings, clock=ManualClock())
     controller.initialize()
     try:
@@ -458,6 +459,13 @@ def test_an_older_run_is_shown_with_run(stores: Stores) -> None:
     assert latest["CALLS"] == "0 total (0 success, 0 error, 0 timeout)"
     older = parse(render_text(dashboards.gather("cost", stores.settings, stores.run_id)))
     assert_shows(older, expected_cost(stores.settings.data_dir, stores.run_id))
+    # A new run moves the previous run's logs aside; its metrics are found there.
+    expected = expected_system(stores.settings.data_dir, stores.run_id)
+    archived = runner.archive_logs(stores.settings.log_dir)
+    assert archived == stores.settings.log_dir.parent / "archive" / stores.run_id
+    system = parse(render_text(dashboards.gather("system", stores.settings, stores.run_id)))
+    assert_shows(system, {k: v for k, v in expected.items() if k != "RUN"})
+    assert system["RUN"] == f"{stores.run_id} (stopped, time scale 1e+06x)"
 
 
 def _invoke(root: Path, *args: str) -> Any:
