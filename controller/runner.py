@@ -134,6 +134,7 @@ def write_test_config(settings: Settings, run: runs.Run, config: Path, *, resume
             "heartbeat_interval_s": settings.heartbeat_interval_s,
             "heartbeat_max_missed": settings.heartbeat_max_missed,
             "max_payload_bytes": settings.max_payload_bytes,
+            "metrics_port": settings.metrics_port,
             "routing": str(settings.routing_path) if settings.routing_path else "built-in",
             "alert_webhook": redact_url(settings.alert_webhook) if settings.alert_webhook
             else None,

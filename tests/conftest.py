@@ -54,6 +54,9 @@ class Project:
         }
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["TRINITY_DATA_DIR"] = str(root)
+        # No Prometheus endpoint unless a test asks for one: runs in parallel would all
+        # try the default port.
+        self.env["TRINITY_METRICS_PORT"] = "0"
 
     @property
     def db(self) -> Path:

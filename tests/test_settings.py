@@ -22,6 +22,7 @@ VARIABLES = {
     "TRINITY_HEARTBEAT_INTERVAL": ("0.25", "heartbeat_interval_s", 0.25),
     "TRINITY_HEARTBEAT_MAX_MISSED": ("5", "heartbeat_max_missed", 5),
     "TRINITY_MAX_PAYLOAD_BYTES": ("65536", "max_payload_bytes", 65536),
+    "TRINITY_METRICS_PORT": ("9100", "metrics_port", 9100),
 }
 FLOAT_VARIABLES = [name for name, (_, field, _) in VARIABLES.items()
                    if isinstance(Settings.__dataclass_fields__[field].default, float)]
