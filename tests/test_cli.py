@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from trinity.bus.journal import Journal
 from trinity.cli import main
 
-COMMANDS = sorted(main.commands)
+COMMANDS = main.list_commands(click.Context(main))
 
 
 @pytest.fixture
@@ -58,7 +58,21 @@ def test_no_arguments_prints_usage() -> None:
 
 
 def test_there_are_commands() -> None:
-    assert {"agent", "controller", "run", "stop", "status", "dead-letters"} <= set(COMMANDS)
+    assert {"agent", "controller", "run", "stop", "status", "dead-letters", "dashboard",
+            "export", "report"} <= set(COMMANDS)
+
+
+def test_the_report_s_plotting_library_loads_only_for_the_commands_that_need_it() -> None:
+    code = ("import sys; from trinity.cli import main; main(['status', '--help'], "
+            "standalone_mode=False); print('matplotlib' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[-1] == "False"
+    code = code.replace("'status'", "'report'")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    assert found.stdout.splitlines()[-1] == "True", found.stderr
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -66,7 +80,8 @@ def test_every_subcommand_has_help(name: str) -> None:
     result = invoke([name, "--help"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Usage: trinity {name}")
-    command = main.commands[name]
+    command = main.get_command(click.Context(main), name)
+    assert command is not None
     assert command.help, f"{name} has no help text"
     assert command.get_short_help_str(limit=200).rstrip(".")[:30] in " ".join(result.output.split())
     for param in command.params:

@@ -23,7 +23,31 @@ def _settings(**overrides: Any) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-@click.group()
+class LazyGroup(click.Group):
+    """A group whose heavier commands (the report imports matplotlib) are imported only
+    when they are run or listed, so ``trinity status`` stays quick."""
+
+    lazy: dict[str, str] = {
+        "dashboard": "trinity.controller.dashboards:dashboard_command",
+        "export": "trinity.controller.export:export_command",
+        "report": "trinity.controller.report:report_command",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(package_name="trinity")
 def main() -> None:
     """Trinity: supervised WITNESS / ARCHITECT / EXECUTOR agents on a durable bus."""
