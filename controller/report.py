@@ -356,16 +356,19 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
     gaps: list[str] = []
     run = _resolve_run(settings, log_dir, run_id, gaps)
     snaps = {kind: _load_snapshots(log_dir, kind, run.run_id, gaps) for kind in KINDS}
-    alerts = criteria._run_alerts(log_dir, run, _ended_ms(settings, run.run_id))
+    ended_ms = _ended_ms(settings, run.run_id)
+    # criteria's own selection: alerts tagged with the run or raised while it ran
+    alerts = criteria._run_alerts(log_dir, run, ended_ms)
     if not any(snaps.values()) and not alerts and not (log_dir / "test_config.json").exists():
         raise ReportError(f"{log_dir} holds no snapshot or alert of run {run.run_id}")
     _snapshot_gaps(settings, run, log_dir, {k: len(v) for k, v in snaps.items()}, gaps)
+    # Read the stores first: an unreadable one is named in the error.
+    events = _events(settings, run.run_id, gaps)
+    calls = _calls(settings, run.run_id, gaps)
     try:
         _, measured = criteria.evaluate(settings.replace(log_dir=log_dir), run.run_id)
     except (sqlite3.Error, ConfigError) as exc:
         raise ReportError(f"cannot evaluate the criteria of run {run.run_id}: {exc}") from None
-    events = _events(settings, run.run_id, gaps)
-    calls = _calls(settings, run.run_id, gaps)
     cost_lines, call_lines = cost_series(calls)
     outcomes = _query(settings.messages_db, "SELECT count(DISTINCT o.event_id) FROM outcomes o"
                       " JOIN events e USING(event_id) WHERE e.run_id=?", (run.run_id,))[0][0]
@@ -373,7 +376,7 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
     growth = [v for s in snaps["metrics"]
               if (v := _number(s, "memory_growth_pct_per_hour")) is not None]
     return ReportData(
-        run=run, ended_ms=_ended_ms(settings, run.run_id), data_dir=settings.data_dir,
+        run=run, ended_ms=ended_ms, data_dir=settings.data_dir,
         log_dir=log_dir,
         criteria=tuple(measured), events=tuple(events), outcomes=int(outcomes),
         scores=detection_scores(
@@ -462,9 +465,9 @@ def _miss(event: EventResult) -> str:
 
 def _alert_line(alert: dict[str, Any]) -> str:
     sim = alert.get("sim_elapsed_s")
-    at = f"hour {sim / 3600:.2f}" if isinstance(sim, int | float) else "hour -"
+    at = f" (hour {sim / 3600:.2f})" if isinstance(sim, int | float) else ""
     agent = f" [{alert['agent']}]" if alert.get("agent") else ""
-    return (f"{alert.get('ts', '?')} ({at}) {alert.get('severity', '?')} "
+    return (f"{alert.get('ts', '?')}{at} {alert.get('severity', '?')} "
             f"{alert.get('kind', '?')}{agent}: {alert.get('message', '')}")
 
 
