@@ -6,9 +6,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # The demo: the 24-hour plan compressed (2880 simulated seconds per real second).
 DEMO_TIME_SCALE ?= 2880
+# Where runs write their snapshots and logs (TRINITY_LOG_DIR, as the programs read it).
+LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint start-24h stop status costs kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h clean
+.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,8 +24,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv with everything Trinity needs (idempotent)
 
-demo: install ## The main job on embedded defaults: the 24-hour plan compressed, hour-12 restart included
-	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE) --restart-at 12
+demo: install ## The main job on embedded defaults: the 24-hour plan compressed, hour-12 restart included, then the report
+	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE) --restart-at 12; \
+	  code=$$?; trinity report --input $(LOG_DIR) || code=1; exit $$code
 
 smoke: install ## The plan's 2-hour smoke test, compressed, in the foreground
 	trinity run --duration 2 --time-scale $(DEMO_TIME_SCALE)
@@ -42,6 +45,15 @@ status: install ## Show run progress, queues and agents
 
 costs: install ## Model-call totals of the latest run from the cost ledger
 	trinity costs
+
+report: install ## The latest run's report: Markdown, HTML and four charts in reports/
+	trinity report --input $(LOG_DIR)
+
+export: install ## The latest run's events, outcomes, model calls, alerts and metrics as CSV in reports/csv/
+	trinity export --format csv --input $(LOG_DIR) --output reports/csv
+
+dashboards: install ## The cost, patterns and system dashboards, printed once (trinity dashboard NAME --live to follow)
+	trinity dashboard cost; trinity dashboard patterns; trinity dashboard system
 
 kill-and-resume: install ## kill -9 everything, wait 5 s, resume the run, validate persistence
 	trinity kill-and-resume
