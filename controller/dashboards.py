@@ -243,11 +243,16 @@ def _pattern_view(settings: Settings, journal: sqlite3.Connection,
 
 
 def _sample_ok(sample: object) -> bool:
+    """A sample with the figures the dashboard shows, of the types it shows them as."""
     if not isinstance(sample, dict):
         return False
     numbers = ("cpu_percent", "memory_mb", "disk_read_mb", "disk_write_mb")
-    return all(isinstance(sample.get(k), int | float) and not isinstance(sample.get(k), bool)
-               for k in numbers) and isinstance(sample.get("queues", {}), dict)
+    processes = sample.get("processes", {})
+    return (all(isinstance(sample.get(k), int | float) and not isinstance(sample.get(k), bool)
+                for k in numbers)
+            and isinstance(processes, dict)
+            and all(isinstance(p, dict) and isinstance(p.get("rss_mb", 0), int | float)
+                    for p in processes.values()))
 
 
 Sample = tuple[dict[str, Any] | None, str | None, str | None]
@@ -366,7 +371,8 @@ class _Sheet:
         self.lines += [Text(""), Text(f"{title}:", style="bold")]
 
     def row(self, name: str, value: str | Text, width: int, style: str = "") -> None:
-        self.lines.append(Text.assemble(f"  {name}".ljust(width + 2),
+        """An indented ``name``, padded to ``width`` and by two spaces at least."""
+        self.lines.append(Text.assemble(f"  {name}".ljust(max(width, len(name) + 2) + 2),
                                         value if isinstance(value, Text) else (value, style)))
 
     def note(self, text: str, style: str = "yellow") -> None:
@@ -477,7 +483,7 @@ def render_patterns(view: PatternView) -> RenderableType:
 def _memory_fields(sheet: _Sheet, sample: dict[str, Any]) -> None:
     """The largest process against the per-process limit (what the plan's 500 MB applies
     to), and all processes together (PSS: shared model pages counted once)."""
-    processes = sample.get("processes") or {}
+    processes = sample.get("processes", {})
     largest = max(processes.items(), key=lambda kv: kv[1].get("rss_mb", 0), default=None)
     peak = sample.get("memory_max_process_rss_mb")
     if isinstance(peak, int | float) and largest is not None:

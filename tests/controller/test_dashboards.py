@@ -5,6 +5,7 @@ tmux; and a plain message, never a traceback, for missing, empty or broken input
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -430,6 +431,21 @@ def test_pattern_dashboard_shows_the_stores(stores: Stores) -> None:
     assert shown[("BY PATTERN TYPE", "critical_error")] == "2 detections (avg conf: 0.79)"
 
 
+def test_rendering_keeps_the_longest_pattern_name_apart_from_its_figure(
+        stores: Stores) -> None:
+    view = dashboards.gather("patterns", stores.settings)
+    assert isinstance(view, dashboards.PatternView) and view.stats is not None
+    detections = {**view.stats["detections"],
+                  "by_type": {**view.stats["detections"]["by_type"],
+                              "constitution_violation": 12},
+                  "average_confidence_by_type": {"constitution_violation": 0.9}}
+    text = render_text(dataclasses.replace(view, stats={**view.stats,
+                                                        "detections": detections}))
+    assert "  constitution_violation   12 detections (avg conf: 0.90)" in text.splitlines()
+    assert parse(text)[("BY PATTERN TYPE", "constitution_violation")] == \
+        "12 detections (avg conf: 0.90)"
+
+
 def test_system_dashboard_shows_the_stores_and_heartbeats(stores: Stores) -> None:
     root = stores.settings.data_dir
     before = heartbeats(root)
@@ -515,18 +531,22 @@ def test_missing_empty_and_partly_written_log_dirs(stores: Stores) -> None:
     root = stores.settings.data_dir
     logs = root / "logs" / "24h_test"
     metrics = logs / "metrics"
-    newest = max(metrics.glob("system_metrics_*.json"))
-    older = sorted(metrics.glob("system_metrics_*.json"))[-2]
-    # Partly written: the newest sample cut short; the one before it is shown, and said so.
+    *_, older, shaped, newest = sorted(metrics.glob("system_metrics_*.json"))
+    # Partly written: the newest sample cut short, the one before it of another shape; the
+    # one before those is shown, and the dashboard says so.
     newest.write_text(newest.read_text()[:40])
+    sample = json.loads(shaped.read_text())
+    shaped.write_text(json.dumps({**sample, "cpu_percent": "high",
+                                  "processes": {"witness": 3}}))
     result = _invoke(root, "system")
-    _assert_clear(result, 0, f"1 unreadable newer sample(s) skipped: {newest.name}")
+    _assert_clear(result, 0, f"2 unreadable newer sample(s) skipped: {newest.name}, "
+                             f"{shaped.name}")
     assert parse(result.output)["SAMPLE"].startswith(f"{older.name} (simulated ")
     for other in metrics.glob("system_metrics_*.json"):
-        if other != newest:
+        if other not in (newest, shaped):
             other.unlink()
     _assert_clear(_invoke(root, "system"), 0, "no system metrics yet",
-                  f"no system metrics sample of run {stores.run_id}", "(1 unreadable:")
+                  f"no system metrics sample of run {stores.run_id}", "(2 unreadable:")
     shutil.rmtree(metrics)
     _assert_clear(_invoke(root, "system"), 0, f"no metrics folder in {logs} yet")
     shutil.rmtree(logs.parent)
