@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from trinity.files import atomic_write_bytes
+
 TABLE_NAME = "static_minilm256.npy"
 TOKENIZER_PATH = Path(__file__).parent / "data" / "minilm_tokenizer.json"
 MAX_TOKENS = 512
@@ -102,21 +104,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; the cache is shared with other local users' processes
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_table(path: Path, dims: int = 256) -> Path:
     """Distil the table to ``path`` (and ``<path>.sha256``).
 
@@ -147,7 +134,7 @@ def build_table(path: Path, dims: int = 256) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _atomic_write_bytes(Path(str(path) + ".sha256"), f"{digest}  {path.name}\n".encode())
+    atomic_write_bytes(Path(str(path) + ".sha256"), f"{digest}  {path.name}\n".encode())
     return path
 
 

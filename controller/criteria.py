@@ -54,7 +54,7 @@ def _metrics_samples(log_dir: Path, run_id: str) -> list[dict[str, Any]]:
     return samples
 
 
-def _run_alerts(log_dir: Path, run: runs.Run, ended_ms: int | None) -> list[dict[str, Any]]:
+def run_alerts(log_dir: Path, run: runs.Run, ended_ms: int | None) -> list[dict[str, Any]]:
     """Alerts of the run: tagged with it, or (crash alerts come from supervisord's listener,
     which knows no run) raised while it was running."""
     def belongs(alert: dict[str, Any]) -> bool:
@@ -105,7 +105,7 @@ def evaluate(settings: Settings, run_id: str | None = None) -> tuple[runs.Run, l
                                  " WHERE run_id=?", (run.run_id,)).fetchall()
         finally:
             conn.close()
-    alerts = _run_alerts(settings.log_dir, run, ended_ms)
+    alerts = run_alerts(settings.log_dir, run, ended_ms)
     samples = _metrics_samples(settings.log_dir, run.run_id)
     found: list[Criterion] = []
 

@@ -29,13 +29,13 @@ from typing import Any
 
 import click
 
-from trinity.agents.embedding import _atomic_write_bytes
 from trinity.bus.topology import ALERTS, EXECUTION, IMPROVEMENT, TELEMETRY
 from trinity.controller import runs
-from trinity.controller.criteria import _run_alerts
+from trinity.controller.criteria import run_alerts
 from trinity.controller.snapshots import AGENT_NAMES, KINDS, open_readonly
 from trinity.costs import CallRecord
 from trinity.errors import ConfigError, TrinityError
+from trinity.files import atomic_write_bytes
 from trinity.settings import Settings
 
 FORMATS = ("csv",)
@@ -107,7 +107,7 @@ def read_tables(settings: Settings, log_dir: Path, run_id: str | None) -> list[T
             for event_id, task_id, delegate, status, recorded_ms in outcomes]),
         Table("llm_calls.csv", CALL_COLUMNS, [_call_row(row) for row in calls]),
         Table("alerts.csv", ALERT_COLUMNS,
-              [_alert_row(a) for a in _run_alerts(log_dir, run, ended_ms)]),
+              [_alert_row(a) for a in run_alerts(log_dir, run, ended_ms)]),
         _metrics_table(samples, databases),
     ]
 
@@ -320,7 +320,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: list[list[Any]]) -> int:
     writer = csv.writer(text)
     writer.writerow(columns)
     writer.writerows([_cell(v, secrets) for v in row] for row in rows)
-    _atomic_write_bytes(path, text.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))
     return len(rows)
 
 

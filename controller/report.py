@@ -358,7 +358,7 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
     snaps = {kind: _load_snapshots(log_dir, kind, run.run_id, gaps) for kind in KINDS}
     ended_ms = _ended_ms(settings, run.run_id)
     # criteria's own selection: alerts tagged with the run or raised while it ran
-    alerts = criteria._run_alerts(log_dir, run, ended_ms)
+    alerts = criteria.run_alerts(log_dir, run, ended_ms)
     if not any(snaps.values()) and not alerts and not (log_dir / "test_config.json").exists():
         raise ReportError(f"{log_dir} holds no snapshot or alert of run {run.run_id}")
     _snapshot_gaps(settings, run, log_dir, {k: len(v) for k, v in snaps.items()}, gaps)

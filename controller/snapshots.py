@@ -11,14 +11,13 @@ and a snapshot rewritten after a crash simply replaces the same name.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from trinity.controller.scenario import CATEGORIES as PATTERNS
+from trinity.files import atomic_write_bytes
 
 KINDS = {
     "costs": ("costs", "cost_snapshot"),
@@ -40,15 +39,8 @@ def snapshot_path(log_dir: Path, kind: str, sim_s: float) -> Path:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"),
+                       durable=False)
 
 
 def header(run_id: str, scheduled_sim_s: float, sampled_sim_s: float) -> dict[str, Any]:
