@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,17 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> ob
             return value
         time.sleep(0.05)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def emit_every_event(controller: Any, journal: Any, run: Any, timeout_s: float = 10) -> None:
+    """Tick an in-process Controller until it has emitted every event of ``run``."""
+    from trinity.controller import runs
+
+    def emitted_all() -> bool:
+        controller.tick()
+        return bool(runs.progress(journal.conn, run.run_id)["emitted"] == run.total_events)
+
+    wait_for(emitted_all, timeout_s, "the controller to emit the run's events")
 
 
 @pytest.fixture

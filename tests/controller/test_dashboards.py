@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from tests.conftest import Project, wait_for
+from tests.conftest import Project, emit_every_event, wait_for
 from trinity.agents.detector import Detection
 from trinity.agents.embedding import load_embedder
 from trinity.agents.patterns import PatternStore
@@ -383,11 +383,7 @@ def stores(short_dir: Path) -> Stores:
     controller = Controller(settings, clock=ManualClock())
     controller.initialize()
     try:
-        def emitted_all() -> bool:
-            controller.tick()
-            return runs.progress(journal.conn, run.run_id)["emitted"] == run.total_events
-
-        wait_for(emitted_all, 10, "the controller to emit the run's events")
+        emit_every_event(controller, journal, run)
         for agent in ("witness", "architect", "executor"):
             beat = {"agent": agent, "pid": os.getpid(), "ts_ms": now_ms(), "counters": {}}
             controller.handle_ephemeral(Message(HEARTBEATS, 0, f"hb-{agent}", agent, now_ms(),

@@ -29,7 +29,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from tests.conftest import Project, wait_for
+from tests.conftest import Project, emit_every_event, wait_for
 from trinity.agents.detector import Detection
 from trinity.agents.embedding import load_embedder
 from trinity.agents.patterns import PatternStore
@@ -316,11 +316,7 @@ def stores(short_dir: Path, sleepers: list[subprocess.Popen[bytes]]) -> Stores:
     controller = Controller(settings, clock=ManualClock())
     controller.initialize()
     try:
-        def emitted_all() -> bool:
-            controller.tick()
-            return runs.progress(journal.conn, run.run_id)["emitted"] == run.total_events
-
-        wait_for(emitted_all, 10, "the controller to emit the run's events")
+        emit_every_event(controller, journal, run)
         # witness: a live process; architect: a process gone since its heartbeat;
         # executor: a pid that a process started after its last heartbeat (pid reuse).
         live, gone, reused = (subprocess.Popen([sys.executable, "-c", "import time; "
