@@ -100,8 +100,10 @@ class Router:
         self.sleep = sleep
         self.monotonic = monotonic
         self.health = {name: ProviderHealth() for name in providers}
-        for provider in providers.values():  # an unknown price is a config error, now
-            if provider.price_model:
+        # An unknown price is a config error, now; a provider that cannot be used (no
+        # key, no host) is not priced, nor is the price table loaded for it (17 MB).
+        for provider in providers.values():
+            if provider.price_model and provider.unavailable_reason() is None:
                 price_usd(provider.price_model, provider.price_provider,
                           input_tokens=1, output_tokens=1)
 

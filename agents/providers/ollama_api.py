@@ -10,9 +10,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import httpx
-import ollama
-
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
 from trinity.agents.providers.embedded import estimate_tokens
 from trinity.errors import InvalidModelOutput, ModelHTTPError, ModelTimeout, ModelUnavailable
@@ -35,6 +32,9 @@ class OllamaProvider:
     def complete(
         self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event
     ) -> Completion:
+        import httpx  # imported when first used: an unconfigured provider costs no memory
+        import ollama
+
         client = ollama.Client(host=self.host, timeout=timeout_s)
         try:
             response = client.chat(

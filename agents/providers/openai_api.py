@@ -9,9 +9,10 @@ router retries, so that every attempt reaches the cost ledger.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:  # imported when first used: an unconfigured provider costs no memory
+    import openai
 
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
 from trinity.agents.providers.embedded import estimate_tokens
@@ -55,6 +56,8 @@ class OpenAIProvider:
         return None if self.api_key else "no API key (set OPENAI_API_KEY)"
 
     def _get_client(self) -> openai.OpenAI:
+        import openai
+
         if self._client is None:
             self._client = openai.OpenAI(api_key=self.api_key, base_url=self.base_url,
                                          max_retries=0)
@@ -69,6 +72,8 @@ class OpenAIProvider:
     def complete(
         self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event
     ) -> Completion:
+        import openai
+
         kwargs: dict[str, Any] = {self.max_tokens_field: request.max_tokens}
         if request.schema is not None:
             kwargs["response_format"] = self._response_format(request.schema)

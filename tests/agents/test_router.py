@@ -362,3 +362,41 @@ def test_paid_provider_is_skipped_once_the_budget_is_spent(
     assert totals["total_cost_usd"] == pytest.approx(3 * one_call, abs=1e-6)
     assert totals["by_provider"]["flaky"]["calls"] == 3
     assert_totals_are_the_rows(ledger)
+
+
+# -- prices checked at start ---------------------------------------------------------
+
+
+def test_an_unknown_price_is_a_config_error_for_a_usable_provider_only(
+        ledger: CostLedger) -> None:
+    from trinity.errors import ConfigError
+
+    def cloud(api_key: str | None) -> OpenAIProvider:
+        return OpenAIProvider("flaky", model="gpt-5", api_key=api_key,
+                              base_url="http://127.0.0.1:9", price_model="no-such-model-xyz",
+                              price_provider="openai")
+
+    with pytest.raises(ConfigError, match="no price for model 'no-such-model-xyz'"):
+        make_router(policy(chain=("flaky",)), {"flaky": cloud("sk-test")}, ledger)
+    # Without a key it is never called: not priced (and the price table not loaded).
+    router = make_router(policy(chain=("flaky",)), {"flaky": cloud(None)}, ledger)
+    assert router.providers["flaky"].unavailable_reason()
+
+
+def test_a_model_agent_without_cloud_configuration_loads_no_cloud_client() -> None:
+    """The embedded default: openai, ollama, httpx and genai-prices stay unimported (about
+    35 MB of memory in each model agent)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trinity.agents.routing import build_providers, load_policy; "
+            "from trinity.agents.router import Router; from trinity.costs import CostLedger; "
+            "import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp()); "
+            "Router(load_policy(None), build_providers(load_policy(None), {}), "
+            "CostLedger(d / 'c.db'), budget_usd=1.0, budget_mode='warn'); "
+            "print(sorted(m for m in ('openai', 'ollama', 'httpx', 'genai_prices') "
+            "if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
