@@ -43,6 +43,10 @@ _SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # prompt evaluation on one thread is no slower at 64 than at 512 for this model, and the
 # logits, hence the answers, are the same.
 DEFAULT_N_BATCH = 64
+# The KV cache in 8-bit (GGML_TYPE_Q8_0; llama.cpp quantizes V only with flash attention):
+# 24 MB instead of 47 MB at n_ctx 2048 in each model agent, at the same speed (measured
+# 77-79 tok/s either way on one thread).
+KV_CACHE_TYPE = 8
 
 
 def shipped_model_path() -> Path:
@@ -189,6 +193,7 @@ class EmbeddedProvider:
             self._llama = Llama(model_path=str(self.model_path), n_ctx=self.n_ctx,
                                 n_batch=self.n_batch, n_ubatch=self.n_batch,
                                 n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                flash_attn=True, type_k=KV_CACHE_TYPE, type_v=KV_CACHE_TYPE,
                                 verbose=False, seed=0)
         return self._llama
 

@@ -41,7 +41,7 @@ from tests.agents.servers import (
     need,
 )
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
-from trinity.agents.providers.embedded import EmbeddedProvider, estimate_tokens
+from trinity.agents.providers.embedded import KV_CACHE_TYPE, EmbeddedProvider, estimate_tokens
 from trinity.agents.providers.ollama_api import OllamaProvider
 from trinity.agents.providers.openai_api import OpenAIProvider
 from trinity.agents.router import CallContext, Router
@@ -134,6 +134,15 @@ def test_embedded_usage_is_what_llama_cpp_reports(
     assert completion.usage.input_tokens > 20 and completion.usage.output_tokens > 2
     assert completion.finish_reason == "stop"
     assert answer_of(completion) in ("yes", "no")
+
+
+def test_embedded_kv_cache_is_8_bit(embedded: EmbeddedProvider) -> None:
+    """The model agents' KV cache is Q8_0 (half of F16's memory), with flash attention,
+    which llama.cpp needs to quantize V; the answers above are unchanged by it."""
+    embedded.complete(REQUEST, timeout_s=30, cancel=never())
+    params = embedded._llama.context_params
+    assert (params.type_k, params.type_v) == (KV_CACHE_TYPE, KV_CACHE_TYPE) == (8, 8)
+    assert params.flash_attn_type == 1  # enabled
 
 
 def test_embedded_timeout_and_cancel_are_model_timeouts(embedded: EmbeddedProvider) -> None:
