@@ -80,7 +80,10 @@ def main() -> int:
         print("no metrics samples were written")
         return 1
     ideal = duration_h * 3600 / TIME_SCALE
-    peak_pss = max(s["memory_mb"] for s in samples)
+    at_peak = max(samples, key=lambda s: s["memory_mb"])
+    peak_pss = at_peak["memory_mb"]
+    # What each process held at that moment (PSS, MB): where a memory target is missed.
+    peak_split = {name: proc["pss_mb"] for name, proc in at_peak["processes"].items()}
     peak_rss = max(s["memory_rss_total_mb"] for s in samples)
     peak_process = max(s["memory_max_process_rss_mb"] for s in samples)
     total_growth = samples[-1].get("memory_growth_pct_per_hour")
@@ -97,13 +100,15 @@ def main() -> int:
          f"{worst:+.2f}% worst (total {total_growth}, per process {growth})",
          f"<= {GROWTH_TARGET_PCT:g}%", worst is not None and worst <= GROWTH_TARGET_PCT),
     ]
-    print(f"\n{len(samples)} metrics samples")
+    print(f"\n{len(samples)} metrics samples; at the peak, PSS by process: "
+          + ", ".join(f"{name} {mb:.0f} MB" for name, mb in sorted(peak_split.items())))
     for name, measured, target, ok in checks:
         print(f"  {'OK    ' if ok else 'MISSED'} {name:<28} {measured}  (target {target})")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps({
         "duration_h": duration_h, "time_scale": TIME_SCALE, "wall_s": round(wall, 2),
         "ideal_s": round(ideal, 2), "samples": len(samples), "peak_total_pss_mb": peak_pss,
+        "peak_pss_by_process_mb": peak_split,
         "peak_total_rss_mb": peak_rss, "peak_process_rss_mb": peak_process,
         "total_growth_pct_per_hour": total_growth, "process_growth_pct_per_hour": growth,
         "targets_met": all(ok for *_, ok in checks),
