@@ -15,7 +15,8 @@ Scoring has two stages.
    *normalised* text in which numbers, hex ids, timestamps, URLs, paths and quoted
    identifiers are masked and snake/camel identifiers split, so the model learns the
    shape of a mypy error or a Go panic rather than the file names of the dev set.
-   Inference uses the fitted weight matrices directly with numpy (no per-call sklearn).
+   Inference uses the fitted weight matrices directly with numpy and hashes n-grams
+   itself: only training imports scikit-learn and SciPy.
 
 2. **Combiner** - the base log-probabilities plus neighbour evidence from the exemplar
    store: per label, the similarity-weighted vote share of the top-k exemplars
@@ -64,18 +65,17 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
+import mmh3
 import numpy as np
-import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
-from scipy.optimize import minimize, minimize_scalar  # type: ignore[import-untyped,unused-ignore]
-from sklearn.feature_extraction.text import HashingVectorizer  # type: ignore[import-untyped,unused-ignore]
-from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped,unused-ignore]
-from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
 
 from trinity.agents.embedding import StaticEmbedder
 from trinity.errors import InvalidPayload
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
 
 PATTERNS = (
     "critical_error",
@@ -376,22 +376,107 @@ class InMemoryExemplars:
 # -- features ---------------------------------------------------------------------
 
 _N_HASH = 2**18
-
-
-def _hashed(analyzer: str, ngram_range: tuple[int, int], **options: Any) -> HashingVectorizer:
-    """A binary, unit-norm, case-preserving hashed n-gram block (all three share these)."""
-    return HashingVectorizer(analyzer=analyzer, ngram_range=ngram_range, n_features=_N_HASH,
-                             alternate_sign=False, norm="l2", binary=True, lowercase=False,
-                             **options)
-
-
-_WORDS = _hashed("word", (1, 2), token_pattern=r"(?u)\b\w+\b|[^\w\s]")
-_CHARS = _hashed("char_wb", (2, 5))
 # Relative weight of the dense embedding block against the two unit-norm hashed blocks.
 EMBED_WEIGHT = 1.5
 
+# The three hashed blocks are scikit-learn's HashingVectorizer(n_features=2**18,
+# binary=True, norm="l2", alternate_sign=False, lowercase=False) with the analyzers below,
+# reproduced here so that classifying imports neither scikit-learn nor SciPy (~85 MB of
+# a WITNESS process's own memory): n-grams as sklearn builds them, MurmurHash3 (x86, 32-bit, seed 0,
+# signed) of their UTF-8 bytes, column ``abs(hash) % 2**18``, each distinct column 1,
+# the row scaled to unit length. tests/agents/test_detector.py checks equality with
+# sklearn on arbitrary text.
+_WORD_TOKENS = re.compile(r"(?u)\b\w+\b|[^\w\s]")  # word 1-2-grams of words and symbols
+_PIECE_TOKENS = re.compile(r"\S+")  # word 1-2-grams of WordPiece tokens
+_WHITE_SPACES = re.compile(r"\s\s+")  # sklearn's char_wb whitespace folding
+_CHAR_NGRAMS = (2, 5)
 
-_PIECES = _hashed("word", (1, 2), token_pattern=r"\S+")
+
+def _word_grams(tokens: list[str]) -> list[str]:
+    """sklearn's word n-grams for ngram_range (1, 2): the tokens, then adjacent pairs."""
+    return tokens + [f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
+
+
+def _char_wb_grams(text: str) -> list[str]:
+    """sklearn's ``char_wb`` 2-5-grams: inside words padded with one space each side; a
+    padded word shorter than n counts once, whole."""
+    lo, hi = _CHAR_NGRAMS
+    grams: list[str] = []
+    for word in _WHITE_SPACES.sub(" ", text).split():
+        w = f" {word} "
+        for n in range(lo, hi + 1):
+            if len(w) <= n:
+                grams.append(w)
+                break
+            grams.extend(w[i : i + n] for i in range(len(w) - n + 1))
+    return grams
+
+
+def _hash_block(grams: list[str]) -> np.ndarray:
+    """The sorted distinct columns of ``grams`` (values are implied: binary, then l2)."""
+    hashes = np.fromiter(map(mmh3.hash, grams), dtype=np.int64, count=len(grams))
+    columns: np.ndarray = np.unique(np.abs(hashes) % _N_HASH)
+    return columns
+
+
+@dataclass(frozen=True)
+class HashedRows:
+    """The hashed n-gram features of some texts, as CSR arrays over the three blocks
+    (words, chars, pieces side by side: ``3 * 2**18`` columns); float32 values."""
+
+    indptr: np.ndarray  # (n_rows + 1,) int64
+    indices: np.ndarray  # (nnz,) int64, sorted within each row
+    data: np.ndarray  # (nnz,) float32
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def to_csr(self) -> sp.csr_matrix:
+        """As a SciPy matrix, for training (imports SciPy)."""
+        import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
+
+        return sp.csr_matrix(
+            (self.data, self.indices, self.indptr),
+            shape=(self.n_rows, 3 * _N_HASH),
+            dtype=np.float32,
+        )
+
+    def dot(self, weights: np.ndarray) -> np.ndarray:
+        """``rows @ weights`` for a (3 * 2**18, k) float32 matrix: each row's terms added
+        in column order, in float32, as SciPy's CSR product does."""
+        out = np.zeros((self.n_rows, weights.shape[1]), dtype=np.float32)
+        terms = self.data[:, None] * weights[self.indices]
+        for r in range(self.n_rows):
+            start, stop = int(self.indptr[r]), int(self.indptr[r + 1])
+            if stop > start:
+                # a running sum is strictly sequential (a reduction may pair terms up)
+                out[r] = np.cumsum(terms[start:stop], axis=0, dtype=np.float32)[-1]
+        return out
+
+
+def _hashed_rows(blocks: Sequence[Sequence[list[str]]]) -> HashedRows:
+    """``blocks[b][r]``: the n-grams of row ``r`` in block ``b``."""
+    indices: list[np.ndarray] = []
+    data: list[np.ndarray] = []
+    indptr = [0]
+    for r in range(len(blocks[0])):
+        nnz = 0
+        for b, block in enumerate(blocks):
+            columns = _hash_block(block[r])
+            if len(columns):
+                indices.append(columns + b * _N_HASH)
+                # sklearn: l2 norm in float64 over ones, then the float32 design matrix
+                data.append(np.full(len(columns), 1.0 / math.sqrt(len(columns)), np.float32))
+                nnz += len(columns)
+        indptr.append(indptr[-1] + nnz)
+    return HashedRows(
+        np.asarray(indptr, dtype=np.int64),
+        np.concatenate(indices) if indices else np.zeros(0, np.int64),
+        np.concatenate(data) if data else np.zeros(0, np.float32),
+    )
+
+
 _TOKENIZER: Any = None
 
 
@@ -406,16 +491,22 @@ def _wordpieces(normalised: Sequence[str]) -> list[str]:
     return [" ".join(e.tokens[:256]) for e in encs]
 
 
-def _sparse_features(normalised: Sequence[str]) -> sp.csr_matrix:
-    words = _WORDS.transform(normalised)
-    chars = _CHARS.transform(normalised)
-    pieces = _PIECES.transform(_wordpieces(normalised))
-    return sp.hstack([words, chars, pieces], format="csr", dtype=np.float32)
+def _sparse_features(normalised: Sequence[str]) -> HashedRows:
+    pieces = _wordpieces(normalised)
+    return _hashed_rows(
+        (
+            [_word_grams(_WORD_TOKENS.findall(t)) for t in normalised],
+            [_char_wb_grams(t) for t in normalised],
+            [_word_grams(_PIECE_TOKENS.findall(t)) for t in pieces],
+        )
+    )
 
 
-def _design(vectors: np.ndarray, sparse: sp.csr_matrix) -> sp.csr_matrix:
+def _design(vectors: np.ndarray, sparse: HashedRows) -> sp.csr_matrix:
+    import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
+
     dense = sp.csr_matrix(vectors.astype(np.float32) * EMBED_WEIGHT)
-    return sp.hstack([dense, sparse], format="csr", dtype=np.float32)
+    return sp.hstack([dense, sparse.to_csr()], format="csr", dtype=np.float32)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -492,6 +583,8 @@ def _fit_combiner(logp: np.ndarray, knn: np.ndarray, y: np.ndarray) -> Combiner:
         )
         return nll, grad + 2 * _COMBINER_L2 * params
 
+    from scipy.optimize import minimize  # type: ignore[import-untyped,unused-ignore]
+
     x0 = np.zeros(4 + n)
     x0[0] = 1.0
     res = minimize(objective, x0, jac=True, method="L-BFGS-B")
@@ -519,9 +612,9 @@ class TrainedModel:
     class_thresholds: tuple[float, ...] | None = None
     vote_temperature: float = VOTE_TEMPERATURE
 
-    def base_logits(self, vectors: np.ndarray, sparse: sp.csr_matrix) -> np.ndarray:
+    def base_logits(self, vectors: np.ndarray, sparse: HashedRows) -> np.ndarray:
         dense = vectors.astype(np.float32) @ self.dense_weights
-        hashed = np.asarray(sparse @ self.sparse_weights)
+        hashed = sparse.dot(self.sparse_weights)
         out: np.ndarray = dense + hashed + self.bias
         return out
 
@@ -571,6 +664,8 @@ def _fit_base(
     column on every iteration, so fitting on the live ones is ~15x faster and identical
     (an all-zero column gets a zero weight under L2 anyway).
     """
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped,unused-ignore]
+
     used = np.unique(x.indices)
     clf = LogisticRegression(C=c, max_iter=500, tol=1e-4)
     clf.fit(x[:, used], y, sample_weight=weight)
@@ -606,6 +701,8 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     def nll(log_t: float) -> float:
         logp = _log_softmax(logits / math.exp(log_t))
         return float(-logp[np.arange(len(y)), y].mean())
+
+    from scipy.optimize import minimize_scalar  # type: ignore[import-untyped,unused-ignore]
 
     res = minimize_scalar(nll, bounds=(math.log(0.2), math.log(5.0)), method="bounded")
     return float(math.exp(res.x))
@@ -707,6 +804,10 @@ def train(
     for _, label in examples:
         if label not in _LABEL_INDEX:
             raise ValueError(f"unknown label {label!r}")
+    # Training only: classifying needs neither (see HashedRows).
+    import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
+    from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
+
     texts = [event_text(event).text for event, _ in examples]
     y = np.array([_LABEL_INDEX[label] for _, label in examples])
     vectors = embedder.embed(texts)

@@ -407,3 +407,151 @@ def test_devset_files_are_found_relative_to_the_module() -> None:
     from trinity.agents import detector as det_module
 
     assert (Path(det_module.__file__).parent / "data" / "devset_tools.jsonl").exists()
+
+
+# -- hashed features without scikit-learn ------------------------------------------
+# Classifying hashes n-grams itself (no sklearn or SciPy in a WITNESS process); these
+# hold it to sklearn's HashingVectorizer and SciPy's product, which trained the model.
+
+
+def _sklearn_features(texts: list[str]) -> Any:
+    """The three hashed blocks as the detector built them with scikit-learn."""
+    import scipy.sparse as sp  # type: ignore[import-untyped,unused-ignore]
+    from sklearn.feature_extraction.text import (  # type: ignore[import-untyped,unused-ignore]
+        HashingVectorizer,
+    )
+
+    from trinity.agents import detector as det_module
+
+    def block(analyzer: str, ngrams: tuple[int, int], **options: Any) -> Any:
+        return HashingVectorizer(analyzer=analyzer, ngram_range=ngrams, n_features=2**18,
+                                 alternate_sign=False, norm="l2", binary=True,
+                                 lowercase=False, **options)
+
+    words = block("word", (1, 2), token_pattern=r"(?u)\b\w+\b|[^\w\s]").transform(texts)
+    chars = block("char_wb", (2, 5)).transform(texts)
+    pieces = block("word", (1, 2), token_pattern=r"\S+").transform(
+        det_module._wordpieces(texts)
+    )
+    return sp.hstack([words, chars, pieces], format="csr", dtype=np.float32)
+
+
+_ODD_BITS = st.sampled_from(
+    [" ", "  ", "\t", "\n", "\x0b", "\u00a0", "\u2028", "\u3000", "\u200b", "é", "e\u0301",
+     "ß", "İ", "ǅ", "😀", "日本語", "_", "-", "'", "!?", "..", "xxbos", "0x1f", "a", "Z9",
+     "ｆｕｌｌ", "\ufeff", "ℌ𝔢"]
+)
+_FEATURE_TEXTS = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",))),
+    st.lists(_ODD_BITS, max_size=300).map("".join),
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1500, max_size=4000),
+)
+_WEIGHTS = np.random.default_rng(7).standard_normal((3 * 2**18, len(LABELS))).astype(np.float32)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_FEATURE_TEXTS, min_size=1, max_size=4))
+def test_hashed_features_equal_sklearns(texts: list[str]) -> None:
+    from trinity.agents.detector import _sparse_features
+
+    ours = _sparse_features(texts)
+    ref = _sklearn_features(texts)
+    mine = ours.to_csr()
+    assert mine.shape == ref.shape
+    np.testing.assert_array_equal(mine.indptr, ref.indptr)
+    np.testing.assert_array_equal(mine.indices, ref.indices)
+    np.testing.assert_allclose(mine.data, ref.data, rtol=0, atol=1e-6)
+    # and the logits' hashed part, term by term as SciPy adds them
+    np.testing.assert_array_equal(ours.dot(_WEIGHTS), np.asarray(ref @ _WEIGHTS))
+
+
+def test_hashed_features_of_a_known_text() -> None:
+    """Pinned columns, so a change to both sides at once is still caught."""
+    from trinity.agents.detector import _sparse_features
+
+    rows = _sparse_features(["ab"])
+    # words: "ab"; chars: " a", "ab", "b ", " ab", "ab ", " ab "; pieces: "ab"
+    assert np.diff(rows.indptr).tolist() == [1 + 6 + 1]
+    assert rows.data[:1].tolist() == [1.0]
+    np.testing.assert_allclose(rows.data[1:7], 1 / math.sqrt(6), rtol=1e-7)
+    ref = _sklearn_features(["ab"])
+    np.testing.assert_array_equal(rows.indices, ref.indices)
+
+
+class _SciPyRows:
+    """The old classification path's hashed features: sklearn's, multiplied by SciPy."""
+
+    calls = 0
+
+    def __init__(self, texts: list[str]) -> None:
+        type(self).calls += 1
+        self.csr = _sklearn_features(list(texts))
+
+    def dot(self, weights: np.ndarray) -> np.ndarray:
+        return np.asarray(self.csr @ weights)
+
+
+def test_devset_decisions_equal_the_sklearn_path(
+    embedder: StaticEmbedder, model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trinity.agents import detector as det_module
+
+    events = [event for event, _, _ in load_devset()] + [event for event, _, _ in PLAN_EVENTS]
+    events += [{"message": message} for message in SANITY_NEGATIVES]
+    detector = Detector(embedder, model, seeded(embedder))
+
+    def decisions() -> list[tuple[str | None, str, float, dict[str, float]]]:
+        out = []
+        for event in events:
+            det = detector.classify(event)
+            out.append((det.pattern, det.label, det.confidence, dict(det.probabilities)))
+        return out
+
+    ours = decisions()
+    monkeypatch.setattr(det_module, "_sparse_features", _SciPyRows)
+    before = decisions()
+    assert _SciPyRows.calls == len(events)
+    assert sum(p is not None for p, *_ in ours) > len(events) / 2
+    assert ours == before  # exactly: same columns, same float32 sums
+
+
+_CLASSIFY_ALONE = """
+import json, sys
+import psutil
+from trinity.agents import detector as det
+from trinity.agents.embedding import load_embedder
+from trinity.agents.knowledge import load_model
+
+embedder = load_embedder()
+detector = det.Detector(embedder, load_model(embedder), det.InMemoryExemplars(embedder.dim))
+found = detector.classify({"message": "Fatal error: NoneType in production payment processing"})
+uss = psutil.Process().memory_full_info().uss
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy"))
+import scipy.optimize, scipy.sparse, sklearn.feature_extraction.text, sklearn.linear_model
+import sklearn.model_selection
+print(json.dumps({"pattern": found.pattern, "loaded": loaded, "uss_mb": uss / 2**20,
+                  "uss_with_sklearn_mb": psutil.Process().memory_full_info().uss / 2**20}))
+"""
+
+
+def test_classifying_from_the_cached_model_imports_neither_sklearn_nor_scipy(
+    embedder: StaticEmbedder,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from trinity.agents.embedding import default_table_path
+    from trinity.agents.knowledge import load_model
+
+    if not default_table_path().exists():
+        pytest.skip("needs the installed embedding table (make install builds it)")
+    load_model(embedder)  # the cache a WITNESS process loads (trained here if missing)
+    proc = subprocess.run([sys.executable, "-c", _CLASSIFY_ALONE], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pattern"] == "critical_error"
+    assert result["loaded"] == []
+    print(f"classifying process USS {result['uss_mb']:.1f} MB; "
+          f"{result['uss_with_sklearn_mb']:.1f} MB once sklearn and scipy are imported")
