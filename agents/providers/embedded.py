@@ -107,12 +107,7 @@ def _glibc() -> Any:
     return libc
 
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
-_M_TRIM_THRESHOLD = -1
-# Free memory above this much at the top of a heap goes back to the system at once (the
-# default adapts upwards to 32 MB): grammar sampling's per-token blocks then peak at
-# ~26 MB during a call instead of ~37 MB (measured on a plan-schema call).
-TRIM_THRESHOLD_BYTES = 128 * 1024
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -126,7 +121,6 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_ARENA_MAX, arenas)
-        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 def release_free_memory() -> None:
