@@ -158,20 +158,6 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., Hook]]:
-    hooks: list[Hook] = []
-
-    def start(*script: int | str, **kwargs: Any) -> Hook:
-        hook = Hook(*script, **kwargs)
-        hooks.append(hook)
-        return hook
-
-    yield start
-    for hook in hooks:
-        hook.stop()
-
-
-@pytest.fixture
 def notifiers(serve: Callable[..., Hook]) -> Iterator[Callable[..., WebhookNotifier]]:
     """Notifiers closed, and their workers gone, before any server stops."""
     made: list[WebhookNotifier] = []

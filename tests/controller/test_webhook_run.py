@@ -7,8 +7,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -17,20 +16,6 @@ from tests.controller.test_webhook import Hook
 from trinity.controller.alerts import read_alerts
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Hook]]:
-    hooks: list[Hook] = []
-
-    def start(*script: int | str, **kwargs: Any) -> Hook:
-        hook = Hook(*script, **kwargs)
-        hooks.append(hook)
-        return hook
-
-    yield start
-    for hook in hooks:
-        hook.stop()
 
 
 def _pid(project: Project, program: str) -> int:
