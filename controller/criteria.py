@@ -17,7 +17,12 @@ from typing import Any
 from trinity.controller import persistence, runs
 from trinity.controller.alerts import read_alerts
 from trinity.controller.rules import BACKLOG_LIMIT, MEMORY_LIMIT_MB
-from trinity.controller.snapshots import detection_scores, open_readonly, run_events
+from trinity.controller.snapshots import (
+    detection_scores,
+    open_readonly,
+    read_snapshots,
+    run_events,
+)
 from trinity.settings import Settings
 
 CRASH_KINDS = ("agent_crashed", "agent_fatal")
@@ -40,18 +45,6 @@ def save_after(settings: Settings, problems: list[str], state: dict[str, Any] | 
     path.write_text(json.dumps({"run_id": state["run_id"] if state else None,
                                 "problems": problems, "state": state}, indent=2) + "\n",
                     encoding="utf-8")
-
-
-def _metrics_samples(log_dir: Path, run_id: str) -> list[dict[str, Any]]:
-    samples = []
-    for path in sorted((log_dir / "metrics").glob("system_metrics_*.json")):
-        try:
-            sample = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if sample.get("run_id") == run_id:
-            samples.append(sample)
-    return samples
 
 
 def run_alerts(log_dir: Path, run: runs.Run, ended_ms: int | None) -> list[dict[str, Any]]:
@@ -106,7 +99,7 @@ def evaluate(settings: Settings, run_id: str | None = None) -> tuple[runs.Run, l
         finally:
             conn.close()
     alerts = run_alerts(settings.log_dir, run, ended_ms)
-    samples = _metrics_samples(settings.log_dir, run.run_id)
+    samples = list(read_snapshots(settings.log_dir, "metrics", run.run_id)[0].values())
     found: list[Criterion] = []
 
     crashes = [a for a in alerts if a.get("kind") in CRASH_KINDS]

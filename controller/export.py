@@ -32,7 +32,7 @@ import click
 from trinity.bus.topology import ALERTS, EXECUTION, IMPROVEMENT, TELEMETRY
 from trinity.controller import runs
 from trinity.controller.criteria import run_alerts
-from trinity.controller.snapshots import AGENT_NAMES, KINDS, open_readonly
+from trinity.controller.snapshots import AGENT_NAMES, KINDS, open_readonly, read_snapshots
 from trinity.costs import CallRecord
 from trinity.errors import ConfigError, TrinityError
 from trinity.files import atomic_write_bytes
@@ -185,23 +185,17 @@ def _check_log_dir(log_dir: Path, run_id: str) -> None:
 def _metrics_samples(log_dir: Path, run_id: str, recorded: set[str]) -> list[dict[str, Any]]:
     """The run's system_metrics samples in time order; every file the journal says was
     written must be there and whole."""
-    folder, prefix = KINDS["metrics"]
-    found: dict[str, dict[str, Any]] = {}
-    for path in (log_dir / folder).glob(f"{prefix}_*.json"):
-        try:
-            sample = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{path} is unreadable ({type(exc).__name__}: {exc}): the log "
-                              "folder is partly written") from None
-        if isinstance(sample, dict) and sample.get("run_id") == run_id:
-            found[path.name] = sample
+    found, unreadable = read_snapshots(log_dir, "metrics", run_id)
+    folder = log_dir / KINDS["metrics"][0]
+    if unreadable:
+        raise ExportError(f"{folder / unreadable[0]} is unreadable (torn, empty or not a "
+                          "metrics snapshot): the log folder is partly written")
     missing = sorted(recorded - set(found))
     if missing:
         raise ExportError(f"the log folder is partly written: {len(missing)} metrics snapshots "
-                          f"the journal records as written are missing from {log_dir / folder}"
+                          f"the journal records as written are missing from {folder}"
                           f" (first: {missing[0]})")
-    return [found[name] for name in sorted(
-        found, key=lambda name: (float(found[name].get("elapsed_hours") or 0), name))]
+    return list(found.values())
 
 
 def _event_rows(events: list[tuple[Any, ...]],

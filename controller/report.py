@@ -39,7 +39,13 @@ from trinity.controller.criteria import Criterion
 from trinity.controller.rules import BACKLOG_LIMIT, MEMORY_GROWTH_PCT_PER_HOUR, MEMORY_LIMIT_MB
 from trinity.controller.runner import RUN_LOGS
 from trinity.controller.scenario import CATEGORIES, NOISE
-from trinity.controller.snapshots import AGENT_NAMES, KINDS, detection_scores, open_readonly
+from trinity.controller.snapshots import (
+    AGENT_NAMES,
+    KINDS,
+    detection_scores,
+    open_readonly,
+    read_snapshots,
+)
 from trinity.costs import summarize
 from trinity.errors import ConfigError, TrinityError
 from trinity.settings import Settings
@@ -171,15 +177,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _load_snapshots(log_dir: Path, kind: str, run_id: str,
                     gaps: list[str]) -> list[dict[str, Any]]:
     """The run's snapshot files of ``kind``, by elapsed time; unreadable ones noted."""
-    folder, prefix = KINDS[kind]
-    found = []
-    for path in sorted((log_dir / folder).glob(f"{prefix}_*.json")):
-        snap = _read_json(path)
-        if snap is None or _number(snap, "elapsed_hours") is None:
-            gaps.append(f"{folder}/{path.name}: unreadable (torn, empty or not a snapshot)")
-        elif snap.get("run_id") == run_id:
-            found.append(snap)
-    return sorted(found, key=lambda s: float(s["elapsed_hours"]))
+    found, unreadable = read_snapshots(log_dir, kind, run_id)
+    unreadable += [name for name, snap in found.items() if _number(snap, "elapsed_hours") is None]
+    folder = KINDS[kind][0]
+    gaps += [f"{folder}/{name}: unreadable (torn, empty or not a snapshot)"
+             for name in sorted(unreadable)]
+    return [snap for snap in found.values() if _number(snap, "elapsed_hours") is not None]
 
 
 def _check_log_dir(log_dir: Path) -> None:

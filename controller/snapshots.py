@@ -81,6 +81,33 @@ def cost_snapshot(totals: dict[str, Any], spent_last_hour_usd: float,
     }
 
 
+def read_snapshots(log_dir: Path, kind: str,
+                   run_id: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The run's snapshot files of ``kind`` (``KINDS``) by file name, in elapsed-time
+    order, and the names of the files that are not a JSON object (torn or empty): each
+    reader decides what those mean."""
+    folder, prefix = KINDS[kind]
+    found: dict[str, dict[str, Any]] = {}
+    unreadable: list[str] = []
+    for path in sorted((log_dir / folder).glob(f"{prefix}_*.json")):
+        try:
+            snap = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            snap = None
+        if not isinstance(snap, dict):
+            unreadable.append(path.name)
+        elif snap.get("run_id") == run_id:
+            found[path.name] = snap
+    order = sorted(found, key=lambda name: (_elapsed(found[name]) or 0.0, name))
+    return {name: found[name] for name in order}, unreadable
+
+
+def _elapsed(snap: dict[str, Any]) -> float | None:
+    hours = snap.get("elapsed_hours")
+    return float(hours) if isinstance(hours, int | float) and not isinstance(hours, bool) \
+        else None
+
+
 def open_readonly(path: Path) -> sqlite3.Connection:
     """A read-only connection (raises sqlite3.Error if the file is missing or unreadable)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
