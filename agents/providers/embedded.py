@@ -13,8 +13,10 @@ GGUF is memory-mapped, so its ~92 MB of weights are file pages shared by every p
 that loads it. Private to each process are the KV cache (45 MB at ``n_ctx`` 2048), the
 compute buffer, sized for ``n_batch`` tokens at once (99 MB reserved at llama.cpp's 512,
 of which a long prompt touches ~35 MB; 12 MB at 64, as fast and with the same answers),
-and what grammar sampling allocates while a call runs, ~30 MB that glibc keeps after the
-call unless trimmed (once per malloc arena: see ``limit_malloc_arenas``).
+and what grammar sampling allocates while a call runs: ~35 MB per token inside a JSON
+string when llama.cpp checks the whole vocabulary, a few MB with ``_GrammarMask``, which
+checks only the tokens sampling can pick; glibc keeps freed pages after a call unless
+trimmed (once per malloc arena: see ``limit_malloc_arenas``).
 """
 
 from __future__ import annotations
@@ -126,10 +128,11 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def release_free_memory() -> None:
     """Hand the C heap's free pages back to the system.
 
-    Grammar sampling holds ~30 MB of small blocks while a call runs (llama.cpp's grammar
-    sampler works over the whole 49k-token vocabulary) and frees them at its end; glibc
-    keeps the pages, so without this a process holding a model stays ~35 MB higher after
-    its first call, and as much again for every malloc arena a call thread lands in.
+    Grammar checks allocate many small blocks while a call runs (up to ~35 MB when a
+    step checks the whole 49k-token vocabulary, see ``_GrammarMask``) and free them at
+    its end; glibc keeps the pages, so without this a process holding a model stays that
+    much higher after a call, and as much again for every malloc arena a call thread
+    lands in.
     """
     libc = _glibc()
     if libc is not None:
@@ -150,6 +153,92 @@ class _TokenCounter:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
         return scores
+
+
+# Sampling keeps the TOP_K most likely tokens the grammar allows (llama-cpp-python's
+# default, passed explicitly because _GrammarMask relies on it).
+TOP_K = 40
+# The most likely candidates the grammar checks first (see _GrammarMask), and the slice
+# it checks the rest of the vocabulary in when fewer than TOP_K of those are allowed.
+GRAMMAR_FIRST = 256
+GRAMMAR_SLICE = 4096
+_TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+
+class _GrammarMask:
+    """llama.cpp's grammar sampler, applied only where it can change the sampled token.
+
+    Given the whole vocabulary, the grammar sampler walks every candidate token's
+    characters through the grammar in one recursive pass: inside a JSON string, where
+    nearly all 49k tokens are allowed, that took ~9 ms and ~35 MB of scratch per token
+    (measured), as long as the model's own step and the largest share of a model
+    agent's peak memory. But sampling only ever looks at the ``TOP_K`` most likely
+    allowed tokens (greedy decoding at one), and whether a token is allowed depends on
+    that token and the grammar's state alone. So the ``GRAMMAR_FIRST`` most likely
+    candidates are checked first; when at least ``TOP_K`` of them are allowed, they
+    hold the ``TOP_K`` most likely allowed tokens and every other candidate is masked
+    without being checked. Otherwise the rest of the vocabulary is checked too,
+    ``GRAMMAR_SLICE`` at a time (the scratch grows with the candidates in one pass).
+    Either way top-k, top-p, min-p, temperature and the seeded draw see the same
+    candidates with the same logits as with ``grammar=``, so the sampled tokens are the
+    same (tested, and compared in ``make bench-llm``). As a logits processor it runs
+    before llama-cpp-python's repetition penalties, which are the identity at the
+    defaults used here.
+
+    The sampler is this object's own, so it is told each token the model accepted:
+    they are the ids that appear after the prompt in ``input_ids``.
+    """
+
+    def __init__(self, llama: Any, grammar_text: str) -> None:
+        from llama_cpp import llama_cpp
+
+        self._c = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(
+            llama._model.vocab, grammar_text.encode("utf-8"), b"root")
+        if not self._sampler:
+            raise ConfigError("llama.cpp rejected the JSON-schema grammar")
+        self._data = np.zeros(llama.n_vocab(), dtype=_TOKEN_DATA)
+        self._prompt_tokens = -1
+        self._accepted = 0
+
+    def _allowed(self, ids: npt.NDArray[np.intp], logits: npt.NDArray[np.single]) -> Any:
+        """Which of ``ids`` the grammar allows in its current state (bool array)."""
+        c, data = self._c, self._data[: len(ids)]
+        data["id"] = ids
+        data["logit"] = logits
+        base = data.ctypes.data
+        for start in range(0, len(ids), GRAMMAR_SLICE):
+            view = c.llama_token_data_array(
+                data=ctypes.cast(base + start * _TOKEN_DATA.itemsize,
+                                 ctypes.POINTER(c.llama_token_data)),
+                size=min(GRAMMAR_SLICE, len(ids) - start), selected=-1, sorted=False)
+            c.llama_sampler_apply(self._sampler, ctypes.byref(view))
+        return data["logit"] != -np.inf
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        if self._prompt_tokens < 0:
+            self._prompt_tokens = len(input_ids)
+        for token in input_ids[self._prompt_tokens + self._accepted:]:
+            self._c.llama_sampler_accept(self._sampler, int(token))
+            self._accepted += 1
+        out = np.full_like(scores, -np.inf)
+        first = np.argpartition(scores, -GRAMMAR_FIRST)[-GRAMMAR_FIRST:]
+        allowed = self._allowed(first, scores[first])
+        out[first[allowed]] = scores[first[allowed]]
+        if np.count_nonzero(allowed) < TOP_K:
+            rest = np.ones(len(scores), dtype=bool)
+            rest[first] = False
+            others = np.flatnonzero(rest)
+            allowed = self._allowed(others, scores[others])
+            out[others[allowed]] = scores[others[allowed]]
+        return out
+
+    def close(self) -> None:
+        if self._sampler:
+            self._c.llama_sampler_free(self._sampler)
+            self._sampler = None
 
 
 class EmbeddedProvider:
@@ -206,17 +295,22 @@ class EmbeddedProvider:
         with self._lock:
             llama = self._load()
             counter = _TokenCounter()
-            grammar = schema_grammar(request.schema) if request.schema else None
+            processors: list[Any] = [counter]
+            mask = None
+            if request.schema:
+                mask = _GrammarMask(llama, schema_grammar_text(
+                    json.dumps(request.schema, sort_keys=True)))
+                processors.append(mask)
             parts: list[str] = []
             finish_reason: str | None = None
             try:
                 stream: Any = llama.create_chat_completion(
                     messages=list(request.messages),
-                    grammar=grammar,
                     max_tokens=request.max_tokens,
                     temperature=request.temperature,
+                    top_k=TOP_K,
                     seed=request.seed,
-                    logits_processor=LogitsProcessorList([counter]),
+                    logits_processor=LogitsProcessorList(processors),
                     stream=True,
                 )
                 for chunk in stream:
@@ -232,6 +326,8 @@ class EmbeddedProvider:
             except ValueError as exc:  # e.g. a prompt longer than the context window
                 raise InvalidModelOutput(f"{self.name}: {exc}") from None
             finally:
+                if mask is not None:
+                    mask.close()
                 release_free_memory()
         # The last sampled token is the end-of-generation token unless the limit hit.
         generated = counter.sampled - (finish_reason == "stop")

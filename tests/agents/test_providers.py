@@ -91,6 +91,16 @@ def embedded() -> Iterator[EmbeddedProvider]:
 
 
 @pytest.fixture(scope="module")
+def twin(embedded: EmbeddedProvider) -> Iterator[Any]:
+    """A second Llama with every setting of the provider's (KV cache type, n_batch, ...)."""
+    from llama_cpp import Llama
+
+    llama = Llama(**embedded._load().__getstate__())
+    yield llama
+    llama.close()
+
+
+@pytest.fixture(scope="module")
 def ollama_server() -> Iterator[OllamaWireServer]:
     server = OllamaWireServer().start()
     yield server
@@ -134,6 +144,41 @@ def test_embedded_usage_is_what_llama_cpp_reports(
     assert completion.usage.input_tokens > 20 and completion.usage.output_tokens > 2
     assert completion.finish_reason == "stop"
     assert answer_of(completion) in ("yes", "no")
+
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"summary": {"type": "string"},
+                   "steps": {"type": "array", "items": {"type": "string"}},
+                   "risk": {"type": "number"}, "ready": {"type": "boolean"}},
+    "required": ["summary", "steps", "risk", "ready"],
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.2, 0.8])
+def test_embedded_grammar_mask_samples_what_the_grammar_sampler_samples(
+    embedded: EmbeddedProvider, twin: Any, temperature: float
+) -> None:
+    """The provider checks only the most likely tokens against the grammar (see
+    ``_GrammarMask``); a llama.cpp grammar sampler over the whole vocabulary, in another
+    instance built with the provider's own settings, samples the same tokens: free text
+    inside strings (where nearly every token is allowed), structure, numbers and
+    booleans, seeded draws."""
+    from trinity.agents.providers.embedded import schema_grammar
+
+    prompts = ["Plan a fix: TypeError: Cannot read properties of undefined (reading 'id')",
+               "Plan tests for a network client whose retries time out at random.",
+               "Summarise in one line: duplicate validation logic in three files."]
+    for seed, prompt in enumerate(prompts):
+        messages = ({"role": "user", "content": prompt},)
+        request = ChatRequest(messages=messages, schema=PLAN_SCHEMA, max_tokens=96,
+                              temperature=temperature, seed=seed)
+        completion = embedded.complete(request, timeout_s=120, cancel=never())
+        reference: Any = twin.create_chat_completion(
+            messages=list(messages), grammar=schema_grammar(PLAN_SCHEMA),
+            max_tokens=96, temperature=temperature, seed=seed)
+        assert completion.content == reference["choices"][0]["message"]["content"]
+        assert completion.usage.output_tokens == reference["usage"]["completion_tokens"]
 
 
 def test_embedded_kv_cache_is_8_bit(embedded: EmbeddedProvider) -> None:
