@@ -420,6 +420,41 @@ def _hash_block(grams: list[str]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SparseWeights:
+    """The hashed block of the classifier's weights, (3 * 2**18, k), keeping only rows
+    with a nonzero weight: a feature never seen in training has an all-zero row (L2
+    gives it no weight), and ~94 % of the hashed columns are such, so the dense matrix
+    (19 MB) would be mostly zeros in WITNESS's memory and in the cached model."""
+
+    index: np.ndarray  # (n_rows,) int64, sorted: which rows are stored
+    rows: np.ndarray  # (n_rows + 1, k) float32; the last row is all zeros
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray) -> SparseWeights:
+        index = np.flatnonzero(np.any(dense != 0, axis=1))
+        zero = np.zeros((1, dense.shape[1]), dtype=np.float32)
+        rows = np.concatenate([dense[index].astype(np.float32), zero])
+        return cls(index.astype(np.int64), np.ascontiguousarray(rows))
+
+    def to_dense(self, n_columns: int) -> np.ndarray:
+        dense = np.zeros((n_columns, self.n_labels), dtype=np.float32)
+        dense[self.index] = self.rows[:-1]
+        return dense
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.rows.shape[1])
+
+    def rows_of(self, columns: np.ndarray) -> np.ndarray:
+        """The weight rows of hashed ``columns`` (zeros for a column never trained on)."""
+        at = np.searchsorted(self.index, columns)
+        found = at < len(self.index)
+        found[found] = self.index[at[found]] == columns[found]
+        out: np.ndarray = self.rows[np.where(found, at, len(self.index))]
+        return out
+
+
+@dataclass(frozen=True)
 class HashedRows:
     """The hashed n-gram features of some texts, as CSR arrays over the three blocks
     (words, chars, pieces side by side: ``3 * 2**18`` columns); float32 values."""
@@ -442,11 +477,11 @@ class HashedRows:
             dtype=np.float32,
         )
 
-    def dot(self, weights: np.ndarray) -> np.ndarray:
-        """``rows @ weights`` for a (3 * 2**18, k) float32 matrix: each row's terms added
+    def dot(self, weights: SparseWeights) -> np.ndarray:
+        """``rows @ weights`` for (3 * 2**18, k) float32 weights: each row's terms added
         in column order, in float32, as SciPy's CSR product does."""
-        out = np.zeros((self.n_rows, weights.shape[1]), dtype=np.float32)
-        terms = self.data[:, None] * weights[self.indices]
+        out = np.zeros((self.n_rows, weights.n_labels), dtype=np.float32)
+        terms = self.data[:, None] * weights.rows_of(self.indices)
         for r in range(self.n_rows):
             start, stop = int(self.indptr[r]), int(self.indptr[r + 1])
             if stop > start:
@@ -598,7 +633,7 @@ def _fit_combiner(logp: np.ndarray, knn: np.ndarray, y: np.ndarray) -> Combiner:
 class TrainedModel:
     """Everything ``Detector`` needs; plain numpy arrays so it pickles small and loads fast."""
 
-    sparse_weights: np.ndarray  # (n_hashed, n_labels) float32
+    sparse_weights: SparseWeights  # (n_hashed, n_labels), zero rows left out
     dense_weights: np.ndarray  # (dim, n_labels) float32, already scaled by EMBED_WEIGHT
     bias: np.ndarray  # (n_labels,)
     combiner: Combiner
@@ -877,7 +912,7 @@ def train(
     dim = vectors.shape[1]
     coef = base.coef
     return TrainedModel(
-        sparse_weights=np.ascontiguousarray(coef[:, dim:].T),
+        sparse_weights=SparseWeights.from_dense(coef[:, dim:].T),
         dense_weights=np.ascontiguousarray(coef[:, :dim].T * EMBED_WEIGHT),
         bias=base.intercept,
         combiner=combiner,
