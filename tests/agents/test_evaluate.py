@@ -7,6 +7,7 @@ the dev-set loader (which seeds the store and trains the model) never reads it.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -80,13 +81,27 @@ def test_holdout_results_scores_every_item_once() -> None:
     assert out["repositories"] >= 200
 
 
+def test_devset_follows_its_origins_policy() -> None:
+    """Every dev-set line is labelled, names its public source, and no repository gives
+    more than five lines (so no one project's wording dominates), no text twice."""
+    dev = load_devset()
+    assert {label for _, label, _ in dev} == set(LABELS)
+    per_repo = Counter(repository(origin) for _, _, origin in dev)
+    assert all(origin.startswith("github:") for _, _, origin in dev)
+    assert max(per_repo.values()) <= 5, per_repo.most_common(3)
+    messages = [event["message"] for event, _, _ in dev]
+    assert len(set(messages)) == len(messages)
+
+
 def test_pending_candidates_share_no_repository_with_holdout_or_dev_set() -> None:
     import json
 
-    path = DATA_DIR / "pending_wording.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    paths = sorted(DATA_DIR.glob("pending_*.jsonl"))
+    rows = [json.loads(line) for path in paths
+            for line in path.read_text(encoding="utf-8").splitlines() if line]
     assert rows and {row["label"] for row in rows} == set(LABELS)
     taken = {repository(o) for _, _, o in load_devset()} | {
         repository(o) for _, _, o in load_holdout()
     }
     assert not taken & {repository(row["origin"]) for row in rows}
+    assert max(Counter(repository(row["origin"]) for row in rows).values()) <= 5
