@@ -2,6 +2,7 @@
 VENV      ?= .venv
 PYTHON    ?= python3
 STAMP     := $(VENV)/.installed
+MODEL     := $(VENV)/.witness-model
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # The demo: the 24-hour plan compressed (2880 simulated seconds per real second).
@@ -19,10 +20,15 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
-	$(VENV)/bin/python -m trinity.agents.knowledge
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv with everything Trinity needs (idempotent)
+# WITNESS's embedding table and trained model, into the cache; again whenever the dev set
+# or the detector changes (a WITNESS that finds no model trains it in a child process).
+$(MODEL): $(STAMP) agents/detector.py agents/embedding.py $(wildcard agents/data/devset_*.jsonl)
+	$(VENV)/bin/python -m trinity.agents.knowledge
+	touch $(MODEL)
+
+install: $(STAMP) $(MODEL) ## Create .venv with everything Trinity needs (idempotent)
 
 demo: install ## The main job on embedded defaults: the 24-hour plan compressed, hour-12 restart included, then the report
 	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE) --restart-at 12; \

@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,25 @@ def _model_key(embedder: StaticEmbedder) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None) -> det.TrainedModel:
-    """The model trained on the shipped dev set, from the cache or trained now (seconds)."""
+def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None, *,
+               train_apart: bool = False) -> det.TrainedModel:
+    """The model trained on the shipped dev set, from the cache or trained now (seconds).
+
+    With ``train_apart`` a missing model is trained by a child process (``python -m
+    trinity.agents.knowledge``) and then read from the cache: training imports
+    scikit-learn and SciPy, ~125 MB that a long-lived WITNESS would otherwise keep for
+    its whole life after the dev set or the detector changed. If the child fails, the
+    model is trained here after all.
+    """
     cache_dir = cache_dir or default_table_path().parent
     path = cache_dir / f"witness_model-{_model_key(embedder)}.pkl"
+    if train_apart and not path.exists():
+        child = subprocess.run([sys.executable, "-m", "trinity.agents.knowledge", str(cache_dir)],
+                               capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            log.warning("training the WITNESS model in a child process failed (exit %d): "
+                        "%s; training here", child.returncode,
+                        (child.stderr.strip().splitlines() or ["no output"])[-1])
     if path.exists():
         try:
             with path.open("rb") as fh:
@@ -81,7 +98,7 @@ class Knowledge:
                              for event, label, origin in devset])
         if seeded:
             log.info("seeded the pattern store with %d labelled examples", seeded)
-        return cls(embedder, store, load_model(embedder))
+        return cls(embedder, store, load_model(embedder, train_apart=True))
 
     def observe(self, event: dict[str, Any], *, event_id: str, run_id: str | None = None,
                 started: float | None = None, learn: bool = True) -> Observation:
@@ -111,13 +128,14 @@ class Knowledge:
         self.store.close()
 
 
-def warm() -> None:
-    """Build the embedding table and train the model into the cache (``make install``)."""
+def warm(cache_dir: Path | None = None) -> None:
+    """Build the embedding table and train the model into the cache (``make install``),
+    or into ``cache_dir``."""
     embedder = load_embedder()
     started = time.perf_counter()
-    load_model(embedder)
+    load_model(embedder, cache_dir)
     print(f"WITNESS model ready in the cache ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":
-    warm()
+    warm(Path(sys.argv[1]) if len(sys.argv) > 1 else None)

@@ -562,3 +562,42 @@ def test_classifying_from_the_cached_model_imports_neither_sklearn_nor_scipy(
     assert result["loaded"] == []
     print(f"classifying process USS {result['uss_mb']:.1f} MB; "
           f"{result['uss_with_sklearn_mb']:.1f} MB once sklearn and scipy are imported")
+
+
+_TRAIN_APART = """
+import json, sys
+from pathlib import Path
+from trinity.agents import detector as det
+from trinity.agents.embedding import load_embedder
+from trinity.agents.knowledge import load_model
+
+embedder = load_embedder()
+model = load_model(embedder, Path(sys.argv[1]), train_apart=True)
+detector = det.Detector(embedder, model, det.InMemoryExemplars(embedder.dim))
+found = detector.classify({"message": "Fatal error: NoneType in production payment processing"})
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy"))
+print(json.dumps({"pattern": found.pattern, "loaded": loaded}))
+"""
+
+
+def test_a_missing_model_is_trained_in_a_child_and_witness_stays_lean(
+    embedder: StaticEmbedder, tmp_path: Path
+) -> None:
+    """WITNESS (Knowledge.open) after the dev set or detector changed: the model is not
+    in the cache, a child process trains it, and WITNESS itself never imports the
+    training libraries (they would stay in its memory for the rest of the run)."""
+    import json
+    import subprocess
+    import sys
+
+    from trinity.agents.embedding import default_table_path
+
+    if not default_table_path().exists():
+        pytest.skip("needs the installed embedding table (make install builds it)")
+    assert not list(tmp_path.glob("witness_model-*.pkl"))
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_APART, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"pattern": "critical_error", "loaded": []}
+    assert len(list(tmp_path.glob("witness_model-*.pkl"))) == 1
