@@ -404,7 +404,9 @@ class Controller(BaseProcess):
         try:
             found += self.rules.detection(self._pattern_stats(run, sim)["scoring"], sim)
         except sqlite3.Error as exc:
-            self.alert_database_error(self.settings.patterns_db, exc, "reading the pattern store")
+            if not _being_created(exc):
+                self.alert_database_error(self.settings.patterns_db, exc,
+                                          "reading the pattern store")
         for alert in found:
             self._raise(alert)
 
@@ -418,3 +420,10 @@ class Controller(BaseProcess):
                              f"after the drain timeout", **state)
         self.active = None
         self.active_clock = None
+
+
+def _being_created(exc: sqlite3.Error) -> bool:
+    """WITNESS creates the pattern store's file a moment before its tables; a read that
+    falls in between finds no table at all, which is not a database fault."""
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(
+        "no such table: ")
