@@ -357,19 +357,24 @@ class Controller(BaseProcess):
         return stats
 
     def _pattern_stats(self, run: runs.Run, sim: float) -> dict[str, Any]:
-        if not self.settings.patterns_db.exists():  # WITNESS has not started yet
-            events = snapshots.run_events(self.journal.conn, run.run_id)
-            return {"detections": {"total": 0, "by_type": dict.fromkeys(CATEGORIES, 0),
-                                   "average_confidence": None, "average_confidence_by_type": {}},
-                    "learning": {"total_patterns": 0, "new_patterns_this_hour": 0,
-                                 "confidence_trend": 0.0, "cross_session_matches": 0},
-                    "scoring": snapshots.detection_scores(events, {})}
-        conn = snapshots.open_readonly(self.settings.patterns_db)
+        conn = (snapshots.open_readonly(self.settings.patterns_db)
+                if self.settings.patterns_db.exists() else None)
         try:
+            # WITNESS has not started yet, or has created the file but not yet its tables
+            if conn is None or not conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name='detections'").fetchone():
+                events = snapshots.run_events(self.journal.conn, run.run_id)
+                return {"detections": {"total": 0, "by_type": dict.fromkeys(CATEGORIES, 0),
+                                       "average_confidence": None,
+                                       "average_confidence_by_type": {}},
+                        "learning": {"total_patterns": 0, "new_patterns_this_hour": 0,
+                                     "confidence_trend": 0.0, "cross_session_matches": 0},
+                        "scoring": snapshots.detection_scores(events, {})}
             return snapshots.pattern_stats(self.journal.conn, conn, run.run_id, sim,
                                            run.interval_s("patterns"))
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _metrics(self, run: runs.Run, sim: float) -> dict[str, Any]:
         pids = {name: h.pid for name, h in self.monitor.agents.items() if h.pid is not None}
@@ -404,9 +409,7 @@ class Controller(BaseProcess):
         try:
             found += self.rules.detection(self._pattern_stats(run, sim)["scoring"], sim)
         except sqlite3.Error as exc:
-            if not _being_created(exc):
-                self.alert_database_error(self.settings.patterns_db, exc,
-                                          "reading the pattern store")
+            self.alert_database_error(self.settings.patterns_db, exc, "reading the pattern store")
         for alert in found:
             self._raise(alert)
 
@@ -421,9 +424,3 @@ class Controller(BaseProcess):
         self.active = None
         self.active_clock = None
 
-
-def _being_created(exc: sqlite3.Error) -> bool:
-    """WITNESS creates the pattern store's file a moment before its tables; a read that
-    falls in between finds no table at all, which is not a database fault."""
-    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(
-        "no such table: ")

@@ -574,6 +574,49 @@ def test_model_timeout_alert_from_a_provider_that_does_not_answer(
 # -- database_error ----------------------------------------------------------------------
 
 
+def test_a_pattern_store_without_its_tables_yet_is_no_database_error(short_dir: Path) -> None:
+    """WITNESS creates the store's file a moment before its tables: a controller tick in
+    between reads an empty store, not a fault. Bytes that are not a database still are."""
+    from trinity.bus.journal import Journal
+    from trinity.bus.topology import ALERTS
+    from trinity.clock import ManualClock
+    from trinity.controller import runs
+    from trinity.controller.controller import Controller
+    from trinity.settings import Settings
+
+    settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
+                                  "TRINITY_METRICS_PORT": "0"})
+    journal = Journal(settings.messages_db, source="test")
+    # 100,000x: a metrics sample (every 300 simulated s) is due every 3 real ms
+    runs.create_run(journal.conn, {"time_scale": 1e5, "duration_h": 24.0,
+                                   "event_interval_min": 30.0, "budget_usd": 2.0})
+    bare = sqlite3.connect(settings.patterns_db)
+    bare.execute("PRAGMA journal_mode=WAL")  # the file exists, no table yet
+    bare.close()
+    controller = Controller(settings, clock=ManualClock())
+    controller.initialize()
+
+    def database_errors() -> list[dict[str, Any]]:
+        alerts = [json.loads(m.payload) for m in journal.read_after(ALERTS, 0, 10_000)]
+        return [a for a in alerts if a["kind"] == "database_error"]
+
+    try:
+        for _ in range(3):  # the hour-0 pattern snapshot, then samples and their rules
+            time.sleep(0.01)
+            controller.tick()
+        assert controller._next_snapshot["metrics"] > 1
+        assert database_errors() == []
+        settings.patterns_db.write_bytes(b"not a database" * 512)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{settings.patterns_db}{suffix}").unlink(missing_ok=True)
+        time.sleep(0.01)
+        controller.tick()
+        assert [a["details"]["database"] for a in database_errors()] == ["trinity_patterns.db"]
+    finally:
+        controller.shutdown()
+        journal.close()
+
+
 @pytest.mark.timeout(120)
 def test_corrupt_pattern_store_is_a_database_error_and_the_controller_runs_on(
         project: Project) -> None:
