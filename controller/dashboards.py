@@ -301,8 +301,10 @@ def _database_sizes(settings: Settings) -> dict[str, float | None]:
     sizes: dict[str, float | None] = {}
     for path in (settings.patterns_db, settings.messages_db, settings.costs_db):
         parts = [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")]
-        sizes[path.name] = round(sum(p.stat().st_size for p in parts if p.exists())
-                                 / (1024 * 1024), 3) if path.exists() else None
+        # Unrounded: rounding here and again when shown can move a figure across a
+        # boundary (0.74996 -> 0.750 -> "0.8" where the size is "0.7 MB").
+        sizes[path.name] = (sum(p.stat().st_size for p in parts if p.exists()) / (1024 * 1024)
+                            if path.exists() else None)
     return sizes
 
 

@@ -461,6 +461,21 @@ def test_system_dashboard_shows_the_stores_and_heartbeats(stores: Stores) -> Non
     assert shown[(section, "EXECUTOR")].startswith("✗")
 
 
+def test_a_database_size_is_rounded_once(stores: Stores) -> None:
+    """0.74996 MB is "0.7 MB": rounding to 0.750 first and then to one decimal showed
+    "0.8 MB" (seen as a rare mismatch against the files during a run)."""
+    costs = stores.settings.costs_db
+    for suffix in ("-wal", "-shm"):
+        Path(f"{costs}{suffix}").unlink(missing_ok=True)
+    size = 786_400  # 0.74996 MB
+    assert round(size / 1048576, 3) == 0.75 and f"{size / 1048576:.1f}" == "0.7"
+    with costs.open("r+b") as fh:
+        fh.truncate(size)
+    shown = parse(render_text(dashboards.gather("system", stores.settings)))
+    assert shown[("DATABASE SIZES", costs.name)] == "0.7 MB"
+    assert_shows(shown, expected_system(stores.settings.data_dir, stores.run_id))
+
+
 def test_an_older_run_is_shown_with_run(stores: Stores) -> None:
     journal = Journal(stores.settings.messages_db, source="test")
     newer = runs.create_run(journal.conn, {"time_scale": 60, "duration_h": 1,
