@@ -103,6 +103,23 @@ def _call_policy(table: Mapping[str, Any], source: str) -> CallPolicy:
     )
 
 
+def _check_windows(providers: Mapping[str, Any], max_tokens: Mapping[str, int],
+                   source: str) -> None:
+    """An embedded model's context window must hold the longest answer and at least as
+    many prompt tokens."""
+    from trinity.agents.providers.embedded import DEFAULT_N_CTX
+
+    longest = max([256, *max_tokens.values()])
+    for name, spec in providers.items():
+        if spec["kind"] == "embedded":
+            n_ctx = int(_number(spec, "n_ctx", f"{source} providers.{name}", DEFAULT_N_CTX,
+                                minimum=64))
+            if n_ctx < 2 * longest:
+                raise ConfigError(f"{source}: providers.{name}.n_ctx = {n_ctx} leaves no room "
+                                  f"for a prompt beside an answer of {longest} tokens "
+                                  f"(agents.*.max_tokens); use at least {2 * longest}")
+
+
 def parse_policy(data: Mapping[str, Any], source: str) -> RoutingPolicy:
     providers = data.get("providers")
     if not isinstance(providers, dict) or not providers:
@@ -137,6 +154,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> RoutingPolicy:
     for agent, table in (data.get("agents") or {}).items():
         max_tokens[agent] = int(_number(table, "max_tokens", f"{source} agents.{agent}", 256,
                                         minimum=16))
+    _check_windows(providers, max_tokens, source)
     return RoutingPolicy(source, _call_policy(data.get("call") or {}, source), providers,
                          tuple(routes), max_tokens)
 
@@ -171,7 +189,7 @@ def build_providers(
     policy: RoutingPolicy, env: Mapping[str, str] | None = None
 ) -> dict[str, Provider]:
     """One provider object per configured name; nothing is loaded or contacted yet."""
-    from trinity.agents.providers.embedded import DEFAULT_MODEL, EmbeddedProvider
+    from trinity.agents.providers.embedded import DEFAULT_MODEL, DEFAULT_N_CTX, EmbeddedProvider
     from trinity.agents.providers.ollama_api import OllamaProvider
     from trinity.agents.providers.openai_api import SCHEMA_STYLES, OpenAIProvider
 
@@ -182,7 +200,7 @@ def build_providers(
         if kind == "embedded":
             built[name] = EmbeddedProvider(
                 name, model=str(spec.get("model", DEFAULT_MODEL)),
-                model_path=spec.get("model_path"), n_ctx=int(spec.get("n_ctx", 2048)),
+                model_path=spec.get("model_path"), n_ctx=int(spec.get("n_ctx", DEFAULT_N_CTX)),
                 n_threads=int(spec["n_threads"]) if spec.get("n_threads") else None)
         elif kind == "ollama":
             built[name] = OllamaProvider(name, model=str(spec.get("model", "")),

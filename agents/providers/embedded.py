@@ -10,13 +10,13 @@ reports what the model actually processed.
 
 Memory (the plan allows 500 MB per process, the benchmark 400 MB for all of them): the
 GGUF is memory-mapped, so its ~92 MB of weights are file pages shared by every process
-that loads it. Private to each process are the KV cache (45 MB at ``n_ctx`` 2048), the
+that loads it. Private to each process are the KV cache (12 MB at ``n_ctx`` 1024), the
 compute buffer, sized for ``n_batch`` tokens at once (99 MB reserved at llama.cpp's 512,
 of which a long prompt touches ~35 MB; 12 MB at 64, as fast and with the same answers),
 and what grammar sampling allocates while a call runs: ~35 MB per token inside a JSON
 string when llama.cpp checks the whole vocabulary, a few MB with ``_GrammarMask``, which
 checks only the tokens sampling can pick; glibc keeps freed pages after a call unless
-trimmed (once per malloc arena: see ``limit_malloc_arenas``).
+trimmed (once per malloc arena: see ``trinity.memory``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
 from trinity.errors import ConfigError, InvalidModelOutput, ModelTimeout
+from trinity.memory import release_free_memory
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +50,15 @@ DEFAULT_N_BATCH = 64
 # 24 MB instead of 47 MB at n_ctx 2048 in each model agent, at the same speed (measured
 # 77-79 tok/s either way on one thread).
 KV_CACHE_TYPE = 8
+# The context window. Trinity's prompts are bounded (an event's message is cut at 600
+# characters) and its answers by their schemas: the longest call of a compressed 24-hour
+# run used 475 tokens of prompt and answer together. 1024 leaves room for twice that at
+# half the KV cache of 2048 (12 MB less per model agent); a prompt that would still not
+# fit beside its answer is shortened (``_fit_prompt``) instead of failing the call.
+DEFAULT_N_CTX = 1024
+# Tokens the chat template adds around each message (ChatML: "<|im_start|>role\n" and
+# "<|im_end|>\n") and for the assistant's opening; an overestimate is harmless.
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
 
 
 def shipped_model_path() -> Path:
@@ -93,50 +103,6 @@ def _grammar(schema_json: str) -> Any:
     from llama_cpp.llama_grammar import LlamaGrammar
 
     return LlamaGrammar.from_string(schema_grammar_text(schema_json), verbose=False)
-
-
-@cache
-def _glibc() -> Any:
-    """The C library if it is glibc (it has ``malloc_trim``), else None (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.malloc_trim.restype = ctypes.c_int
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.mallopt.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas for this process (call it before starting threads).
-
-    Each model call runs in a fresh thread (see ``BaseProcess.wait_for``); one started
-    before the previous one has fully exited gets an arena of its own, and every arena
-    keeps what grammar sampling left in it. Two arenas: the main thread's and one that
-    all call threads share.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_ARENA_MAX, arenas)
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system.
-
-    Grammar checks allocate many small blocks while a call runs (up to ~35 MB when a
-    step checks the whole 49k-token vocabulary, see ``_GrammarMask``) and free them at
-    its end; glibc keeps the pages, so without this a process holding a model stays that
-    much higher after a call, and as much again for every malloc arena a call thread
-    lands in.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 class _TokenCounter:
@@ -253,7 +219,7 @@ class EmbeddedProvider:
         *,
         model: str = DEFAULT_MODEL,
         model_path: str | Path | None = None,
-        n_ctx: int = 2048,
+        n_ctx: int = DEFAULT_N_CTX,
         n_threads: int | None = None,
         n_batch: int = DEFAULT_N_BATCH,
     ) -> None:
@@ -294,6 +260,7 @@ class EmbeddedProvider:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             llama = self._load()
+            messages = _fit_prompt(llama, request.messages, self.n_ctx - request.max_tokens)
             counter = _TokenCounter()
             processors: list[Any] = [counter]
             mask = None
@@ -305,7 +272,7 @@ class EmbeddedProvider:
             finish_reason: str | None = None
             try:
                 stream: Any = llama.create_chat_completion(
-                    messages=list(request.messages),
+                    messages=messages,
                     max_tokens=request.max_tokens,
                     temperature=request.temperature,
                     top_k=TOP_K,
@@ -346,6 +313,29 @@ class EmbeddedProvider:
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
+
+
+def _fit_prompt(llama: Any, messages: Any, room: int) -> list[dict[str, Any]]:
+    """``messages`` with the last one's text shortened (its head kept, whole tokens
+    only) so that the prompt fits in ``room`` tokens; unchanged when it already fits.
+    Raises ``InvalidModelOutput`` when not even the other messages fit."""
+    fitted = [dict(m) for m in messages]
+    if not fitted:
+        return fitted
+    tokens = [llama.tokenize(str(m.get("content") or "").encode("utf-8", "replace"),
+                             add_bos=False, special=False) for m in fitted]
+    overhead = _TEMPLATE_TOKENS_PER_MESSAGE * (len(fitted) + 1)
+    total = sum(map(len, tokens)) + overhead
+    if total <= room:
+        return fitted
+    keep = room - (total - len(tokens[-1]))
+    if keep <= 0:
+        raise InvalidModelOutput(f"the prompt needs {total} tokens and its answer "
+                                 f"{llama.n_ctx() - room}: more than the context window of "
+                                 f"{llama.n_ctx()} even without its last message")
+    text = llama.detokenize(tokens[-1][:keep]).decode("utf-8", "ignore")
+    fitted[-1]["content"] = text
+    return fitted
 
 
 @cache

@@ -190,6 +190,51 @@ def test_embedded_kv_cache_is_8_bit(embedded: EmbeddedProvider) -> None:
     assert params.flash_attn_type == 1  # enabled
 
 
+def test_embedded_prompt_longer_than_the_window_is_shortened_to_fit(
+    embedded: EmbeddedProvider
+) -> None:
+    """A prompt that would not fit beside its answer in the context window keeps its
+    head and the call still answers (llama.cpp alone refuses it); a prompt whose other
+    messages alone overflow the window is a clear error, not a crash."""
+    from trinity.agents.providers.embedded import DEFAULT_N_CTX
+
+    assert embedded.n_ctx == DEFAULT_N_CTX
+    # ASCII, CJK and emoji: ~5000 tokens, far more than the window.
+    long_text = "Traceback line 42: KeyError 'user_id' 键错误 🔥 " * 400
+    assert embedded.count_tokens(long_text) > 3 * DEFAULT_N_CTX
+    request = ChatRequest(
+        messages=({"role": "system", "content": "Answer in JSON."},
+                  {"role": "user", "content": "Is this an error? Answer yes or no.\n"
+                                              + long_text}),
+        schema=SCHEMA, max_tokens=48, temperature=0.0, seed=7)
+    completion = embedded.complete(request, timeout_s=120, cancel=never())
+    assert answer_of(completion) in ("yes", "no")
+    room = DEFAULT_N_CTX - request.max_tokens
+    # All of the room is used, and no more.
+    assert room - 32 <= completion.usage.input_tokens <= room
+
+    too_long = ChatRequest(messages=({"role": "system", "content": long_text},
+                                     {"role": "user", "content": "yes or no?"}),
+                           schema=SCHEMA, max_tokens=48)
+    with pytest.raises(InvalidModelOutput, match="context window of 1024"):
+        embedded.complete(too_long, timeout_s=30, cancel=never())
+
+
+def test_a_window_too_small_for_the_answers_is_a_config_error() -> None:
+    from trinity.errors import ConfigError
+
+    def with_window(n_ctx: int) -> Any:
+        return parse_policy({"providers": {"embedded": {"kind": "embedded", "n_ctx": n_ctx}},
+                             "agents": {"architect": {"max_tokens": 480}},
+                             "routes": [{"chain": ["embedded"]}]}, "test policy")
+
+    assert with_window(960).providers["embedded"]["n_ctx"] == 960
+    with pytest.raises(ConfigError, match="n_ctx = 900 leaves no room .* at least 960"):
+        with_window(900)
+    with pytest.raises(ConfigError, match="n_ctx must be a number"):
+        with_window("big")  # type: ignore[arg-type]
+
+
 def test_embedded_timeout_and_cancel_are_model_timeouts(embedded: EmbeddedProvider) -> None:
     with pytest.raises(ModelTimeout, match="no answer within"):
         embedded.complete(REQUEST, timeout_s=1e-6, cancel=never())
