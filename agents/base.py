@@ -23,6 +23,7 @@ from trinity.bus.node import BusNode
 from trinity.bus.topology import DEFAULT_TOPOLOGY, HEARTBEATS, Topology
 from trinity.clock import Clock, ScaledClock, now_ms
 from trinity.errors import InvalidPayload, JournalError, MalformedMessage, ModelTimeout
+from trinity.memory import release_free_memory
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class BaseProcess:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.initialize()
+        # Start-up (imports, loading a model or an index) leaves freed heap behind.
+        release_free_memory()
         log.info("%s started", self.name, extra={"pid": os.getpid()})
         try:
             while not self.stopping:

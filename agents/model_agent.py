@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 from trinity import records
 from trinity.agents.base import BaseProcess
-from trinity.agents.providers.embedded import limit_malloc_arenas
 from trinity.agents.router import CallContext, Router
 from trinity.agents.routing import build_providers, load_policy
 from trinity.bus.journal import Transaction
@@ -23,6 +22,7 @@ from trinity.bus.message import encode_payload
 from trinity.bus.topology import ALERTS
 from trinity.clock import now_ms
 from trinity.costs import TIMEOUT, CallRecord, CostLedger
+from trinity.memory import limit_malloc_arenas
 
 # Event fields worth showing a model, in this order.
 CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files",
