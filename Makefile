@@ -2,6 +2,8 @@
 VENV      ?= .venv
 PYTHON    ?= python3
 STAMP     := $(VENV)/.installed
+FIRESTORE_PORT ?= 8080
+FIRESTORE_DEPS := firestore/node_modules/.package-lock.json
 MODEL     := $(VENV)/.witness-model
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -11,7 +13,7 @@ DEMO_TIME_SCALE ?= 2880
 LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h clean
+.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h firestore-emulator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,7 +30,7 @@ $(MODEL): $(STAMP) agents/detector.py agents/embedding.py $(wildcard agents/data
 	$(VENV)/bin/python -m trinity.agents.knowledge
 	touch $(MODEL)
 
-install: $(STAMP) $(MODEL) ## Create .venv with everything Trinity needs (idempotent)
+install: $(STAMP) $(MODEL) $(FIRESTORE_DEPS) ## Create .venv with everything Trinity needs (idempotent)
 
 demo: install ## The main job on embedded defaults: the 24-hour plan compressed, hour-12 restart included, then the report
 	trinity run --duration 24 --time-scale $(DEMO_TIME_SCALE) --restart-at 12; \
@@ -84,6 +86,15 @@ bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-pyt
 
 bench-24h: install ## Benchmark: compressed 24-hour run: wall time, peak total memory, growth per hour
 	python benchmarks/bench_24h.py
+
+# The Firestore emulator (npm @firestore-emulator/server, pinned in firestore/package-lock.json).
+$(FIRESTORE_DEPS): firestore/package.json firestore/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix firestore --ignore-scripts --no-audit --no-fund; \
+	else echo "npm not found: no Firestore emulator (its tests skip; with CI=true they fail)"; fi
+
+firestore-emulator: $(FIRESTORE_DEPS) ## Run the Firestore emulator in the foreground (FIRESTORE_PORT=8080; 0 = any free port)
+	node firestore/serve.mjs $(FIRESTORE_PORT)
 
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
 	rm -rf trinity_*.db trinity_*.db-* trinity_*.faiss logs/24h_test logs/archive logs/supervisor reports .run

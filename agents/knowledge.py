@@ -92,7 +92,12 @@ class Knowledge:
     @classmethod
     def open(cls, settings: Settings) -> Knowledge:
         embedder = load_embedder()
-        store = PatternStore(settings.patterns_db, embedder)
+        replica = None
+        if settings.pattern_backend == "firestore":
+            from trinity.agents.firestore_replica import FirestoreReplica
+
+            replica = FirestoreReplica(settings.firestore_project)
+        store = PatternStore(settings.patterns_db, embedder, replica)
         devset = det.load_devset()
         seeded = store.seed([(det.event_text(event).text, label, origin)
                              for event, label, origin in devset])

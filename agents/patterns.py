@@ -14,6 +14,11 @@ learning across restarts is measured.
 
 Writes are idempotent by event id, so a message re-applied after a crash neither
 counts nor learns twice.
+
+With a Firestore replica (``TRINITY_PATTERN_BACKEND=firestore``, see
+``firestore_replica``) Firestore is the record: the store takes what Firestore has on
+open, before its index is checked, and every write also queues its records in an
+``outbox`` table (same SQLite transaction) that a thread sends to Firestore.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 
 from trinity.agents.detector import PATTERNS, Detection, Neighbour
 from trinity.agents.embedding import StaticEmbedder
+from trinity.agents.firestore_replica import OUTBOX_DDL, FirestoreReplica, outbox_add
 from trinity.clock import now_ms
 from trinity.db import immediate
 from trinity.errors import JournalError
@@ -74,8 +80,10 @@ class PatternStore:
         " last_seen_ms INTEGER, cross_session_matches INTEGER NOT NULL DEFAULT 0)",
     )
 
-    def __init__(self, path: Path, embedder: StaticEmbedder) -> None:
+    def __init__(self, path: Path, embedder: StaticEmbedder,
+                 replica: FirestoreReplica | None = None) -> None:
         self.path = path
+        self.replica = replica
         self.index_path = path.with_suffix(".faiss")
         self.embedder = embedder
         self.session_id = uuid.uuid4().hex
@@ -88,13 +96,29 @@ class PatternStore:
             with self._write() as conn:
                 for ddl in self.SCHEMA:
                     conn.execute(ddl)
+                if replica is not None:
+                    conn.execute(OUTBOX_DDL)
                 conn.execute("INSERT INTO sessions VALUES (?, ?)", (self.session_id, now_ms()))
+                self._queue(conn, "session", [self.session_id])
+            if replica is not None:
+                replica.sync(self.conn)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open pattern store {path}: {exc}") from exc
         with suppress(OSError):
             path.chmod(0o600)
         self._labels: dict[int, tuple[str, str]] = {}  # exemplar id -> (label, session)
         self.index = self._load_index()
+        if replica is not None:
+            replica.start(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, timeout=10,
+                               check_same_thread=False)
+
+    def _queue(self, conn: sqlite3.Connection, kind: str, keys: Sequence[Any]) -> None:
+        """Records for Firestore, in the writer's transaction (no replica: nothing)."""
+        if self.replica is not None and keys:
+            outbox_add(conn, kind, keys)
 
     # -- storage ------------------------------------------------------------
 
@@ -157,6 +181,7 @@ class PatternStore:
                 conn.executemany("UPDATE exemplars SET vector=? WHERE id=?", [
                     (vec.astype(np.float16).tobytes(), exemplar_id)
                     for (exemplar_id, _), vec in zip(chunk, vectors, strict=True)])
+                self._queue(conn, "exemplar", [exemplar_id for exemplar_id, _ in chunk])
 
     def save_index(self) -> None:
         tmp = self.index_path.with_suffix(f".faiss.{os.getpid()}.tmp")
@@ -168,6 +193,8 @@ class PatternStore:
         self._unsaved = 0
 
     def close(self) -> None:
+        if self.replica is not None:
+            self.replica.stop()
         if self._unsaved:
             self.save_index()
         self.conn.close()
@@ -199,7 +226,9 @@ class PatternStore:
                     (label, _storable(text), source, origin, self.session_id, ts,
                      vec.astype(np.float16).tobytes()))
                 ids.append(int(cur.lastrowid or 0))
+            self._queue(conn, "exemplar", ids)
         self._index_add(ids, vectors, [label for _, label, _ in items])
+        self._wake()
         return ids
 
     def _index_add(self, ids: list[int], vectors: np.ndarray, labels: list[str]) -> None:
@@ -271,6 +300,7 @@ class PatternStore:
                  nearest.similarity if nearest else None, cross, latency_ms))
             if cur.rowcount == 0:
                 return False
+            self._queue(conn, "detection", [event_id])
             if detection.pattern is not None:
                 conn.execute(
                     "INSERT INTO patterns(pattern, detections, confidence_sum, first_seen_ms,"
@@ -288,9 +318,15 @@ class PatternStore:
                         (detection.pattern, _storable(text), event_id, detection.confidence,
                          self.session_id, ts, detection.vector.astype(np.float16).tobytes()))
                     new_id = int(cur.lastrowid or 0)
+                    self._queue(conn, "exemplar", [new_id])
         if new_id is not None and detection.pattern is not None:
             self._index_add([new_id], detection.vector.reshape(1, -1), [detection.pattern])
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        if self.replica is not None:
+            self.replica.wake()
 
     def correct(self, event_id: str, label: str, text: str) -> int:
         """A human (or test) says what an event really was: it becomes an exemplar."""

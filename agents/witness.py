@@ -69,6 +69,16 @@ class Witness(BaseProcess):
         self.knowledge.close()
         super().shutdown()
 
+    def heartbeat(self) -> dict[str, Any]:
+        beat = super().heartbeat()
+        replica = self.knowledge.store.replica if hasattr(self, "knowledge") else None
+        problem = replica.problem() if replica is not None else None
+        if problem and "database_error" not in beat:
+            # Detections are safe in the local outbox meanwhile; the controller alerts.
+            beat["database_error"] = {"error": problem, "error_type": "FirestoreUnavailable",
+                                      "ts_ms": now_ms()}
+        return beat
+
     def handle(self, msg: Message, tx: Transaction) -> None:
         try:
             event = msg.json()

@@ -219,6 +219,8 @@ class Controller(BaseProcess):
         for path in (self.settings.costs_db, self.settings.patterns_db):
             if path.name in text:
                 return path
+        if text.startswith("firestore"):
+            return Path("firestore")
         return self.settings.messages_db
 
     # -- periodic work ------------------------------------------------------

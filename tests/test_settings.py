@@ -150,6 +150,18 @@ def test_an_override_can_repair_an_invalid_number_but_not_a_garbled_one(data_dir
         Settings.from_env(env, time_scale=5.0)
 
 
+def test_the_pattern_backend_is_sqlite_or_firestore_with_a_project(data_dir: Path) -> None:
+    env = {"TRINITY_DATA_DIR": str(data_dir)}
+    assert Settings.from_env(env).pattern_backend == "sqlite"
+    firestore = {**env, "TRINITY_PATTERN_BACKEND": "Firestore", "GOOGLE_CLOUD_PROJECT": "p1"}
+    settings = Settings.from_env(firestore)
+    assert (settings.pattern_backend, settings.firestore_project) == ("firestore", "p1")
+    with pytest.raises(ConfigError, match="needs GOOGLE_CLOUD_PROJECT"):
+        Settings.from_env({**firestore, "GOOGLE_CLOUD_PROJECT": " "})
+    with pytest.raises(ConfigError, match="TRINITY_PATTERN_BACKEND.*one of sqlite, firestore"):
+        Settings.from_env({**env, "TRINITY_PATTERN_BACKEND": "mongodb"})
+
+
 def test_invalid_overrides_are_rejected(data_dir: Path) -> None:
     env = {"TRINITY_DATA_DIR": str(data_dir)}
     with pytest.raises(ConfigError, match="TRINITY_TIME_SCALE"):

@@ -64,6 +64,9 @@ def default_run_dir(data_dir: Path) -> Path:
     return Path("/tmp") / f"trinity-{os.getuid()}-{digest}"
 
 
+PATTERN_BACKENDS = ("sqlite", "firestore")
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -88,6 +91,10 @@ class Settings:
     noise_events: int = 0
     scenario_path: Path | None = None
     metrics_port: int = DEFAULT_METRICS_PORT
+    # Where the pattern store's record lives: the local SQLite file only, or Firestore
+    # too (the local file then buffers what Firestore has not acknowledged yet).
+    pattern_backend: str = "sqlite"
+    firestore_project: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -119,6 +126,8 @@ class Settings:
             "scenario_path": Path(env["TRINITY_SCENARIO"]).resolve()
             if env.get("TRINITY_SCENARIO") else None,
             "metrics_port": _env_int(env, "TRINITY_METRICS_PORT", DEFAULT_METRICS_PORT),
+            "pattern_backend": (env.get("TRINITY_PATTERN_BACKEND") or "sqlite").strip().lower(),
+            "firestore_project": (env.get("GOOGLE_CLOUD_PROJECT") or "").strip(),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -159,6 +168,7 @@ class Settings:
                 f"noise_events (TRINITY_NOISE_EVENTS) must be 0..100 per event interval, "
                 f"got {self.noise_events!r}")
         _validate_metrics_port(self.metrics_port)
+        self._validate_pattern_backend()
         if self.alert_webhook:
             from trinity.controller.webhook import validate_webhook_url
 
@@ -170,6 +180,15 @@ class Settings:
                 f"run directory {self.run_dir} is too long for unix sockets; "
                 "set TRINITY_RUN_DIR to a shorter path"
             )
+
+    def _validate_pattern_backend(self) -> None:
+        if self.pattern_backend not in PATTERN_BACKENDS:
+            raise ConfigError(
+                f"pattern_backend (TRINITY_PATTERN_BACKEND) must be one of "
+                f"{', '.join(PATTERN_BACKENDS)}, got {self.pattern_backend!r}")
+        if self.pattern_backend == "firestore" and not self.firestore_project:
+            raise ConfigError("TRINITY_PATTERN_BACKEND=firestore needs GOOGLE_CLOUD_PROJECT "
+                              "(and FIRESTORE_EMULATOR_HOST=host:port for an emulator)")
 
     @property
     def messages_db(self) -> Path:

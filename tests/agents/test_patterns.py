@@ -1,10 +1,15 @@
-"""The pattern store: FAISS agrees with SQLite after any restart; records are idempotent;
-learning is measurable, across restarts too."""
+"""The pattern store's contract, on each backend: FAISS agrees with the record after any
+restart; records are idempotent; learning is measurable, across restarts too.
+
+``open_store`` opens the store at ``store_path`` on the backend under test: the local
+SQLite file alone, or with Firestore (a real emulator, a project per test) as its
+record. The tests are the same for both."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 
 from trinity.agents.detector import Detection, Neighbour
 from trinity.agents.embedding import StaticEmbedder
+from trinity.agents.firestore_replica import FirestoreReplica
 from trinity.agents.knowledge import Knowledge
 from trinity.agents.patterns import PatternStore
 from trinity.settings import Settings
@@ -36,9 +42,30 @@ def store_path(tmp_path: Path) -> Path:
     return tmp_path / "trinity_patterns.db"
 
 
+OpenStore = Callable[[], PatternStore]
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The Firestore project of this test (None: SQLite alone)."""
+    if request.param == "sqlite":
+        return None
+    emulator = request.getfixturevalue("firestore_emulator")
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", emulator.host)
+    return f"trinity-{uuid.uuid4().hex[:12]}"
+
+
 @pytest.fixture
-def store(store_path: Path, embedder: StaticEmbedder) -> Iterator[PatternStore]:
-    s = PatternStore(store_path, embedder)
+def open_store(backend: str | None, store_path: Path, embedder: StaticEmbedder) -> OpenStore:
+    def open_() -> PatternStore:
+        return PatternStore(store_path, embedder,
+                            FirestoreReplica(backend) if backend else None)
+    return open_
+
+
+@pytest.fixture
+def store(open_store: OpenStore) -> Iterator[PatternStore]:
+    s = open_store()
     s.seed(SEED)
     yield s
     s.close()
@@ -53,15 +80,15 @@ def _detection(embedder: StaticEmbedder, store: PatternStore, text: str, pattern
 
 
 def test_index_agrees_with_sqlite_after_a_clean_restart(
-    store_path: Path, embedder: StaticEmbedder
+    store_path: Path, embedder: StaticEmbedder, open_store: OpenStore
 ) -> None:
-    first = PatternStore(store_path, embedder)
+    first = open_store()
     assert first.seed(SEED) == len(SEED)
     assert first.seed(SEED) == 0  # seeding is once per store
     query = embedder.embed(["nil pointer dereference panic in handler"])[0]
     before = [(n.exemplar_id, round(n.similarity, 5)) for n in first.search(query, 3)]
     first.close()
-    second = PatternStore(store_path, embedder)
+    second = open_store()
     try:
         assert second.rebuilt is False
         assert second.index.ntotal == second.exemplar_count() == len(SEED)
@@ -73,9 +100,9 @@ def test_index_agrees_with_sqlite_after_a_clean_restart(
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "stale"])
 def test_a_stale_or_damaged_index_is_rebuilt_from_sqlite(
-    store_path: Path, embedder: StaticEmbedder, damage: str
+    store_path: Path, embedder: StaticEmbedder, open_store: OpenStore, damage: str
 ) -> None:
-    first = PatternStore(store_path, embedder)
+    first = open_store()
     first.seed(SEED)
     first.close()
     if damage == "missing":
@@ -91,7 +118,7 @@ def test_a_stale_or_damaged_index_is_rebuilt_from_sqlite(
             (vec.astype(np.float16).tobytes(),))
         conn.commit()
         conn.close()
-    second = PatternStore(store_path, embedder)
+    second = open_store()
     try:
         assert second.rebuilt is True
         expected = len(SEED) + (1 if damage == "stale" else 0)
@@ -128,14 +155,14 @@ def test_abstentions_are_counted_but_not_learned(
 
 
 def test_matches_against_an_earlier_session_are_cross_session(
-    store_path: Path, embedder: StaticEmbedder
+    store_path: Path, embedder: StaticEmbedder, open_store: OpenStore
 ) -> None:
-    first = PatternStore(store_path, embedder)
+    first = open_store()
     first.seed(SEED)
     text = "Test test_payment_refund is flaky and fails about 30% of runs"
     first.record(_detection(embedder, first, text, "flaky_test"), event_id="a", text=text)
     first.close()
-    second = PatternStore(store_path, embedder)
+    second = open_store()
     try:
         again = "Test test_payment_refund is flaky and fails about 35% of runs"
         det = _detection(embedder, second, again, "flaky_test")
@@ -152,9 +179,9 @@ def test_matches_against_an_earlier_session_are_cross_session(
 
 
 def test_a_changed_embedding_table_reembeds_the_stored_vectors(
-    store_path: Path, embedder: StaticEmbedder
+    store_path: Path, embedder: StaticEmbedder, open_store: OpenStore
 ) -> None:
-    first = PatternStore(store_path, embedder)
+    first = open_store()
     first.seed(SEED)
     first.close()
     conn = sqlite3.connect(store_path)
@@ -162,7 +189,7 @@ def test_a_changed_embedding_table_reembeds_the_stored_vectors(
     conn.execute("UPDATE exemplars SET vector=?", (np.zeros(embedder.dim, np.float16).tobytes(),))
     conn.commit()
     conn.close()
-    second = PatternStore(store_path, embedder)
+    second = open_store()
     try:
         assert second.rebuilt is True
         query = embedder.embed([SEED[0][0]])[0]
