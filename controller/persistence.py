@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,81 @@ def _consistency(settings: Settings, run_id: str) -> list[str]:
     return problems
 
 
+# How long validation waits for WITNESS to send what its outbox still holds (it sends
+# it as soon as it is up again after a restart).
+FIRESTORE_GRACE_S = 30.0
+
+
+def firestore_state(settings: Settings, run_id: str,
+                    grace_s: float = FIRESTORE_GRACE_S) -> tuple[dict[str, Any], list[str]]:
+    """The run's detections and the pattern counters as Firestore holds them, checked
+    against the local store (every detection of the run there, counters equal)."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import firestore
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    problems: list[str] = []
+    conn = open_readonly(settings.patterns_db)
+    try:
+        # What the local store holds now, and the outbox rows that must be sent for
+        # Firestore to hold it too; WITNESS may go on detecting meanwhile.
+        # Read in this order: a detection's outbox row commits with it, so every
+        # detection read here has its row at or below ``last``.
+        local = dict(conn.execute("SELECT event_id, pattern FROM detections WHERE run_id=?",
+                                  (run_id,)).fetchall())
+        counters = dict(conn.execute("SELECT pattern, detections FROM patterns").fetchall())
+        last = _outbox_last(conn)
+        deadline = time.monotonic() + grace_s
+        while (queued := _outbox_pending(conn, last)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        conn.close()
+    if queued:
+        problems.append(f"{queued} pattern-store records not yet in Firestore (outbox)")
+    project = settings.firestore_project
+    try:
+        client = firestore.Client(project=project)
+        try:
+            remote = {d.get("event_id"): d.get("pattern") for d in client.collection(
+                "trinity_detections").where(filter=FieldFilter("run_id", "==", run_id)).stream(
+                timeout=10)}
+            remote_counters = {d.id: d.get("detections") for d in
+                               client.collection("trinity_patterns").stream(timeout=10)}
+        finally:
+            client.close()  # type: ignore[no-untyped-call]
+    except (gexc.GoogleAPIError, OSError) as exc:
+        return {}, [f"cannot query Firestore project {project}: {exc}"]
+    missing = sorted(set(local) - set(remote))
+    if missing:
+        problems.append(f"{len(missing)} of the run's {len(local)} detections are missing "
+                        f"from Firestore: {', '.join(missing[:5])}")
+    for pattern, count in sorted(counters.items()):
+        if (remote_counters.get(pattern) or 0) < count:
+            problems.append(f"Firestore counts {remote_counters.get(pattern)} {pattern} "
+                            f"detections, the local store {count}")
+    by_pattern: dict[str, int] = {}
+    for pattern in remote.values():
+        if pattern:
+            by_pattern[pattern] = by_pattern.get(pattern, 0) + 1
+    return {"project": project, "run_detections": len(remote),
+            "run_detections_by_pattern": by_pattern, "patterns": remote_counters}, problems
+
+
+def _outbox_last(conn: sqlite3.Connection) -> int:
+    try:
+        return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+    except sqlite3.OperationalError:  # no outbox: nothing was ever queued
+        return 0
+
+
+def _outbox_pending(conn: sqlite3.Connection, last: int) -> int:
+    try:
+        return int(conn.execute("SELECT count(*) FROM outbox WHERE seq <= ?",
+                                (last,)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
 def _not_less(problems: list[str], what: str, before: float, after: float) -> None:
     if after < before:
         problems.append(f"{what} went down: {before} before, {after} after")
@@ -143,11 +219,20 @@ def validate(settings: Settings, before: dict[str, Any] | None = None) -> tuple[
         return None, [*problems, f"cannot read the stores: {exc}"]
     if after["patterns"]["exemplars"] == 0:
         problems.append("the pattern store has no exemplars")
+    if settings.pattern_backend == "firestore":
+        after["firestore"], found = firestore_state(settings, after["run_id"])
+        problems += found
     if before is None:
         return after, problems
     if before.get("run_id") != after["run_id"]:
         problems.append(f"run changed: {before.get('run_id')} before, {after['run_id']} after")
         return after, problems
+    return after, problems + _went_back(before, after)
+
+
+def _went_back(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What is less after a restart than it was before it."""
+    problems: list[str] = []
     _not_less(problems, "last cycle", before["last_cycle"], after["last_cycle"])
     _not_less(problems, "events", before["events"], after["events"])
     _not_less(problems, "outcomes", before["outcomes"], after["outcomes"])
@@ -167,4 +252,4 @@ def validate(settings: Settings, before: dict[str, Any] | None = None) -> tuple[
             continue
         _not_less(problems, f"queue {queue} head", position["head"], now["head"])
         _not_less(problems, f"queue {queue} cursor", position["cursor"], now["cursor"])
-    return after, problems
+    return problems

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -214,3 +215,44 @@ def test_a_firestore_outage_mid_run_is_alerted_and_nothing_is_lost(
     finally:
         project.trinity("stop")
         own.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_compressed_run_with_kill_and_resume_ends_with_every_pattern_in_firestore(
+    project: Project, firestore_emulator: FirestoreEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 simulated hours (an event every 2 h) on the Firestore backend, kill -9 of
+    everything at hour 12 and --resume: persistence is validated against Firestore, and
+    at the end Firestore holds each of the run's detections and the pattern counters."""
+    project_id = f"trinity-{uuid.uuid4().hex[:12]}"
+    project.env.update({"TRINITY_PATTERN_BACKEND": "firestore",
+                        "GOOGLE_CLOUD_PROJECT": project_id,
+                        "FIRESTORE_EMULATOR_HOST": firestore_emulator.host})
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+    try:
+        result = project.trinity("run", "--duration", "24", "--time-scale", "2880",
+                                 "--event-interval", "120", "--restart-at", "12",
+                                 timeout=360)
+        out = result.stdout + result.stderr
+        assert "persistence: OK" in out, out
+        check = project.trinity("validate-persistence", "--json")
+        report = json.loads(check.stdout)
+        assert check.returncode == 0 and report["ok"], report["problems"]
+        in_firestore = report["state"]["firestore"]
+    finally:
+        project.trinity("stop")
+    patterns_db = project.root / "trinity_patterns.db"
+    with sqlite3.connect(patterns_db) as conn:
+        run_id = conn.execute("SELECT run_id FROM detections WHERE run_id IS NOT NULL"
+                              " LIMIT 1").fetchone()[0]
+        local = dict(conn.execute("SELECT event_id, pattern FROM detections WHERE run_id=?",
+                                  (run_id,)).fetchall())
+        counters = dict(conn.execute("SELECT pattern, detections FROM patterns").fetchall())
+    assert len(local) == 12  # one per event (no noise events)
+    remote = _firestore(project_id)
+    assert {d["event_id"]: d["pattern"] for d in remote["detections"].values()
+            if d["run_id"] == run_id} == local
+    assert in_firestore["run_detections"] == len(local)
+    assert {p: d["detections"] for p, d in remote["patterns"].items()} == counters
+    assert sum(counters.values()) == sum(1 for p in local.values() if p)
