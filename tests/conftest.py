@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.firestore_emulator import FirestoreEmulator, need_emulator
 from trinity.controller.supervision import Supervisor, cleanup_orphans
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +127,13 @@ def compressed_24h_run() -> Iterator[tuple[Project, subprocess.CompletedProcess[
         finally:
             cleanup_orphans(root)
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator() -> Iterator[FirestoreEmulator]:
+    """One real Firestore emulator for the session; tests keep apart by project id or
+    collection name."""
+    need_emulator()
+    emulator = FirestoreEmulator().start()
+    yield emulator
+    emulator.stop()

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agents.servers import FaultServer, RefusingPort
-from tests.firestore_emulator import FirestoreEmulator, need_emulator
 from trinity.agents import embedding
 from trinity.agents.embedding import StaticEmbedder, default_table_path, load_embedder
 
@@ -41,11 +40,3 @@ def refused() -> Iterator[str]:
     yield port.url
     port.close()
 
-
-@pytest.fixture(scope="session")
-def firestore_emulator() -> Iterator[FirestoreEmulator]:
-    """One real Firestore emulator for the session; tests keep apart by project id."""
-    need_emulator()
-    emulator = FirestoreEmulator().start()
-    yield emulator
-    emulator.stop()

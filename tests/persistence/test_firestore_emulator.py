@@ -53,16 +53,8 @@ def make_client(emulator: FirestoreEmulator) -> Any:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[FirestoreEmulator]:
-    need_emulator()
-    emu = FirestoreEmulator().start()
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture(scope="module")
-def client(emulator: FirestoreEmulator) -> Iterator[Any]:
-    db = make_client(emulator)
+def client(firestore_emulator: FirestoreEmulator) -> Iterator[Any]:
+    db = make_client(firestore_emulator)
     yield db
     db.close()
 
@@ -99,7 +91,8 @@ def run_threads(*targets: Callable[[], None], timeout_s: float = 15) -> None:
 # -- the helper ---------------------------------------------------------------------------
 
 
-def test_the_port_is_read_back_from_the_server(emulator: FirestoreEmulator) -> None:
+def test_the_port_is_read_back_from_the_server(firestore_emulator: FirestoreEmulator) -> None:
+    emulator = firestore_emulator
     host, port = emulator.host.rsplit(":", 1)
     assert host == "127.0.0.1"
     assert 0 < int(port) < 65536
@@ -349,7 +342,7 @@ def test_known_gap_transactions_are_not_isolated(client: Any, col: Any) -> None:
 
 
 def test_known_gaps_of_writes_and_queries(
-    emulator: FirestoreEmulator, client: Any, col: Any
+    firestore_emulator: FirestoreEmulator, client: Any, col: Any
 ) -> None:
     """What the backend must not use (or must not test) against this emulator."""
     for i in range(4):
@@ -384,5 +377,5 @@ def test_known_gaps_of_writes_and_queries(
     assert col.document("applied").get().exists
 
     # None of that took the server down.
-    assert emulator.running
+    assert firestore_emulator.running
     assert col.document("d3").get().get("i") == 3
