@@ -60,11 +60,20 @@ def detection_doc_id(event_id: str) -> str:
     return hashlib.sha1(event_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def transient_errors() -> tuple[type[Exception], ...]:
+def retried_errors() -> tuple[type[Exception], ...]:
+    """What a call retries (with backoff, within its timeout)."""
     from google.api_core import exceptions as gexc
 
     return (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError,
-            gexc.ResourceExhausted, gexc.Aborted, gexc.Unknown, gexc.RetryError)
+            gexc.ResourceExhausted, gexc.Aborted, gexc.Unknown)
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """What leaves records in the outbox for a later round: the retried errors, and a
+    retry that ran out of time."""
+    from google.api_core import exceptions as gexc
+
+    return (*retried_errors(), gexc.RetryError)
 
 
 class FirestoreReplica:
@@ -83,7 +92,7 @@ class FirestoreReplica:
         self.project = project
         self.prefix = prefix
         self._retry = Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=CALL_TIMEOUT_S,
-                            predicate=if_exception_type(*transient_errors()[:-1]))
+                            predicate=if_exception_type(*retried_errors()))
         self.error: str | None = None  # why the last round failed, while it keeps failing
         self.pushed = 0
         self._busy_since: float | None = None
@@ -178,15 +187,33 @@ class FirestoreReplica:
 
         apply(self.client.transaction(max_attempts=3))
 
+    # -- reading -----------------------------------------------------------------
+
+    def _stream(self, query: Any) -> list[Any]:
+        return list(query.stream(retry=self._retry, timeout=CALL_TIMEOUT_S))
+
+    def run_detections(self, run_id: str) -> dict[str, str | None]:
+        """A run's detections in Firestore: event id -> pattern (None: abstained)."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        return {d.get("event_id"): d.get("pattern") for d in self._stream(
+            self.collection("detections").where(filter=FieldFilter("run_id", "==", run_id)))}
+
+    def pattern_counters(self) -> dict[str, int]:
+        return {d.id: int(d.get("detections")) for d in self._stream(
+            self.collection("patterns"))}
+
+    def close(self) -> None:
+        self.client.close()  # type: ignore[no-untyped-call]
+
     # -- receiving -------------------------------------------------------------
 
     def pull(self, conn: sqlite3.Connection) -> dict[str, int]:
         """Copy into the local file what Firestore has and it lacks, and take Firestore's
         pattern counters (call with an empty outbox). Returns how many rows were new."""
         new = {"sessions": 0, "exemplars": 0, "detections": 0}
-        docs = {name: [d.to_dict() for d in self.collection(name).stream(
-            retry=self._retry, timeout=CALL_TIMEOUT_S)]
-            for name in ("sessions", "exemplars", "detections", "patterns")}
+        docs = {name: [d.to_dict() for d in self._stream(self.collection(name))]
+                for name in ("sessions", "exemplars", "detections", "patterns")}
         with immediate(conn) as tx:
             for row in docs["sessions"]:
                 new["sessions"] += tx.execute(
@@ -318,10 +345,23 @@ def _check_same_exemplar(conn: sqlite3.Connection, row: dict[str, Any], project:
             "empty local file to take Firestore's, or use another GOOGLE_CLOUD_PROJECT)")
 
 
-def pending(conn: sqlite3.Connection) -> int:
-    """Records not yet acknowledged by Firestore (0 when the table does not exist)."""
+def pending(conn: sqlite3.Connection, up_to: int | None = None) -> int:
+    """Records not yet acknowledged by Firestore, all or those queued up to outbox row
+    ``up_to`` (0 when the table does not exist: nothing was ever queued)."""
+    sql = "SELECT count(*) FROM outbox"
+    args: tuple[int, ...] = ()
+    if up_to is not None:
+        sql, args = sql + " WHERE seq <= ?", (up_to,)
     try:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return int(conn.execute(sql, args).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def last_queued(conn: sqlite3.Connection) -> int:
+    """The newest outbox row (0: none)."""
+    try:
+        return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
 

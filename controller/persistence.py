@@ -133,24 +133,22 @@ FIRESTORE_GRACE_S = 30.0
 def firestore_state(settings: Settings, run_id: str,
                     grace_s: float = FIRESTORE_GRACE_S) -> tuple[dict[str, Any], list[str]]:
     """The run's detections and the pattern counters as Firestore holds them, checked
-    against the local store (every detection of the run there, counters equal)."""
+    against the local store (every detection of the run there, no counter below)."""
     from google.api_core import exceptions as gexc
-    from google.cloud import firestore
-    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    from trinity.agents.firestore_replica import FirestoreReplica, last_queued, pending
 
     problems: list[str] = []
     conn = open_readonly(settings.patterns_db)
     try:
-        # What the local store holds now, and the outbox rows that must be sent for
-        # Firestore to hold it too; WITNESS may go on detecting meanwhile.
         # Read in this order: a detection's outbox row commits with it, so every
         # detection read here has its row at or below ``last``.
         local = dict(conn.execute("SELECT event_id, pattern FROM detections WHERE run_id=?",
                                   (run_id,)).fetchall())
         counters = dict(conn.execute("SELECT pattern, detections FROM patterns").fetchall())
-        last = _outbox_last(conn)
+        last = last_queued(conn)
         deadline = time.monotonic() + grace_s
-        while (queued := _outbox_pending(conn, last)) and time.monotonic() < deadline:
+        while (queued := pending(conn, last)) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         conn.close()
@@ -158,15 +156,12 @@ def firestore_state(settings: Settings, run_id: str,
         problems.append(f"{queued} pattern-store records not yet in Firestore (outbox)")
     project = settings.firestore_project
     try:
-        client = firestore.Client(project=project)
+        replica = FirestoreReplica(project)
         try:
-            remote = {d.get("event_id"): d.get("pattern") for d in client.collection(
-                "trinity_detections").where(filter=FieldFilter("run_id", "==", run_id)).stream(
-                timeout=10)}
-            remote_counters = {d.id: d.get("detections") for d in
-                               client.collection("trinity_patterns").stream(timeout=10)}
+            remote = replica.run_detections(run_id)
+            remote_counters = replica.pattern_counters()
         finally:
-            client.close()  # type: ignore[no-untyped-call]
+            replica.close()
     except (gexc.GoogleAPIError, OSError) as exc:
         return {}, [f"cannot query Firestore project {project}: {exc}"]
     missing = sorted(set(local) - set(remote))
@@ -183,21 +178,6 @@ def firestore_state(settings: Settings, run_id: str,
             by_pattern[pattern] = by_pattern.get(pattern, 0) + 1
     return {"project": project, "run_detections": len(remote),
             "run_detections_by_pattern": by_pattern, "patterns": remote_counters}, problems
-
-
-def _outbox_last(conn: sqlite3.Connection) -> int:
-    try:
-        return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
-    except sqlite3.OperationalError:  # no outbox: nothing was ever queued
-        return 0
-
-
-def _outbox_pending(conn: sqlite3.Connection, last: int) -> int:
-    try:
-        return int(conn.execute("SELECT count(*) FROM outbox WHERE seq <= ?",
-                                (last,)).fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _not_less(problems: list[str], what: str, before: float, after: float) -> None:
