@@ -76,7 +76,7 @@ class Witness(BaseProcess):
         if problem and "database_error" not in beat:
             # Detections are safe in the local outbox meanwhile; the controller alerts.
             beat["database_error"] = {"error": problem, "error_type": "FirestoreUnavailable",
-                                      "ts_ms": now_ms()}
+                                      "database": "firestore", "ts_ms": now_ms()}
         return beat
 
     def handle(self, msg: Message, tx: Transaction) -> None:

@@ -158,9 +158,13 @@ class Controller(BaseProcess):
             return
         failure = beat.get("database_error")
         if isinstance(failure, dict):
-            self.alert_database_error(self._database_named(str(failure.get("error", ""))),
-                                RuntimeError(str(failure.get("error", "?"))),
-                                f"{agent} was applying messages", agent=agent)
+            error = str(failure.get("error", "?"))
+            # The store the agent names, else the one its error message names.
+            named = failure.get("database")
+            database = (Path(Path(named).name) if isinstance(named, str) and named.strip()
+                        else self._database_named(error))
+            self.alert_database_error(database, RuntimeError(error),
+                                      f"{agent} was applying messages", agent=agent)
         if self.monitor.beat(agent, beat, self.clock.monotonic()):
             self.raise_alert("agent_recovered", "info", f"{agent} is sending heartbeats again",
                              agent=agent)
@@ -219,8 +223,6 @@ class Controller(BaseProcess):
         for path in (self.settings.costs_db, self.settings.patterns_db):
             if path.name in text:
                 return path
-        if text.startswith("firestore"):
-            return Path("firestore")
         return self.settings.messages_db
 
     # -- periodic work ------------------------------------------------------
