@@ -20,6 +20,8 @@ from trinity.agents.providers.base import Provider
 from trinity.errors import ConfigError
 
 PROVIDER_KINDS = ("embedded", "ollama", "openai")
+# Answer length limit (tokens) of an agent the policy gives none.
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class RoutingPolicy:
                           f"pattern={pattern!r} severity={severity!r}; end with a catch-all")
 
     def max_tokens_for(self, agent: str) -> int:
-        return self.max_tokens.get(agent, 256)
+        return self.max_tokens.get(agent, DEFAULT_MAX_TOKENS)
 
 
 def _number(table: Mapping[str, Any], key: str, where: str, default: float, *,
@@ -109,7 +111,7 @@ def _check_windows(providers: Mapping[str, Any], max_tokens: Mapping[str, int],
     many prompt tokens."""
     from trinity.agents.providers.embedded import DEFAULT_N_CTX
 
-    longest = max([256, *max_tokens.values()])
+    longest = max([DEFAULT_MAX_TOKENS, *max_tokens.values()])
     for name, spec in providers.items():
         if spec["kind"] == "embedded":
             n_ctx = int(_number(spec, "n_ctx", f"{source} providers.{name}", DEFAULT_N_CTX,
@@ -152,7 +154,8 @@ def parse_policy(data: Mapping[str, Any], source: str) -> RoutingPolicy:
                           "severities), so every call has a route")
     max_tokens: dict[str, int] = {}
     for agent, table in (data.get("agents") or {}).items():
-        max_tokens[agent] = int(_number(table, "max_tokens", f"{source} agents.{agent}", 256,
+        max_tokens[agent] = int(_number(table, "max_tokens", f"{source} agents.{agent}",
+                                        DEFAULT_MAX_TOKENS,
                                         minimum=16))
     _check_windows(providers, max_tokens, source)
     return RoutingPolicy(source, _call_policy(data.get("call") or {}, source), providers,
