@@ -18,6 +18,7 @@ from typing import Any
 from trinity.clock import now_ms
 from trinity.controller import runs
 from trinity.controller.snapshots import open_readonly
+from trinity.errors import ConfigError
 from trinity.settings import Settings
 
 BEFORE_FILE = "persistence_before.json"
@@ -162,7 +163,7 @@ def firestore_state(settings: Settings, run_id: str,
             remote_counters = replica.pattern_counters()
         finally:
             replica.close()
-    except (gexc.GoogleAPIError, OSError) as exc:
+    except (gexc.GoogleAPIError, OSError, ConfigError) as exc:
         return {}, [f"cannot query Firestore project {project}: {exc}"]
     missing = sorted(set(local) - set(remote))
     if missing:

@@ -150,8 +150,9 @@ def test_an_override_can_repair_an_invalid_number_but_not_a_garbled_one(data_dir
         Settings.from_env(env, time_scale=5.0)
 
 
-def test_the_pattern_backend_is_sqlite_or_firestore_with_a_project(data_dir: Path) -> None:
-    env = {"TRINITY_DATA_DIR": str(data_dir)}
+def test_the_pattern_backend_is_sqlite_or_firestore_with_a_project(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"TRINITY_DATA_DIR": str(data_dir), "FIRESTORE_EMULATOR_HOST": "127.0.0.1:8080"}
     assert Settings.from_env(env).pattern_backend == "sqlite"
     firestore = {**env, "TRINITY_PATTERN_BACKEND": "Firestore", "GOOGLE_CLOUD_PROJECT": "p1"}
     settings = Settings.from_env(firestore)
@@ -160,6 +161,10 @@ def test_the_pattern_backend_is_sqlite_or_firestore_with_a_project(data_dir: Pat
         Settings.from_env({**firestore, "GOOGLE_CLOUD_PROJECT": " "})
     with pytest.raises(ConfigError, match="TRINITY_PATTERN_BACKEND.*one of sqlite, firestore"):
         Settings.from_env({**env, "TRINITY_PATTERN_BACKEND": "mongodb"})
+    # Real Firestore (no emulator) without credentials: said before anything starts.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(data_dir / "no-such-key.json"))
+    with pytest.raises(ConfigError, match="no Google credentials.*FIRESTORE_EMULATOR_HOST"):
+        Settings.from_env({**firestore, "FIRESTORE_EMULATOR_HOST": ""})
 
 
 def test_invalid_overrides_are_rejected(data_dir: Path) -> None:

@@ -220,6 +220,8 @@ def validate_persistence(as_json: bool) -> None:
 
     Compares with the state captured by the last kill-and-resume of the same run, when
     there is one; otherwise checks the stores are present, readable and consistent.
+    With TRINITY_PATTERN_BACKEND=firestore it also queries Firestore for every detection
+    of the run (GOOGLE_CLOUD_PROJECT, FIRESTORE_EMULATOR_HOST for an emulator).
     """
     from trinity.controller import persistence, runner
 

@@ -95,6 +95,7 @@ class Settings:
     # too (the local file then buffers what Firestore has not acknowledged yet).
     pattern_backend: str = "sqlite"
     firestore_project: str = ""
+    firestore_emulator_host: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -128,6 +129,7 @@ class Settings:
             "metrics_port": _env_int(env, "TRINITY_METRICS_PORT", DEFAULT_METRICS_PORT),
             "pattern_backend": (env.get("TRINITY_PATTERN_BACKEND") or "sqlite").strip().lower(),
             "firestore_project": (env.get("GOOGLE_CLOUD_PROJECT") or "").strip(),
+            "firestore_emulator_host": (env.get("FIRESTORE_EMULATOR_HOST") or "").strip(),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -189,6 +191,17 @@ class Settings:
         if self.pattern_backend == "firestore" and not self.firestore_project:
             raise ConfigError("TRINITY_PATTERN_BACKEND=firestore needs GOOGLE_CLOUD_PROJECT "
                               "(and FIRESTORE_EMULATOR_HOST=host:port for an emulator)")
+        if self.pattern_backend == "firestore" and not self.firestore_emulator_host:
+            # Real Firestore: without credentials WITNESS could not start at all.
+            import google.auth
+            from google.auth.exceptions import DefaultCredentialsError
+
+            try:
+                google.auth.default()
+            except DefaultCredentialsError as exc:
+                raise ConfigError(
+                    f"TRINITY_PATTERN_BACKEND=firestore: no Google credentials ({exc}); set "
+                    "FIRESTORE_EMULATOR_HOST=host:port to use an emulator") from None
 
     @property
     def messages_db(self) -> Path:
