@@ -47,6 +47,15 @@ _EXEMPLAR_COLUMNS = ("id", "label", "text", "source", "origin", "event_id", "con
 _DETECTION_COLUMNS = ("event_id", "run_id", "session_id", "pattern", "label", "confidence",
                       "detected_ms", "nearest_id", "nearest_similarity", "cross_session",
                       "latency_ms")
+_PATTERN_COLUMNS = ("pattern", "detections", "confidence_sum", "first_seen_ms",
+                    "last_seen_ms", "cross_session_matches")
+# What pull takes, in this order: (table = collection, how, columns; the first is the key).
+# Firestore's pattern counters replace the local ones: they include every session's.
+_PULLED = (("sessions", "INSERT OR IGNORE", ("session_id", "started_ms")),
+           ("exemplars", "INSERT OR IGNORE", _EXEMPLAR_COLUMNS),
+           ("detections", "INSERT OR IGNORE", _DETECTION_COLUMNS),
+           ("patterns", "INSERT OR REPLACE", _PATTERN_COLUMNS))
+_SQL_SCALARS = (int, float, str, bytes, type(None))
 
 
 def outbox_add(conn: sqlite3.Connection, kind: str, keys: Iterable[str]) -> None:
@@ -210,36 +219,28 @@ class FirestoreReplica:
 
     def pull(self, conn: sqlite3.Connection) -> dict[str, int]:
         """Copy into the local file what Firestore has and it lacks, and take Firestore's
-        pattern counters (call with an empty outbox). Returns how many rows were new."""
-        new = {"sessions": 0, "exemplars": 0, "detections": 0}
-        docs = {name: [d.to_dict() for d in self._stream(self.collection(name))]
-                for name in ("sessions", "exemplars", "detections", "patterns")}
+        pattern counters (call with an empty outbox). Returns how many rows were new, and
+        how many documents were skipped as malformed (logged with the reason)."""
+        new = {"sessions": 0, "exemplars": 0, "detections": 0, "patterns": 0, "skipped": 0}
+        docs = {name: self._stream(self.collection(name)) for name, _, _ in _PULLED}
         with immediate(conn) as tx:
-            for row in docs["sessions"]:
-                new["sessions"] += tx.execute(
-                    "INSERT OR IGNORE INTO sessions(session_id, started_ms) VALUES (?, ?)",
-                    (row["session_id"], row["started_ms"])).rowcount
-            for row in docs["exemplars"]:
-                added = tx.execute(
-                    f"INSERT OR IGNORE INTO exemplars({', '.join(_EXEMPLAR_COLUMNS)})"
-                    f" VALUES ({', '.join('?' * len(_EXEMPLAR_COLUMNS))})",
-                    [row.get(c) for c in _EXEMPLAR_COLUMNS]).rowcount
-                if not added:
-                    _check_same_exemplar(tx, row, self.project)
-                new["exemplars"] += added
-            for row in docs["detections"]:
-                new["detections"] += tx.execute(
-                    f"INSERT OR IGNORE INTO detections({', '.join(_DETECTION_COLUMNS)})"
-                    f" VALUES ({', '.join('?' * len(_DETECTION_COLUMNS))})",
-                    [row.get(c) for c in _DETECTION_COLUMNS]).rowcount
-            for row in docs["patterns"]:
-                tx.execute(
-                    "INSERT OR REPLACE INTO patterns(pattern, detections, confidence_sum,"
-                    " first_seen_ms, last_seen_ms, cross_session_matches)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (row["pattern"], row["detections"], row["confidence_sum"],
-                     row.get("first_seen_ms"), row.get("last_seen_ms"),
-                     row.get("cross_session_matches", 0)))
+            for name, verb, columns in _PULLED:
+                sql = (f"{verb} INTO {name}({', '.join(columns)})"
+                       f" VALUES ({', '.join('?' * len(columns))})")
+                for doc in docs[name]:
+                    row = doc.to_dict() or {}
+                    values = [row.get(c) for c in columns]
+                    bad = [c for c, v in zip(columns, values, strict=True)
+                           if not isinstance(v, _SQL_SCALARS)]
+                    if bad or values[0] is None:
+                        log.warning("Firestore %s/%s skipped: field %s missing or not a "
+                                    "number, text or bytes", name, doc.id, (bad or columns)[0])
+                        new["skipped"] += 1
+                        continue
+                    added = tx.execute(sql, values).rowcount
+                    if name == "exemplars" and not added:
+                        _check_same_exemplar(tx, row, self.project)
+                    new[name] += added
         return new
 
     def sync(self, conn: sqlite3.Connection) -> bool:

@@ -132,6 +132,41 @@ def test_firestore_holds_the_record_and_a_new_machine_takes_it(
         elsewhere.close()
 
 
+def test_malformed_firestore_documents_are_skipped_with_a_reason(
+    tmp_path: Path, embedder: StaticEmbedder, project_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Documents written by something else (a missing key, a map where text belongs) do
+    not stop the store from opening; the well-formed ones are taken."""
+    first = PatternStore(tmp_path / "a" / "trinity_patterns.db", embedder,
+                         FirestoreReplica(project_id))
+    _record(first, embedder)
+    assert wait_sent(first.conn, 30)
+    first.close()
+    client = firestore.Client(project=project_id)
+    try:
+        client.collection("trinity_patterns").document("bogus").set({"detections": 3})
+        client.collection("trinity_detections").document("odd").set(
+            {"event_id": {"not": "text"}, "run_id": "run-1", "label": "none"})
+        client.collection("trinity_sessions").document("s").set({"started_ms": 1})
+    finally:
+        client.close()
+    with caplog.at_level("WARNING", logger="trinity.agents.firestore_replica"):
+        second = PatternStore(tmp_path / "b" / "trinity_patterns.db", embedder,
+                              FirestoreReplica(project_id))
+    try:
+        skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert sorted(skipped) == sorted([
+            "Firestore sessions/s skipped: field session_id missing or not a number, text "
+            "or bytes",
+            "Firestore detections/odd skipped: field event_id missing or not a number, text "
+            "or bytes",
+            "Firestore patterns/bogus skipped: field pattern missing or not a number, text "
+            "or bytes"])
+        assert second.stats()["events"] == len(EVENTS)
+    finally:
+        second.close()
+
+
 def test_a_resent_outbox_counts_nothing_twice(
     tmp_path: Path, embedder: StaticEmbedder, project_id: str
 ) -> None:
