@@ -55,6 +55,13 @@ def _validate_metrics_port(port: int) -> None:
             f"the /metrics endpoint off, got {port!r}")
 
 
+def _validate_restart_intensity(restarts: int) -> None:
+    if not 0 <= restarts <= 1000:
+        raise ConfigError(
+            f"restart_intensity (TRINITY_RESTART_INTENSITY) must be 0..1000 restarts per "
+            f"period (0 turns self-healing off), got {restarts!r}")
+
+
 def default_run_dir(data_dir: Path) -> Path:
     """Where sockets live: ``<data_dir>/.run``, or a short path under /tmp if that is too long."""
     candidate = data_dir / ".run"
@@ -96,6 +103,10 @@ class Settings:
     pattern_backend: str = "sqlite"
     firestore_project: str = ""
     firestore_emulator_host: str = ""
+    # Self-healing: at most this many controller restarts of one hung agent within the
+    # period (OTP's intensity and period); past it, an alert instead. 0: never restart.
+    restart_intensity: int = 5
+    restart_period_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -130,6 +141,8 @@ class Settings:
             "pattern_backend": (env.get("TRINITY_PATTERN_BACKEND") or "sqlite").strip().lower(),
             "firestore_project": (env.get("GOOGLE_CLOUD_PROJECT") or "").strip(),
             "firestore_emulator_host": (env.get("FIRESTORE_EMULATOR_HOST") or "").strip(),
+            "restart_intensity": _env_int(env, "TRINITY_RESTART_INTENSITY", 5),
+            "restart_period_s": _env_float(env, "TRINITY_RESTART_PERIOD", 30.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -145,6 +158,7 @@ class Settings:
             "poll_interval_s": self.poll_interval_s,
             "snapshot_interval_min (TRINITY_SNAPSHOT_INTERVAL)": self.snapshot_interval_min,
             "metrics_interval_min (TRINITY_METRICS_INTERVAL)": self.metrics_interval_min,
+            "restart_period_s (TRINITY_RESTART_PERIOD)": self.restart_period_s,
         }
         for name, value in positive.items():
             if not 0 < value < float("inf"):
@@ -170,6 +184,7 @@ class Settings:
                 f"noise_events (TRINITY_NOISE_EVENTS) must be 0..100 per event interval, "
                 f"got {self.noise_events!r}")
         _validate_metrics_port(self.metrics_port)
+        _validate_restart_intensity(self.restart_intensity)
         self._validate_pattern_backend()
         if self.alert_webhook:
             from trinity.controller.webhook import validate_webhook_url
