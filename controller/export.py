@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ from trinity.controller.snapshots import AGENT_NAMES, KINDS, open_readonly, read
 from trinity.costs import CallRecord
 from trinity.errors import ConfigError, TrinityError
 from trinity.files import atomic_write_bytes
+from trinity.redaction import Redactor
 from trinity.settings import Settings
 
 FORMATS = ("csv",)
@@ -56,8 +55,6 @@ METRIC_COLUMNS = ("timestamp", "elapsed_hours", "sim_elapsed_s", "cpu_percent", 
 # else a sample names follows, sorted.
 PROCESSES = ("controller", *(name.lower() for name in AGENT_NAMES))
 QUEUES = (TELEMETRY, IMPROVEMENT, EXECUTION, ALERTS)
-# Keys that look like credentials (OpenAI-style) in free text such as an error message.
-_KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-*]{8,}")
 
 
 class ExportError(TrinityError):
@@ -289,31 +286,23 @@ def iso_text(value: Any) -> str | None:
     return stamp.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _secrets() -> list[str]:
-    """Secret values of this environment that must never reach an export."""
-    values = [os.environ.get("OPENAI_API_KEY", ""), os.environ.get("TRINITY_ALERT_WEBHOOK", "")]
-    return [v for v in values if len(v) >= 8]
-
-
-def _cell(value: Any, secrets: list[str]) -> Any:
+def _cell(value: Any, redact: Redactor) -> Any:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "[redacted]")
-        return _KEY_PATTERN.sub("sk-[redacted]", value)
+        return redact(value)
     return value
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: list[list[Any]]) -> int:
     """Write a header and ``rows`` to ``path`` atomically; returns the rows written."""
-    secrets = _secrets()
+    redact = Redactor.from_env()  # this environment's secrets never reach an export
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(columns)
-    writer.writerows([_cell(v, secrets) for v in row] for row in rows)
+    writer.writerows([_cell(v, redact) for v in row] for row in rows)
     atomic_write_bytes(path, text.getvalue().encode("utf-8"))
     return len(rows)
 

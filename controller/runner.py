@@ -113,6 +113,7 @@ def archive_logs(log_dir: Path) -> Path | None:
 def write_test_config(settings: Settings, run: runs.Run, config: Path, *, resumed: bool) -> Path:
     """``test_config.json``: the run's effective configuration, secrets redacted."""
     from trinity.controller.webhook import redact_url
+    from trinity.redaction import withhold_secrets
 
     path = settings.log_dir / "test_config.json"
     try:
@@ -120,10 +121,10 @@ def write_test_config(settings: Settings, run: runs.Run, config: Path, *, resume
     except (OSError, ValueError):
         earlier = {}
     resumes = earlier.get("resumed_ms", []) if earlier.get("run_id") == run.run_id else []
-    env = {name: value for name, value in sorted(os.environ.items())
-           if name.startswith("TRINITY_")}
-    if env.get("TRINITY_ALERT_WEBHOOK"):
-        env["TRINITY_ALERT_WEBHOOK"] = redact_url(env["TRINITY_ALERT_WEBHOOK"])
+    env = withhold_secrets({name: value for name, value in sorted(os.environ.items())
+                            if name.startswith("TRINITY_")})
+    if env.get("TRINITY_ALERT_WEBHOOK"):  # withheld above; its scheme and host are no secret
+        env["TRINITY_ALERT_WEBHOOK"] = redact_url(os.environ["TRINITY_ALERT_WEBHOOK"])
     document = {
         "run_id": run.run_id,
         "started_ms": run.started_ms,

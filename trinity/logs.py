@@ -4,6 +4,11 @@ program) and, for the processes of a run, appended to the run's shared ``trinity
 Every process appends whole lines with ``O_APPEND``, so lines from different processes
 interleave but are not torn; ``WatchedFileHandler`` reopens the file if it is rotated
 or removed.
+
+Every line is redacted as it is formatted (``trinity/redaction.py``): the values of
+secret-named variables and ``sk-`` keys never reach stderr (supervisord's logs) or
+``trinity.log``, whether they came in a message, an ``extra`` field or a traceback.
+Uncaught exceptions go through logging too, so their tracebacks are redacted as well.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ import json
 import logging
 import logging.handlers
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+from trinity.redaction import Redactor
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, process_name: str) -> None:
+    def __init__(self, process_name: str, redactor: Redactor | None = None) -> None:
         super().__init__()
         self.process_name = process_name
+        self.redact = redactor or Redactor.from_env()
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -35,7 +45,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return self.redact(json.dumps(entry, default=str))
 
 
 def configure(process_name: str, log_file: Path | None = None,
@@ -53,3 +63,19 @@ def configure(process_name: str, log_file: Path | None = None,
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    logging.getLogger("trinity").critical("uncaught %s", kind.__name__,
+                                          exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None and not issubclass(args.exc_type, SystemExit):
+        thread = args.thread.name if args.thread else "?"
+        logging.getLogger("trinity").critical(
+            "uncaught %s in thread %s", args.exc_type.__name__, thread,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # imported when first used: an unconfigured provider costs no
 from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
 from trinity.agents.providers.embedded import estimate_tokens
 from trinity.errors import InvalidModelOutput, ModelHTTPError, ModelTimeout, ModelUnavailable
+from trinity.redaction import Redactor, secret_values
 
 # How the answer's schema is asked for: OpenAI's ``json_schema`` response format, or
 # the ``json_object`` + ``schema`` form that llama.cpp's server understands.
@@ -95,15 +96,17 @@ class OpenAIProvider:
         except openai.APITimeoutError:
             raise ModelTimeout(f"{self.name}: no answer within {timeout_s:g} s") from None
         except openai.APIConnectionError as exc:
-            raise ModelUnavailable(f"{self.name}: cannot reach {self.base_url or 'the API'}:"
-                                   f" {exc}") from None
+            raise ModelUnavailable(self._scrub(
+                f"{self.name}: cannot reach {self.base_url or 'the API'}: {exc}")) from None
         except openai.APIStatusError as exc:
-            raise ModelHTTPError(f"{self.name}: HTTP {exc.status_code}: {exc.message}",
+            raise ModelHTTPError(self._scrub(f"{self.name}: HTTP {exc.status_code}: {exc.message}"),
                                  exc.status_code) from None
         except openai.APIResponseValidationError as exc:
-            raise InvalidModelOutput(f"{self.name}: unreadable response: {exc}") from None
+            raise InvalidModelOutput(
+                self._scrub(f"{self.name}: unreadable response: {exc}")) from None
         except ValueError as exc:  # a 200 whose body is not JSON at all
-            raise InvalidModelOutput(f"{self.name}: response is not JSON: {exc}") from None
+            raise InvalidModelOutput(
+                self._scrub(f"{self.name}: response is not JSON: {exc}")) from None
         # The client does not validate the body: a 200 with a text body comes back as a
         # str, a JSON body of another shape as a half-built object.
         try:
@@ -111,6 +114,11 @@ class OpenAIProvider:
         except (AttributeError, TypeError, IndexError, KeyError) as exc:
             raise InvalidModelOutput(f"{self.name}: response is not a chat completion: "
                                      f"{type(exc).__name__}: {exc}") from None
+
+    def _scrub(self, text: str) -> str:
+        """Error text from the server or client, without the key: a server may echo it,
+        and this text reaches the cost ledger, alerts and logs."""
+        return Redactor([self.api_key or "", *secret_values()])(text)
 
     def _read(self, response: Any, request: ChatRequest) -> Completion:
         if not response.choices:
