@@ -1,17 +1,18 @@
 """The controller process.
 
 Each loop turn it: writes journaled alerts to ``alerts.log`` (and posts each to the
-optional webhook); records agent
-heartbeats and raises "agent silent" after ``heartbeat_max_missed`` missed beats
-(and "agent recovered" when they resume); emits the active run's due events on
-``telemetry_stream`` on the run's compressible clock; checkpoints simulated time;
-raises the budget alerts from the cost ledger's totals (50/75/90 % and exceeded,
-each once per run); ends the run once its duration has passed and every event has
-its outcome (or once outcomes stop arriving for ``DRAIN_STALL_S``); writes the
-plan's snapshots on simulated time (system metrics every metrics interval, cost and
-pattern statistics every snapshot interval) and evaluates the anomaly rules on what
-they measured; and prunes the journal. A database it cannot read or write is a
-``database_error`` alert, never the end of the controller.
+optional webhook); records agent heartbeats and raises "agent silent" after
+``heartbeat_max_missed`` missed beats (and "agent recovered" when they resume),
+restarting an agent that is hung rather than dead through supervisord within a restart
+intensity (``healing.py``); emits the active run's due events on ``telemetry_stream``
+on the run's compressible clock; checkpoints simulated time; raises the budget alerts
+from the cost ledger's totals (50/75/90 % and exceeded, each once per run); ends the
+run once its duration has passed and every event has its outcome (or once outcomes
+stop arriving for ``DRAIN_STALL_S``); writes the plan's snapshots on simulated time
+(system metrics every metrics interval, cost and pattern statistics every snapshot
+interval) and evaluates the anomaly rules on what they measured; and prunes the
+journal. A database it cannot read or write is a ``database_error`` alert, never the
+end of the controller.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trinity.bus.topology import ALERTS, TELEMETRY
 from trinity.clock import ScaledClock, now_ms
 from trinity.controller import runs, snapshots
 from trinity.controller.alerts import AlertLog, make_alert
+from trinity.controller.healing import Healer
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.metrics import MetricsSampler
 from trinity.controller.prometheus import start_exporter
@@ -76,6 +78,7 @@ class Controller(BaseProcess):
             AGENTS, self.settings.heartbeat_deadline_s, self.clock.monotonic(),
             startup_grace_s=self.settings.startup_grace_s,
         )
+        self.healer = Healer.from_settings(self.settings)
         self.journal.conn.execute(
             "CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, pid INTEGER,"
             " last_heartbeat_ms INTEGER NOT NULL, heartbeat TEXT NOT NULL)"
@@ -237,13 +240,18 @@ class Controller(BaseProcess):
             for msg in inbox:
                 self.handle_ephemeral(msg)
         self._last_tick = now
-        for agent, quiet in self.monitor.newly_silent(now):
+        silent = self.monitor.newly_silent(now)
+        # Restart first: a hung agent may hold the journal's write lock these alerts need.
+        healed = self.healer.heal(self.monitor, now)
+        for agent, quiet in silent:
             self.raise_alert(
                 "agent_silent", "error",
                 f"{agent} sent no heartbeat for {quiet:.1f} s "
                 f"({self.settings.heartbeat_max_missed} missed)",
                 agent=agent, silent_s=round(quiet, 3),
             )
+        for alert in healed:
+            self._raise(alert)
         if self.active is not None and now >= self._next_budget_check:
             self._next_budget_check = now + BUDGET_CHECK_EVERY_S
             self._check_budget(self.active)
@@ -394,8 +402,7 @@ class Controller(BaseProcess):
             path.name: path for path in (self.settings.patterns_db, self.settings.messages_db,
                                          self.settings.costs_db)})
         sample["sim_elapsed_s"] = round(sim, 1)
-        sample["agents_alive"] = {name: not h.silent and h.beats > 0
-                                  for name, h in self.monitor.agents.items()}
+        sample["agents_alive"] = {name: h.responsive for name, h in self.monitor.agents.items()}
         self._last_growth = sample["memory_growth_pct_per_hour"]
         self._evaluate_rules(run, sim, sample)
         return sample

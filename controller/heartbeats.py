@@ -13,12 +13,19 @@ class AgentHealth:
     silent: bool = False
     beats: int = 0
     last_payload: dict[str, Any] = field(default_factory=dict)
+    # Restarted by the controller, no heartbeat from the new process yet.
+    restarting: bool = False
+
+    @property
+    def responsive(self) -> bool:
+        return self.beats > 0 and not self.silent and not self.restarting
 
 
 class HeartbeatMonitor:
     def __init__(self, agents: tuple[str, ...], deadline_s: float, now: float,
                  startup_grace_s: float = 0.0) -> None:
         self.deadline_s = deadline_s
+        self.startup_grace_s = startup_grace_s
         # An agent that never beat gets the startup grace on top of one deadline: starting
         # all processes at once on a small machine (and loading models) takes a while.
         self.agents = {name: AgentHealth(last_seen=now + startup_grace_s) for name in agents}
@@ -28,14 +35,22 @@ class HeartbeatMonitor:
         health = self.agents.get(name)
         if health is None:
             return False
-        recovered = health.silent
+        recovered = health.silent or health.restarting
         health.last_seen = now
-        health.silent = False
+        health.silent = health.restarting = False
         health.beats += 1
         pid = payload.get("pid")
         health.pid = pid if isinstance(pid, int) else health.pid
         health.last_payload = payload
         return recovered
+
+    def restarted(self, name: str, now: float) -> None:
+        """``name`` was just restarted: its new process gets the startup grace before it
+        can be silent again, and its first heartbeat is a recovery."""
+        health = self.agents[name]
+        health.last_seen = now + self.startup_grace_s
+        health.silent = False
+        health.restarting = True
 
     def newly_silent(self, now: float) -> list[tuple[str, float]]:
         """Agents past their deadline that were not yet reported, with their silence in s."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from xmlrpc.client import Fault, ServerProxy
+from xmlrpc.client import Fault, ProtocolError, ServerProxy
 
 import psutil
 from supervisor import xmlrpc
@@ -31,16 +31,23 @@ class SupervisorError(TrinityError):
     """supervisord could not be started, reached or stopped."""
 
 
-class Supervisor:
-    def __init__(self, config: Path) -> None:
-        self.config = config.resolve()
-        if not self.config.is_file():
-            raise SupervisorError(f"supervisor config {self.config} does not exist")
-        self.here = self.config.parent
-        options = ClientOptions()
-        options.realize(args=["-c", str(self.config)], doc="")
-        self.serverurl: str = options.serverurl
+_STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+_ALREADY_STARTED = 60  # supervisor.xmlrpc.Faults.ALREADY_STARTED
+
+
+class SupervisorClient:
+    """supervisord's XML-RPC API at ``serverurl`` (``unix:///path/to.sock`` or http)."""
+
+    def __init__(self, serverurl: str) -> None:
+        self.serverurl = serverurl
         self.socket_path = Path(self.serverurl.removeprefix("unix://"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SupervisorClient | None:
+        """The supervisord this process runs under (it sets SUPERVISOR_SERVER_URL in its
+        children's environment), or None when not started by supervisord."""
+        url = (os.environ if env is None else env).get("SUPERVISOR_SERVER_URL", "").strip()
+        return cls(url) if url else None
 
     def call(self, method: str, *args: Any) -> Any:
         """One XML-RPC call on the ``supervisor`` namespace, on a connection of its own."""
@@ -50,6 +57,43 @@ class Supervisor:
             return getattr(proxy.supervisor, method)(*args)
         finally:
             transport.close()
+
+    def process(self, name: str) -> dict[str, Any]:
+        """supervisord's getProcessInfo for program ``name``."""
+        try:
+            return dict(self.call("getProcessInfo", name))
+        except (OSError, Fault, ProtocolError) as exc:
+            raise SupervisorError(f"cannot ask supervisord about {name}: {exc}") from exc
+
+    def restart_hung(self, name: str, timeout_s: float = 5.0) -> int:
+        """Restart program ``name`` whose process is hung; returns the new pid.
+
+        stopProcess first, so supervisord takes the exit for a requested stop (state
+        STOPPED, no autorestart of its own, no PROCESS_STATE_EXITED for crashwatch);
+        then SIGKILL at once, since a stopped or hung process never acts on the SIGTERM
+        and supervisord would wait stopwaitsecs for it; then startProcess, without
+        waiting for startsecs. A program already stopped (by an earlier attempt that
+        failed half way) is only started.
+        """
+        try:
+            if self.process(name)["statename"] not in _STOPPED_STATES:
+                self.call("stopProcess", name, False)
+                with contextlib.suppress(Fault):  # it may have gone on its own meanwhile
+                    self.call("signalProcess", name, "KILL")
+            deadline = time.monotonic() + timeout_s
+            while self.process(name)["statename"] not in _STOPPED_STATES:
+                if time.monotonic() > deadline:
+                    raise SupervisorError(f"{name} still not stopped {timeout_s:g} s after "
+                                          "SIGKILL")
+                time.sleep(0.01)
+            try:
+                self.call("startProcess", name, False)
+            except Fault as exc:  # it exited, and supervisord's autorestart was first
+                if exc.faultCode != _ALREADY_STARTED:
+                    raise
+            return int(self.process(name)["pid"])
+        except (OSError, Fault, ProtocolError) as exc:
+            raise SupervisorError(f"cannot restart {name} through supervisord: {exc}") from exc
 
     def is_running(self) -> bool:
         if not self.socket_path.exists():
@@ -64,6 +108,20 @@ class Supervisor:
 
     def states(self) -> dict[str, str]:
         return {p["name"]: p["statename"] for p in self.process_info()}
+
+
+class Supervisor(SupervisorClient):
+    """The supervisord of one project folder, from its config file: started, stopped and
+    cleaned up after, as well as called."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config.resolve()
+        if not self.config.is_file():
+            raise SupervisorError(f"supervisor config {self.config} does not exist")
+        self.here = self.config.parent
+        options = ClientOptions()
+        options.realize(args=["-c", str(self.config)], doc="")
+        super().__init__(options.serverurl)
 
     def start(self, env: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> None:
         """Start supervisord (it daemonizes) and wait until every program is RUNNING."""

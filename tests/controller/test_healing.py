@@ -1,0 +1,518 @@
+"""Self-healing: the restart policy on a fake clock and a fake supervisord (with real
+processes standing in for agents: stopped, exited, a zombie), then end to end under a
+real supervisord: a SIGSTOPped agent is restarted, and repeated hangs hit the limit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import Project, wait_for
+from tests.controller.test_alert_rules import _wait_for_agents
+from trinity.controller.alerts import read_alerts
+from trinity.controller.healing import CHECK_EVERY_S, Healer, RestartIntensity
+from trinity.controller.heartbeats import HeartbeatMonitor
+from trinity.controller.rules import Alert
+from trinity.controller.supervision import SupervisorClient, SupervisorError
+from trinity.errors import ConfigError
+from trinity.settings import Settings
+
+AGENTS = ("witness", "architect", "executor")
+DEADLINE_S = 3.0
+GRACE_S = 30.0
+
+
+class Processes:
+    """Real processes standing in for agents; every one is killed after the test."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["sleep", "120"])
+        self.started.append(proc)
+        return proc
+
+    def hung(self) -> int:
+        proc = self.spawn()
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 5,
+                 "the process to stop")
+        return proc.pid
+
+    def zombie(self) -> int:
+        proc = subprocess.Popen(["true"])
+        self.started.append(proc)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, 5,
+                 "the child to exit unreaped")
+        return proc.pid
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    yield procs
+    procs.stop_all()
+
+
+class FakeSupervisord:
+    """getProcessInfo answers from ``info``; a restart starts a fresh (running) process."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.info: dict[str, dict[str, Any]] = {}
+        self.restarted: list[tuple[str, int]] = []
+        self.failure: str | None = None
+        self.unreachable = False
+        self.asked: Counter[str] = Counter()
+
+    def set(self, name: str, pid: int, statename: str = "RUNNING", uptime_s: float = 3600.0,
+            ) -> None:
+        now = int(time.time())
+        self.info[name] = {"name": name, "pid": pid, "statename": statename,
+                           "start": now - int(uptime_s), "now": now}
+
+    def process(self, name: str) -> dict[str, Any]:
+        self.asked[name] += 1
+        if self.unreachable:
+            raise SupervisorError("cannot ask supervisord about it: connection refused")
+        # A program no test set is one supervisord has stopped: never hung.
+        return dict(self.info.get(name, {"name": name, "pid": 0, "statename": "STOPPED"}))
+
+    def restart_hung(self, name: str, timeout_s: float = 5.0) -> int:
+        if self.failure is not None:  # after the kill, as a start that failed would
+            self.set(name, 0, statename="STOPPED")
+            raise SupervisorError(self.failure)
+        old = self.info[name]["pid"]
+        new = self.processes.spawn().pid
+        self.restarted.append((name, old))
+        self.set(name, new, uptime_s=0)
+        return new
+
+
+class Watch:
+    """The controller's part in healing on a fake clock: a tick every 0.1 s, each one
+    marking newly silent agents and then healing (what Controller.tick does)."""
+
+    STEP_S = 0.1
+
+    def __init__(self, fake: FakeSupervisord | None, *, intensity: int = 5,
+                 period_s: float = 30.0, grace_s: float = GRACE_S) -> None:
+        self.fake = fake
+        self.monitor = HeartbeatMonitor(AGENTS, DEADLINE_S, 0.0, startup_grace_s=grace_s)
+        self.healer = Healer(fake, RestartIntensity(intensity, period_s), grace_s, DEADLINE_S,
+                             stall_s=1.0)
+        self.now = 0.0
+        self.healer.heal(self.monitor, 0.0)
+
+    def beat(self, agent: str, pid: int) -> bool:
+        return self.monitor.beat(agent, {"agent": agent, "pid": pid}, self.now)
+
+    def beat_all(self, pids: dict[str, int]) -> None:
+        for agent in AGENTS:
+            self.beat(agent, pids.get(agent, 1))
+
+    def until(self, end: float, *, stalled: bool = False) -> list[Alert]:
+        """Tick up to ``end``; ``stalled``: the controller did nothing until then."""
+        steps = int(round((end - self.now) / self.STEP_S))
+        times = [end] if stalled else [self.now + k * self.STEP_S for k in range(1, steps + 1)]
+        alerts: list[Alert] = []
+        for now in times:
+            self.now = round(now, 6)
+            self.monitor.newly_silent(self.now)
+            alerts += self.healer.heal(self.monitor, self.now)
+        return alerts
+
+
+# -- the intensity window -------------------------------------------------------------
+
+
+def test_intensity_is_a_sliding_window_per_agent() -> None:
+    policy = RestartIntensity(5, 30.0)
+    for t in range(5):
+        assert policy.allows("witness", float(t))
+        policy.record("witness", float(t))
+    assert not policy.allows("witness", 5.0)
+    assert not policy.allows("witness", 29.9)
+    assert policy.allows("architect", 5.0)  # counted per agent
+    assert policy.in_period("witness", 29.9) == 5
+    assert policy.allows("witness", 30.0)  # the restart at t=0 has left the window
+    assert policy.in_period("witness", 30.0) == 4
+    assert policy.in_period("witness", 34.0) == 0
+
+
+def test_escalation_holds_until_rearmed() -> None:
+    policy = RestartIntensity(1, 60.0)
+    policy.record("witness", 0.0)
+    policy.escalate("witness")
+    assert not policy.allows("witness", 100.0)  # window empty, still escalated
+    policy.rearm("witness")
+    assert policy.allows("witness", 100.0)
+
+
+def test_intensity_zero_never_restarts(processes: Processes,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeSupervisord(processes)
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.healing"):
+        watch = Watch(fake, intensity=0)
+    assert "self-healing is off: TRINITY_RESTART_INTENSITY=0" in caplog.text
+    pid = processes.hung()
+    fake.set("witness", pid)
+    watch.beat_all({"witness": pid})
+    assert watch.until(10.0) == []
+    assert watch.monitor.agents["witness"].silent
+    assert not fake.asked and fake.restarted == []
+
+
+# -- which silent agent is hung ---------------------------------------------------------
+
+
+def test_a_stopped_agent_is_restarted_once_with_a_fresh_grace(processes: Processes) -> None:
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    pid = processes.hung()
+    fake.set("witness", pid)
+    watch.beat_all({"witness": pid})
+    assert watch.until(DEADLINE_S) == []  # at the deadline, not past it
+    (alert,) = watch.until(DEADLINE_S + 0.5)
+    assert alert.kind == "agent_restarted" and alert.severity == "warning"
+    assert alert.agent == "witness"
+    new_pid = fake.info["witness"]["pid"]
+    assert fake.restarted == [("witness", pid)]
+    assert alert.details["pid"] == pid and alert.details["new_pid"] == new_pid != pid
+    assert alert.details["process_status"] == "stopped"
+    assert alert.details["silent_s"] == pytest.approx(DEADLINE_S + watch.STEP_S)  # first tick
+    assert alert.details["restarts_in_period"] == 1
+    assert alert.details["intensity"] == 5 and alert.details["period_s"] == 30.0
+    assert f"pid {new_pid}" in alert.message and "restart 1 of at most 5" in alert.message
+    # The new process has the startup grace: not silent, not restarted, until it is over.
+    health = watch.monitor.agents["witness"]
+    assert not health.silent and health.restarting and not health.responsive
+    assert watch.until(DEADLINE_S + 0.1 + GRACE_S + DEADLINE_S) == []
+    assert not health.silent and len(fake.restarted) == 1
+    # Its first heartbeat is a recovery.
+    assert watch.beat("witness", new_pid) is True
+    assert health.responsive and watch.beat("witness", new_pid) is False
+
+
+@pytest.mark.parametrize("state", ["EXITED", "BACKOFF", "STARTING", "STOPPED", "FATAL"])
+def test_an_agent_supervisord_does_not_call_running_is_left_to_it(
+        processes: Processes, state: str) -> None:
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    pid = processes.hung()
+    watch.beat_all({"witness": pid})
+    fake.set("witness", pid, statename=state)
+    assert watch.until(10.0) == []
+    assert fake.asked["witness"] == 7  # once a second from 3.1 s on
+    assert fake.restarted == []
+
+
+def test_a_dead_or_zombie_process_is_not_hung(processes: Processes) -> None:
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    zombie = processes.zombie()
+    gone = processes.spawn()
+    gone.kill()
+    gone.wait()
+    watch.beat_all({"witness": zombie, "architect": gone.pid})
+    fake.set("witness", zombie)
+    fake.set("architect", gone.pid)
+    fake.set("executor", 0)  # supervisord RUNNING without a pid: nothing to restart
+    assert watch.until(10.0) == []
+    assert fake.restarted == []
+
+
+def test_a_new_process_that_has_not_beaten_gets_its_start_allowance(
+        processes: Processes) -> None:
+    """supervisord restarted WITNESS after a crash: the new pid has not beaten yet and is
+    loading its models. It is hung only once it has run for grace + deadline."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    old = processes.spawn().pid
+    watch.beat_all({"witness": old})
+    fake.set("witness", processes.hung(), uptime_s=GRACE_S)
+    assert watch.until(10.0) == []
+    assert fake.asked["witness"] == 7  # one look a second, from 3.1 s on
+    fake.info["witness"]["start"] -= DEADLINE_S + 1  # now past its allowance
+    (alert,) = watch.until(10.0 + CHECK_EVERY_S)
+    assert alert.kind == "agent_restarted"
+    assert alert.details["process_status"] == "stopped"
+    assert fake.asked["witness"] == 8
+
+
+def test_silence_counts_only_while_the_controller_watches(processes: Processes) -> None:
+    """The controller itself held up (SIGSTOPped with the agents, or waiting on a locked
+    journal): the heartbeats it could not read are no evidence. Once it ticks again an
+    agent must stay silent a whole deadline before it is restarted."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    pids = {agent: processes.spawn().pid for agent in AGENTS}
+    for agent, pid in pids.items():
+        fake.set(agent, pid)
+    watch.beat_all(pids)
+    assert watch.until(20.0, stalled=True) == []
+    assert all(h.silent for h in watch.monitor.agents.values())  # alerted, not restarted
+    assert watch.until(20.0 + DEADLINE_S - watch.STEP_S) == []
+    watch.beat_all(pids)  # they were only waiting on the controller
+    assert watch.until(25.0) == []
+    # An agent that stays silent once the controller watches again is restarted.
+    assert watch.until(40.0, stalled=True) == []
+    alerts: list[Alert] = []
+    for at in (42.0, 43.1):
+        watch.beat("witness", pids["witness"])
+        watch.beat("architect", pids["architect"])
+        alerts += watch.until(at)
+    (alert,) = alerts
+    assert alert.agent == "executor" and alert.kind == "agent_restarted"
+    assert alert.details["silent_s"] == pytest.approx(43.1 - 22.9)
+    assert fake.restarted == [("executor", pids["executor"])]
+
+
+def test_supervisord_unreachable_is_logged_and_retried(
+        processes: Processes, caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    pid = processes.hung()
+    watch.beat_all({"witness": pid})
+    fake.set("witness", pid)
+    fake.unreachable = True
+    with caplog.at_level(logging.ERROR, logger="trinity.controller.healing"):
+        assert watch.until(5.0) == []
+    assert "connection refused" in caplog.text
+    fake.unreachable = False
+    fake.failure = "startProcess: SPAWN_ERROR"
+    (alert,) = watch.until(6.0)
+    assert alert.kind == "agent_restart_failed" and alert.severity == "error"
+    assert "SPAWN_ERROR" in alert.message and alert.details["pid"] == pid
+    # Left STOPPED by the failed attempt: supervisord would not start it, so healing does.
+    fake.failure = None
+    (alert,) = watch.until(7.0)
+    assert alert.kind == "agent_restarted"
+    assert alert.details["restarts_in_period"] == 2  # the failed attempt counts
+    assert fake.restarted == [("witness", 0)]
+    assert watch.until(8.0) == []
+
+
+# -- the limit ----------------------------------------------------------------------------
+
+
+def test_hanging_past_the_intensity_escalates_once_and_stops_restarting(
+        processes: Processes) -> None:
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake, intensity=1, period_s=60.0)
+    pid = processes.hung()
+    fake.set("witness", pid)
+    watch.beat_all({"witness": pid})
+    (first,) = watch.until(4.0)
+    assert first.kind == "agent_restarted"
+    new_pid = fake.info["witness"]["pid"]
+    assert watch.beat("witness", new_pid) is True
+    os.kill(new_pid, signal.SIGSTOP)  # the new process hangs too
+    (second,) = watch.until(8.0)
+    assert second.kind == "restart_intensity_exceeded" and second.severity == "critical"
+    assert second.details["restarts_in_period"] == 1 and second.details["pid"] == new_pid
+    assert "not restarting it until it sends a heartbeat" in second.message
+    assert watch.until(20.0) == []  # alerted once
+    # It beats again (SIGCONT): re-armed; a hang within the period escalates again.
+    watch.beat("witness", new_pid)
+    (third,) = watch.until(24.0)
+    assert third.kind == "restart_intensity_exceeded"
+    # Not restarted until it beats, even once the restart has left the window.
+    assert watch.until(100.0) == []
+    assert len(fake.restarted) == 1
+    watch.beat("witness", new_pid)
+    (fourth,) = watch.until(104.0)
+    assert fourth.kind == "agent_restarted"
+    assert len(fake.restarted) == 2
+
+
+def test_five_restarts_in_thirty_seconds_then_the_alert(processes: Processes) -> None:
+    """The default intensity: a storm of hangs is restarted five times, then escalated."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake, grace_s=0.0)
+    fake.set("executor", processes.hung())
+    watch.beat_all({"executor": fake.info["executor"]["pid"]})
+    kinds = []
+    while watch.now < 40.0:
+        kinds += [a.kind for a in watch.until(watch.now + 1.0) if a.agent == "executor"]
+        os.kill(fake.info["executor"]["pid"], signal.SIGSTOP)  # each new process hangs
+        fake.info["executor"]["start"] -= 100  # and is past its start allowance
+    assert kinds == ["agent_restarted"] * 5 + ["restart_intensity_exceeded"]
+    assert len(fake.restarted) == 5
+
+
+# -- not under supervisord ------------------------------------------------------------------
+
+
+def test_without_supervisord_healing_is_off_and_says_so_once(
+        processes: Processes, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SUPERVISOR_SERVER_URL", raising=False)
+    assert SupervisorClient.from_env({}) is None
+    assert SupervisorClient.from_env({"SUPERVISOR_SERVER_URL": "unix:///x/s.sock"}) is not None
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.healing"):
+        healer = Healer.from_settings(Settings.from_env({"TRINITY_DATA_DIR": "/tmp"}))
+        monitor = HeartbeatMonitor(AGENTS, DEADLINE_S, 0.0)
+        monitor.beat("witness", {"pid": processes.hung()}, 0.0)
+        for t in range(50):
+            monitor.newly_silent(t / 5)
+            assert healer.heal(monitor, t / 5) == []
+    off = [r for r in caplog.records if "self-healing is off" in r.getMessage()]
+    assert len(off) == 1 and "SUPERVISOR_SERVER_URL" in off[0].getMessage()
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"TRINITY_RESTART_INTENSITY": "-1"}, "TRINITY_RESTART_INTENSITY"),
+    ({"TRINITY_RESTART_INTENSITY": "2.5"}, "TRINITY_RESTART_INTENSITY"),
+    ({"TRINITY_RESTART_PERIOD": "0"}, "TRINITY_RESTART_PERIOD"),
+    ({"TRINITY_RESTART_PERIOD": "nan"}, "TRINITY_RESTART_PERIOD"),
+])
+def test_restart_settings_are_validated(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        Settings.from_env({"TRINITY_DATA_DIR": "/tmp", **env})
+    settings = Settings.from_env({"TRINITY_DATA_DIR": "/tmp", "TRINITY_RESTART_INTENSITY": "0",
+                                  "TRINITY_RESTART_PERIOD": "60"})
+    assert (settings.restart_intensity, settings.restart_period_s) == (0, 60.0)
+
+
+# -- end to end, under a real supervisord ------------------------------------------------
+
+
+def _alerts(project: Project, kind: str, agent: str | None = None) -> list[dict[str, Any]]:
+    return [a for a in read_alerts(project.alerts_log)
+            if a.get("kind") == kind and agent in (None, a.get("agent"))]
+
+
+def _pid(project: Project, program: str) -> int:
+    info = project.supervisor().process(program)
+    assert info["statename"] == "RUNNING", info
+    return int(info["pid"])
+
+
+def _start(project: Project, *args: str) -> sqlite3.Connection:
+    result = project.trinity("run", "--detach", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = sqlite3.connect(project.db, timeout=30)
+    _wait_for_agents(project, db)
+    return db
+
+
+def _stop(pid: int) -> float:
+    os.kill(pid, signal.SIGSTOP)
+    stopped_ms = time.time() * 1000
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 5, "SIGSTOP")
+    return stopped_ms
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_hung_agent_is_restarted_and_the_run_loses_nothing(project: Project) -> None:
+    """WITNESS SIGSTOPped in the middle of a run and left stopped: the controller finds it
+    silent with its process still there, restarts it through supervisord (no crash alert:
+    supervisord took it for a requested stop), the new process beats and works the
+    backlog off, and every event of the run has exactly one outcome and one detection."""
+    db = _start(project, "--duration", "6", "--time-scale", "720")
+    wait_for(lambda: db.execute("SELECT count(*) FROM outcomes").fetchone()[0] >= 2, 60,
+             "the first outcomes")
+    old = _pid(project, "witness")
+    stopped_ms = _stop(old)
+    (restart,) = wait_for(lambda: _alerts(project, "agent_restarted"), 15,  # type: ignore[misc]
+                          "the agent_restarted alert")
+    (silent,) = _alerts(project, "agent_silent")
+    assert silent["agent"] == restart["agent"] == "witness"
+    details = restart["details"]
+    assert details["pid"] == old and details["process_status"] == "stopped"
+    new = details["new_pid"]
+    assert new != old and _gone(old)
+    assert 3.0 < details["silent_s"] < 4.5, details  # three missed one-second beats
+    assert restart["severity"] == "warning" and restart["run_id"] == silent["run_id"]
+    (recovered,) = wait_for(lambda: _alerts(project, "agent_recovered"), 30,  # type: ignore[misc]
+                            "the agent_recovered alert")
+    assert recovered["agent"] == "witness" and recovered["ts_ms"] >= restart["ts_ms"]
+    assert _pid(project, "witness") == new
+    beat_pid = db.execute("SELECT pid FROM agents WHERE name='witness'").fetchone()[0]
+    assert beat_pid == new
+    print(f"\nSIGSTOP -> restart {(restart['ts_ms'] - stopped_ms) / 1000:.2f} s "
+          f"(restart call {details['restart_s']:.3f} s), -> first heartbeat of the new "
+          f"process {(recovered['ts_ms'] - stopped_ms) / 1000:.2f} s")
+
+    wait_for(lambda: db.execute("SELECT status FROM runs").fetchone()[0] != "active", 120,
+             "the run to end")
+    assert db.execute("SELECT status FROM runs").fetchone()[0] == "completed"
+    per_event = dict(db.execute(
+        "SELECT e.event_id, count(o.task_id) FROM events e LEFT JOIN outcomes o"
+        " USING(event_id) GROUP BY e.event_id"))
+    assert len(per_event) == 12 and set(per_event.values()) == {1}, per_event
+    patterns = sqlite3.connect(project.root / "trinity_patterns.db")
+    detected = {e for (e,) in patterns.execute("SELECT event_id FROM detections")}
+    counted = patterns.execute("SELECT sum(detections) FROM patterns").fetchone()[0]
+    with_pattern = patterns.execute(
+        "SELECT count(*) FROM detections WHERE pattern IS NOT NULL").fetchone()[0]
+    patterns.close()
+    assert detected == set(per_event)
+    assert counted == with_pattern  # no detection counted twice by the new process
+    assert db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+    assert _alerts(project, "agent_crashed") == [] and len(_alerts(project, "agent_silent")) == 1
+    assert len(_alerts(project, "agent_restarted")) == 1
+    db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_repeated_hangs_hit_the_restart_intensity(project: Project) -> None:
+    """At most one restart per minute: EXECUTOR hangs, is restarted; its new process
+    hangs too, and that is one critical alert, not a restart; once it is let go and
+    beats, it is watched as before."""
+    project.env["TRINITY_RESTART_INTENSITY"] = "1"
+    project.env["TRINITY_RESTART_PERIOD"] = "60"
+    db = _start(project, "--duration", "24", "--time-scale", "60")
+    first = _pid(project, "executor")
+    _stop(first)
+    wait_for(lambda: _alerts(project, "agent_recovered", "executor"), 20,
+             "EXECUTOR restarted and beating")
+    (restart,) = _alerts(project, "agent_restarted")
+    second = restart["details"]["new_pid"]
+    assert _gone(first) and _pid(project, "executor") == second
+    _stop(second)
+    (limit,) = wait_for(lambda: _alerts(project, "restart_intensity_exceeded"),  # type: ignore[misc]
+                        15, "the restart_intensity_exceeded alert")
+    assert limit["agent"] == "executor" and limit["severity"] == "critical"
+    assert limit["details"]["pid"] == second
+    assert limit["details"]["restarts_in_period"] == 1
+    assert limit["details"]["intensity"] == 1 and limit["details"]["period_s"] == 60
+    time.sleep(3)  # three more checks: still stopped, not restarted, alerted once
+    assert _pid(project, "executor") == second
+    assert psutil.Process(second).status() == psutil.STATUS_STOPPED
+    assert len(_alerts(project, "restart_intensity_exceeded")) == 1
+    assert len(_alerts(project, "agent_restarted")) == 1
+    os.kill(second, signal.SIGCONT)
+    wait_for(lambda: len(_alerts(project, "agent_recovered", "executor")) == 2, 10,
+             "EXECUTOR to beat again")
+    assert _pid(project, "executor") == second
+    assert len(_alerts(project, "agent_restarted")) == 1
+    assert _alerts(project, "agent_crashed") == []
+    db.close()
