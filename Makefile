@@ -13,7 +13,7 @@ DEMO_TIME_SCALE ?= 2880
 LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h firestore-emulator clean
+.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h chaos firestore-emulator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -87,6 +87,10 @@ bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-pyt
 bench-24h: install ## Benchmark: compressed 24-hour run: wall time, peak total memory, growth per hour
 	python benchmarks/bench_24h.py
 
+# CHAOS_ARGS="--duration 6 --kills 10 --stops 2" is the short form CI runs.
+chaos: install ## A compressed 24-hour run under a chaos monkey (50 kill -9, SIGSTOPs), then an audit (exit 1 if anything lost or doubled)
+	trinity chaos $(CHAOS_ARGS)
+
 # The Firestore emulator (npm @firestore-emulator/server, pinned in firestore/package-lock.json).
 $(FIRESTORE_DEPS): firestore/package.json firestore/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
@@ -97,7 +101,7 @@ firestore-emulator: $(FIRESTORE_DEPS) ## Run the Firestore emulator in the foreg
 	node firestore/serve.mjs $(FIRESTORE_PORT)
 
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
-	rm -rf trinity_*.db trinity_*.db-* trinity_*.faiss logs/24h_test logs/archive logs/supervisor reports .run
+	rm -rf trinity_*.db trinity_*.db-* trinity_*.faiss logs/24h_test logs/archive logs/supervisor reports .run chaos
 
 lint: install ## ruff, and mypy --strict on the installed package layout
 	ruff check trinity bus agents controller tests benchmarks

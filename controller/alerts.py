@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trinity.bus.message import Message
+from trinity.bus.journal import Journal
+from trinity.bus.message import Message, encode_payload
+from trinity.bus.topology import ALERTS
 from trinity.clock import now_ms
 from trinity.errors import MalformedMessage
 
@@ -41,6 +43,17 @@ def make_alert(
         "message": message,
         "details": details,
     }
+
+
+def journal_alert(messages_db: Path, alert: dict[str, Any], *, source: str) -> None:
+    """Journal ``alert`` from outside the controller (keyed by its id: once, even if
+    repeated); the controller writes it to alerts.log when it applies it."""
+    journal = Journal(messages_db, source=source)
+    try:
+        with journal.transaction() as tx:
+            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+    finally:
+        journal.close()
 
 
 class AlertLog:

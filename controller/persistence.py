@@ -24,7 +24,7 @@ from trinity.settings import Settings
 BEFORE_FILE = "persistence_before.json"
 
 
-def _patterns(path: Path) -> dict[str, Any]:
+def pattern_counts(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"exemplars": 0, "detections": 0, "by_pattern": {}}
     conn = open_readonly(path)
@@ -78,7 +78,7 @@ def capture(settings: Settings) -> dict[str, Any]:
         "events": progress["emitted"],
         "events_with_outcome": progress["completed"],
         "outcomes": int(outcomes),
-        "patterns": _patterns(settings.patterns_db),
+        "patterns": pattern_counts(settings.patterns_db),
         "costs": _costs(settings.costs_db, run.run_id),
         "queues": queues,
     }

@@ -495,8 +495,7 @@ def _rec_mandatory(data: ReportData) -> list[str]:
     for c in data.criteria:
         if c.mandatory and not c.passed:
             found.append(f"Fix {c.name}: measured {c.measured} against the target {c.target}.")
-    crashes = Counter(str(a.get("agent") or "?") for a in data.alerts
-                      if a.get("kind") in criteria.CRASH_KINDS)
+    crashes = Counter(str(a.get("agent") or "?") for a in criteria.unexpected_exits(data.alerts))
     if crashes:
         fatal = sum(a.get("kind") == "agent_fatal" for a in data.alerts)
         found.append(f"Investigate the unexpected exits ({_counted(crashes)}; supervisord gave "

@@ -15,11 +15,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trinity.bus.journal import Journal
-from trinity.bus.message import encode_payload
-from trinity.bus.topology import ALERTS
 from trinity.clock import now_ms
 from trinity.controller import criteria, persistence, runs, scenario
-from trinity.controller.alerts import make_alert, read_alerts
+from trinity.controller.alerts import journal_alert, make_alert, read_alerts
 from trinity.controller.supervision import Supervisor
 from trinity.costs import CostLedger
 from trinity.errors import ConfigError
@@ -229,12 +227,7 @@ def _record_deliberate_kill(settings: Settings, state: dict[str, Any]) -> None:
         run_id=state["run_id"], last_cycle=state["last_cycle"])
     alert["run_id"] = state["run_id"]
     alert["sim_elapsed_s"] = state["sim_elapsed_s"]
-    journal = Journal(settings.messages_db, source="cli")
-    try:
-        with journal.transaction() as tx:
-            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
-    finally:
-        journal.close()
+    journal_alert(settings.messages_db, alert, source="cli")
 
 
 def format_validation(problems: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ class LazyGroup(click.Group):
     when they are run or listed, so ``trinity status`` stays quick."""
 
     lazy: dict[str, str] = {
+        "chaos": "trinity.controller.chaos:chaos_command",
         "dashboard": "trinity.controller.dashboards:dashboard_command",
         "export": "trinity.controller.export:export_command",
         "report": "trinity.controller.report:report_command",
