@@ -22,9 +22,10 @@ from typing import Any
 
 import zmq
 
+from trinity.bus import curve
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, decode, encode_payload
-from trinity.bus.topology import Topology
+from trinity.bus.topology import Topology, require_keys_off_loopback
 from trinity.clock import now_ms
 from trinity.errors import (
     InvalidPayload,
@@ -116,12 +117,18 @@ class BusNode:
     ) -> None:
         """``isolate_each=False`` lets a batch run without a savepoint per message; a
         failing batch is then run again, isolated, so handlers must have no effects
-        outside ``tx`` that would matter if repeated (a model call would)."""
+        outside ``tx`` that would matter if repeated (a model call would).
+
+        ``settings.endpoints`` take the place of the topology's; with
+        ``settings.curve_dir`` every socket is CURVE (``bus/curve.py``), and without it
+        an endpoint off loopback is a ConfigError."""
         self.name = name
         self.isolate_each = isolate_each
         self.settings = settings
         self.journal = journal
-        self.topology = topology
+        self.topology = topology = topology.with_endpoints(settings.endpoints)
+        require_keys_off_loopback(topology.endpoints, have_keys=settings.curve_dir is not None)
+        self.keys = curve.BusKeys.load(settings.curve_dir, name) if settings.curve_dir else None
         self.counters = NodeCounters()
         self.storage_error: BaseException | None = None
         self.ephemeral_inbox: list[Message] = []
@@ -138,26 +145,57 @@ class BusNode:
 
         settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sub: zmq.Socket[bytes] | None = None
-        if topology.listens(name):
-            sub = self._ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.RCVHWM, rcvhwm)
-            # Far above the application limit, so oversized payloads reach decode()
-            # and are dead-lettered with a reason instead of dropped by libzmq.
-            sub.setsockopt(zmq.MAXMSGSIZE, max(settings.max_payload_bytes * 16, 16 << 20))
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.bind(topology.endpoint(name, settings.run_dir))
-            self.endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
-            self.sub = sub
-        pub = self._ctx.socket(zmq.PUB)
+        # A CURVE server admits no one without its ZAP handler: that comes first.
+        self._zap = self.keys is not None and topology.listens(name)
+        if self.keys is not None and self._zap:
+            curve.start_authenticator(self._ctx, self.keys)
+        try:
+            if topology.listens(name):
+                self.sub = self._open_sub(rcvhwm)
+            self.pub: zmq.Socket[bytes] = self._open_pub(publishes)
+        except BaseException:
+            self._close_inbound()
+            raise
+        if self.keys is not None:
+            log.info("%s: every bus socket uses CURVE, keys from %s", name, settings.curve_dir)
+
+    def _open_sub(self, rcvhwm: int) -> zmq.Socket[bytes]:
+        sub: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        # Far above the application limit, so oversized payloads reach decode()
+        # and are dead-lettered with a reason instead of dropped by libzmq.
+        sub.setsockopt(zmq.MAXMSGSIZE, max(self.settings.max_payload_bytes * 16, 16 << 20))
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            if self.keys is not None:
+                curve.serve(sub, self.keys)
+            sub.bind(self.topology.endpoint(self.name, self.settings.run_dir))
+        except BaseException:
+            sub.close(0)
+            raise
+        self.endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sub
+
+    def _open_pub(self, publishes: Iterable[str]) -> zmq.Socket[bytes]:
+        pub: zmq.Socket[bytes] = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 500)
         pub.setsockopt(zmq.RECONNECT_IVL, 100)
         pub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         pub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        for peer in topology.peers_for(publishes or topology.streams, exclude=name):
-            pub.connect(topology.endpoint(peer, settings.run_dir))
-        self.pub: zmq.Socket[bytes] = pub
+        try:
+            for peer in self.topology.peers_for(publishes or self.topology.streams,
+                                                exclude=self.name):
+                endpoint = self.topology.endpoint(peer, self.settings.run_dir)
+                if self.keys is not None:
+                    curve.connect(pub, self.keys, peer, endpoint)
+                else:
+                    pub.connect(endpoint)
+        except BaseException:
+            pub.close(0)
+            raise
+        return pub
 
     # -- publishing -------------------------------------------------------
 
@@ -466,6 +504,12 @@ class BusNode:
         return sum(heads[s] - st.cursor for s, st in self._streams.items())
 
     def close(self) -> None:
+        self.pub.close()
+        self._close_inbound()
+
+    def _close_inbound(self) -> None:
+        """Also what a constructor that failed half way leaves: no socket or ZAP thread."""
         if self.sub is not None:
             self.sub.close(0)
-        self.pub.close()
+        if self._zap:
+            curve.stop_authenticator(self._ctx)

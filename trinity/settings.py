@@ -11,8 +11,9 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from trinity.errors import ConfigError
@@ -72,6 +73,24 @@ def default_run_dir(data_dir: Path) -> Path:
 
 
 PATTERN_BACKENDS = ("sqlite", "firestore")
+# The ZeroMQ CURVE key folder when TRINITY_CURVE_DIR is not set (`trinity keys generate`
+# writes it); the bus uses keys only when this folder exists.
+CURVE_DIR_NAME = "curve_keys"
+
+
+def curve_keys_dir(env: Mapping[str, str]) -> tuple[Path, bool]:
+    """Where the CURVE keys are (or go), and whether TRINITY_CURVE_DIR named it."""
+    raw = (env.get("TRINITY_CURVE_DIR") or "").strip()
+    if raw:
+        return Path(raw).resolve(), True
+    data_dir = Path(env.get("TRINITY_DATA_DIR") or os.getcwd()).resolve()
+    return data_dir / CURVE_DIR_NAME, False
+
+
+def _env_endpoints(env: Mapping[str, str]) -> Mapping[str, str]:
+    from trinity.bus.topology import parse_endpoints  # trinity.bus imports this module
+
+    return MappingProxyType(parse_endpoints(env.get("TRINITY_ENDPOINTS") or ""))
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,11 @@ class Settings:
     pattern_backend: str = "sqlite"
     firestore_project: str = ""
     firestore_emulator_host: str = ""
+    # Where a process listens instead of its ipc socket, by process name.
+    endpoints: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The folder of ZeroMQ CURVE keys when the bus uses them (every socket then does);
+    # None: no keys, so every endpoint must be on loopback.
+    curve_dir: Path | None = None
     # Self-healing: at most this many controller restarts of one hung agent within the
     # period (OTP's intensity and period); past it, an alert instead. 0: never restart.
     restart_intensity: int = 5
@@ -115,6 +139,7 @@ class Settings:
         data_dir = Path(env.get("TRINITY_DATA_DIR") or os.getcwd()).resolve()
         log_dir = Path(env.get("TRINITY_LOG_DIR") or data_dir / "logs" / "24h_test")
         run_dir_raw = env.get("TRINITY_RUN_DIR")
+        keys_dir, keys_named = curve_keys_dir(env)
         values: dict[str, Any] = {
             "data_dir": data_dir,
             "log_dir": log_dir if log_dir.is_absolute() else data_dir / log_dir,
@@ -141,6 +166,8 @@ class Settings:
             "pattern_backend": (env.get("TRINITY_PATTERN_BACKEND") or "sqlite").strip().lower(),
             "firestore_project": (env.get("GOOGLE_CLOUD_PROJECT") or "").strip(),
             "firestore_emulator_host": (env.get("FIRESTORE_EMULATOR_HOST") or "").strip(),
+            "endpoints": _env_endpoints(env),
+            "curve_dir": keys_dir if keys_named or os.path.exists(keys_dir) else None,
             "restart_intensity": _env_int(env, "TRINITY_RESTART_INTENSITY", 5),
             "restart_period_s": _env_float(env, "TRINITY_RESTART_PERIOD", 30.0),
         }
@@ -186,6 +213,7 @@ class Settings:
         _validate_metrics_port(self.metrics_port)
         _validate_restart_intensity(self.restart_intensity)
         self._validate_pattern_backend()
+        self._validate_bus_security()
         if self.alert_webhook:
             from trinity.controller.webhook import validate_webhook_url
 
@@ -197,6 +225,15 @@ class Settings:
                 f"run directory {self.run_dir} is too long for unix sockets; "
                 "set TRINITY_RUN_DIR to a shorter path"
             )
+
+    def _validate_bus_security(self) -> None:
+        from trinity.bus import curve
+        from trinity.bus.topology import DEFAULT_TOPOLOGY, require_keys_off_loopback
+
+        DEFAULT_TOPOLOGY.with_endpoints(self.endpoints)  # names and syntax
+        if self.curve_dir is not None:
+            curve.check_keys_dir(self.curve_dir)
+        require_keys_off_loopback(self.endpoints, have_keys=self.curve_dir is not None)
 
     def _validate_pattern_backend(self) -> None:
         if self.pattern_backend not in PATTERN_BACKENDS:
