@@ -27,7 +27,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from trinity.agents.detector import PATTERNS, Detection, Neighbour
 from trinity.agents.embedding import StaticEmbedder
 from trinity.agents.firestore_replica import OUTBOX_DDL, FirestoreReplica, outbox_add
 from trinity.clock import now_ms
-from trinity.db import immediate
+from trinity.db import connect, immediate, make_private
 from trinity.errors import JournalError
 
 SAVE_EVERY = 200
@@ -90,7 +90,7 @@ class PatternStore:
         self._unsaved = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+            self.conn = connect(path, timeout_s=10)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self._write() as conn:
@@ -104,16 +104,13 @@ class PatternStore:
                 replica.sync(self.conn)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open pattern store {path}: {exc}") from exc
-        with suppress(OSError):
-            path.chmod(0o600)
         self._labels: dict[int, tuple[str, str]] = {}  # exemplar id -> (label, session)
         self.index = self._load_index()
         if replica is not None:
             replica.start(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, timeout=10,
-                               check_same_thread=False)
+        return connect(self.path, timeout_s=10, check_same_thread=False)
 
     def _queue(self, conn: sqlite3.Connection, kind: str, keys: Sequence[Any]) -> None:
         """Records for Firestore, in the writer's transaction (no replica: nothing)."""
@@ -185,6 +182,7 @@ class PatternStore:
 
     def save_index(self) -> None:
         tmp = self.index_path.with_suffix(f".faiss.{os.getpid()}.tmp")
+        make_private(tmp)  # faiss keeps the mode of the file it overwrites
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, self.index_path)
         with self._write() as conn:

@@ -17,12 +17,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from trinity.bus.message import MAX_ID_LEN, Message
 from trinity.clock import now_ms
+from trinity.db import connect
 from trinity.errors import JournalError
 
 _ID_NAMESPACE = uuid.UUID("5b6f1f3e-7f0e-4d0a-9a55-1c1a2f7e9b10")
@@ -244,10 +245,8 @@ class Journal:
         self._busy_timeout_ms = int(busy_timeout_ms)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=busy_timeout_ms / 1000,
-                check_same_thread=False,
-            )
+            self.conn = connect(self.path, timeout_s=busy_timeout_ms / 1000,
+                                check_same_thread=False)
             self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -256,8 +255,6 @@ class Journal:
                     conn.execute(ddl)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
-        with suppress(OSError):
-            self.path.chmod(0o600)
 
     def _begin_immediate(self) -> None:
         """``BEGIN IMMEDIATE``, polling for the write lock every 50 us to 0.5 ms.

@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from trinity.db import immediate
+from trinity.db import connect, immediate
 from trinity.errors import ConfigError
 
 SUCCESS = "success"
@@ -104,8 +104,7 @@ class CostLedger:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                    timeout=busy_timeout_ms / 1000)
+        self.conn = connect(self.path, timeout_s=busy_timeout_ms / 1000, check_same_thread=False)
         self._lock = threading.Lock()
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")

@@ -1,4 +1,10 @@
-"""The one way Trinity's SQLite stores (outside the bus journal) open a write transaction.
+"""How Trinity's SQLite stores are opened, and how they open a write transaction.
+
+:func:`connect` is the one way a store is opened for writing: the file is created
+readable by its owner only before SQLite opens it, and SQLite gives the ``-wal`` and
+``-shm`` files it creates the mode of the database file, so a store is private from
+its first byte whether supervisord (``umask=077``) or anything else started the
+process.
 
 ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred transaction that later
 writes gets SQLITE_BUSY at once, without the busy handler. The journal has its own
@@ -7,9 +13,34 @@ polling variant (``bus/journal.py``) for its hot path.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` empty if it is missing, and make it and its WAL files owner-only.
+
+    Errors are left to the open that follows (SQLite names them better); files of
+    another owner are left as they are.
+    """
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_MODE))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with suppress(OSError):
+            os.chmod(name, PRIVATE_MODE)
+
+
+def connect(path: Path, *, timeout_s: float, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open (creating) a store readable by its owner only, in autocommit mode: writes go
+    through :func:`immediate`."""
+    make_private(path)
+    return sqlite3.connect(path, isolation_level=None, timeout=timeout_s,
+                           check_same_thread=check_same_thread)
 
 
 @contextmanager
