@@ -256,10 +256,12 @@ def chaos(folder: Path, config: Path, *, duration_h: float, time_scale: float, k
         conn.close()
     assert run is not None
     monkey = Monkey(settings, sup, run.run_id)
+    started = time.monotonic()
     try:
         status = monkey.run(faults, timeout_s)
     finally:
         sup.stop()
+    print(f"the run ended {status} after {time.monotonic() - started:.0f} s", flush=True)
     return verdict(settings, run.run_id, status, faults, monkey.done)
 
 
@@ -275,9 +277,12 @@ def verdict(settings: Settings, run_id: str, status: str, faults: list[Fault],
         problems.append(f"the run ended {status}")
     kills = [d for d in done if d.kind == KILL]
     back = [d.back_after_s for d in kills if d.back_after_s is not None and d.new_pid]
+    stops = [d for d in done if d.kind == STOP]
+    healed = sum(d.new_pid not in (None, d.pid) for d in stops)
     print(f"faults: {len(kills)} kills ("
           + ", ".join(f"{p} x{sum(d.target == p for d in kills)}" for p in PROGRAMS)
-          + f"), {len(done) - len(kills)} stops; killed programs back after "
+          + f"), {len(stops)} stops ({healed} restarted by the controller); killed programs "
+          "back after "
           + (f"{min(back):.1f}-{max(back):.1f} s (mean {sum(back) / len(back):.1f} s)"
              if back else "-"))
     for line in audit.lines():
