@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _pid_of(alert: dict[str, Any]) -> str | None:
     return None if pid is None else str(pid)
 
 
-def unexpected_exits(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def unexpected_exits(alerts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Crash alerts, but for the exits of processes stopped on purpose: an exit alert
     naming the agent and pid of a deliberate kill's alert was expected. supervisord
     giving up on a program (``agent_fatal``) is never expected."""

@@ -31,6 +31,7 @@ class LazyGroup(click.Group):
         "chaos": "trinity.controller.chaos:chaos_command",
         "dashboard": "trinity.controller.dashboards:dashboard_command",
         "export": "trinity.controller.export:export_command",
+        "keys": "trinity.bus.curve:keys_command",
         "report": "trinity.controller.report:report_command",
     }
 
