@@ -209,7 +209,7 @@ def _persistence_result(settings: Settings, run_id: str) -> tuple[str, bool]:
         return ("restored after the restart" if not problems
                 else f"{len(problems)} problems after the restart: {problems[0]}"), not problems
     _, problems = persistence.validate(settings)
-    return ("no restart in this run; stores consistent" if not problems
+    return ("no kill-and-resume in this run; stores consistent" if not problems
             else f"{len(problems)} problems: {problems[0]}"), not problems
 
 
