@@ -19,7 +19,7 @@ from typing import Any
 from trinity.agents.providers.base import Provider
 from trinity.errors import ConfigError
 
-PROVIDER_KINDS = ("embedded", "ollama", "openai")
+PROVIDER_KINDS = ("embedded", "ollama", "openai", "instant")  # instant: benchmarks only
 # Answer length limit (tokens) of an agent the policy gives none.
 DEFAULT_MAX_TOKENS = 256
 
@@ -208,6 +208,10 @@ def build_providers(
         elif kind == "ollama":
             built[name] = OllamaProvider(name, model=str(spec.get("model", "")),
                                          host=_env(spec, "host", env))
+        elif kind == "instant":
+            from trinity.agents.providers.instant import InstantProvider
+
+            built[name] = InstantProvider(name, env=env, source=policy.source)
         else:
             style = str(spec.get("schema_style", "json_schema"))
             if style not in SCHEMA_STYLES:

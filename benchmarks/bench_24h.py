@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report_rows import figure, write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "reports" / "bench_24h.json"
 BIN = Path(sys.executable).parent
@@ -104,15 +106,23 @@ def main() -> int:
           + ", ".join(f"{name} {mb:.0f} MB" for name, mb in sorted(peak_split.items())))
     for name, measured, target, ok in checks:
         print(f"  {'OK    ' if ok else 'MISSED'} {name:<28} {measured}  (target {target})")
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({
+    rows = [
+        figure("24h: wall time of the compressed run", round(wall, 2), "s",
+               reference=("ideal: duration / time scale", round(ideal, 2), "s"),
+               target=f"<= {wall_target:.0f} s", met=checks[0][3]),
+        figure("24h: peak total memory (PSS)", peak_pss, "MB",
+               target=f"<= {PEAK_TARGET_MB:.0f} MB", met=checks[1][3]),
+        figure("24h: memory growth per simulated hour, worst process or total", worst, "%",
+               target=f"<= {GROWTH_TARGET_PCT:g} %", met=checks[2][3]),
+    ]
+    write_report(REPORT, {
         "duration_h": duration_h, "time_scale": TIME_SCALE, "wall_s": round(wall, 2),
         "ideal_s": round(ideal, 2), "samples": len(samples), "peak_total_pss_mb": peak_pss,
         "peak_pss_by_process_mb": peak_split,
         "peak_total_rss_mb": peak_rss, "peak_process_rss_mb": peak_process,
         "total_growth_pct_per_hour": total_growth, "process_growth_pct_per_hour": growth,
         "targets_met": all(ok for *_, ok in checks),
-    }, indent=2) + "\n")
+    }, rows)
     print(f"wrote {REPORT.relative_to(ROOT)}")
     return 0 if all(ok for *_, ok in checks) else 1
 

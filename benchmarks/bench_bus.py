@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 import zmq
+from report_rows import figure, write_report
 
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, encode_payload
@@ -366,6 +367,15 @@ def main() -> int:
     print(f"ratio journaled/raw = {ratio:.3f}  (target >= {TARGET_RATIO})  "
           f"{'OK' if ok else 'MISSED'}")
 
+    paced_at = f"at {args.rate:,.0f} msgs/s"
+    table_rows = [
+        figure("bus: journaled throughput", round(bus_rate), "msgs/s",
+               reference=("raw pyzmq PUB/SUB", round(raw_rate), "msgs/s"),
+               target=f">= {TARGET_RATIO} x reference", met=ok),
+        *(figure(f"bus: journaled {q} latency {paced_at}", bus_lat[f"{q}_us"], "us",
+                 reference=(f"raw pyzmq PUB/SUB {q}", raw_lat[f"{q}_us"], "us"))
+          for q in ("p50", "p99")),
+    ]
     report = {
         "n": n,
         "group_commit": args.batch,
@@ -386,8 +396,7 @@ def main() -> int:
         "target_ratio": TARGET_RATIO,
         "target_met": ok,
     }
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(REPORT, report, table_rows)
     print(f"wrote {REPORT.relative_to(ROOT)}")
     return 0 if ok else 1
 

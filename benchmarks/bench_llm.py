@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from report_rows import figure, write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "reports" / "bench_llm.json"
 TARGET_OVERHEAD = 0.05
@@ -400,6 +402,22 @@ def print_table(report: dict[str, Any]) -> None:
               f"{100 * TARGET_OVERHEAD:g} %)  {'OK' if fig['target_met'] else 'MISSED'}")
 
 
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per agent: its call against the direct call, on the basis the overhead is on."""
+    out = []
+    for name in ("architect", "executor"):
+        fig = report["agents"][name]
+        wall = fig["basis"] == "wall"
+        key, unit = ("median_wall_s", "s") if wall else ("median_ms_per_token", "ms/token")
+        what = "median call" if wall else "median time per output token"
+        out.append(figure(f"llm: {name} {what}", fig["agent"][key], unit,
+                          reference=(f"direct llama-cpp-python {what}", fig["direct"][key], unit),
+                          ratio=1 + fig["overhead"],
+                          target=f"<= {1 + TARGET_OVERHEAD:g} x reference",
+                          met=fig["target_met"]))
+    return out
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -477,8 +495,7 @@ def main() -> int:
     report = run(args.reps, args.json, args.direct_in_main_thread)
     ok = all(fig["target_met"] for fig in report["agents"].values())
     report["target_met"] = ok
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(REPORT, report, table_rows(report))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

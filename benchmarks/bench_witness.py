@@ -9,7 +9,8 @@ full classification path used by the WITNESS process (event text, embedding,
 classifier, nearest exemplars) on the dev-set events, one at a time, and reports
 p50/p99 and the process's resident memory. Targets: p99 <= 5 ms at 10k and
 <= 20 ms at 100k exemplars (the test plan asks < 2 s on average). Exits 1 when a
-target is missed; writes reports/bench_witness.json.
+target is missed; writes reports/bench_witness.json. Its rows compare each size with the
+smallest one measured in the same run (how each cost grows with the store).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from report_rows import figure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "reports" / "bench_witness.json"
@@ -74,6 +77,22 @@ def measure(size: int) -> dict[str, Any]:
             "rss_mb": round(rss_mb, 1)}
 
 
+def table_rows(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """p99 and RSS per store size, each against the smallest size of the same run."""
+    base = sizes[0]
+    out = []
+    for row in sizes:
+        at, ref = f"at {row['exemplars']:,} exemplars", f"at {base['exemplars']:,} exemplars"
+        target = TARGETS_P99_MS.get(row["size"])
+        out.append(figure(f"witness: p99 classification {at}", row["p99_ms"], "ms",
+                          reference=None if row is base else (f"p99 {ref}", base["p99_ms"], "ms"),
+                          target=None if target is None else f"<= {target:g} ms",
+                          met=None if target is None else row["p99_ms"] <= target))
+        out.append(figure(f"witness: process RSS {at}", row["rss_mb"], "MB",
+                          reference=None if row is base else (f"RSS {ref}", base["rss_mb"], "MB")))
+    return out
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--size":
         print(json.dumps(measure(int(sys.argv[2]))))
@@ -94,9 +113,8 @@ def main() -> int:
         verdict = "-" if target is None else f"p99 <= {target:g} ms {'OK' if met else 'MISSED'}"
         print(f"{row['exemplars']:>10,} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['mean_ms']:>8} "
               f"{row['rss_mb']:>8}  {verdict}")
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"rows": rows, "targets_p99_ms": TARGETS_P99_MS, "ok": ok},
-                                 indent=2))
+    write_report(REPORT, {"sizes": rows, "targets_p99_ms": TARGETS_P99_MS, "ok": ok},
+                 table_rows(rows))
     print(f"\nwrote {REPORT.relative_to(ROOT)}")
     return 0 if ok else 1
 
