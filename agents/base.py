@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar, TypeVar
 
@@ -33,6 +34,72 @@ T = TypeVar("T")
 _CALL_GRACE_S = 5.0
 # After a database error: pause this long (still beating) before the next loop turn.
 DB_ERROR_BACKOFF_S = 1.0
+# A store that cannot be opened at start: try again this often; say so this often.
+STARTUP_RETRY_S = 2.0
+STARTUP_REPEAT_S = 60.0
+# What an operator does about a store file that cannot be opened (not a database,
+# truncated): Trinity never moves one away by itself, since each holds what nothing
+# else has (the run's queued messages, what WITNESS learned, what the calls cost).
+STORE_ADVICE = {
+    "trinity_messages.db": "restore it from a backup, or move it away to start an empty "
+                           "journal (giving up the run's queued messages and records)",
+    "trinity_patterns.db": "restore it from a backup, or move it away to start an empty "
+                           "pattern store (giving up what WITNESS learned, unless the "
+                           "Firestore backend holds it)",
+    "trinity_costs.db": "restore it from a backup, or move it away to start an empty cost "
+                        "ledger (giving up the recorded costs)",
+}
+
+
+def store_advice(database: str, error: str) -> str | None:
+    """What to do about ``error`` on the store file named ``database``, if anything."""
+    text = error.lower()
+    if "not a database" in text or "malformed" in text:
+        return STORE_ADVICE.get(database)
+    if "disk is full" in text or "no space left" in text:
+        return "free space on its file system; the writes are retried until they succeed"
+    if "locked" in text:
+        return "another connection holds its write lock; the writes are retried until it lets go"
+    return None
+
+
+def store_named(text: str, settings: Settings) -> Path | None:
+    """The store whose file name ``text`` (an error message) mentions."""
+    for path in (settings.costs_db, settings.patterns_db, settings.messages_db):
+        if path.name in text:
+            return path
+    return None
+
+
+def store_opened_by(exc: BaseException, settings: Settings) -> Path | None:
+    """The store the code that raised ``exc`` was working on: the innermost frame of its
+    traceback whose object (a Journal, CostLedger, PatternStore) has the store's path.
+    sqlite3's own errors ("database is locked") name no file."""
+    stores = {settings.messages_db, settings.patterns_db, settings.costs_db}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = getattr(tb.tb_frame.f_locals.get("self"), "path", None)
+        if isinstance(path, Path) and path in stores:
+            found = path
+        tb = tb.tb_next
+    return found
+
+
+def unreadable_store(settings: Settings) -> Path | None:
+    """The first store file that exists but cannot be read as a database."""
+    for path in (settings.messages_db, settings.patterns_db, settings.costs_db):
+        if not path.exists():
+            continue
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return path
+    return None
 
 
 class BaseProcess:
@@ -131,7 +198,9 @@ class BaseProcess:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        self.initialize()
+        if not self._start():
+            log.info("%s stopped before it could start", self.name)
+            return 0
         # Start-up (imports, loading a model or an index) leaves freed heap behind.
         release_free_memory()
         log.info("%s started", self.name, extra={"pid": os.getpid()})
@@ -147,12 +216,70 @@ class BaseProcess:
         log.info("%s stopped cleanly", self.name)
         return 0
 
+    def _start(self) -> bool:
+        """``initialize()``, tried again every STARTUP_RETRY_S while a store cannot be
+        opened (corrupt, truncated, locked, on a full disk): exiting would only run into
+        supervisord's restart limit, while waiting lets the process go on by itself once
+        the file is restored or moved away. It says why in one line, once a minute, and,
+        if the journal opened, in its heartbeat. False if stopped while waiting."""
+        said_at: float | None = None
+        while not self.stopping:
+            try:
+                self.initialize()
+            except (JournalError, sqlite3.Error) as exc:
+                store = (store_named(str(exc), self.settings)
+                         or store_opened_by(exc, self.settings)
+                         or unreadable_store(self.settings) or self.settings.messages_db)
+                advice = store_advice(store.name, str(exc)) or "it is retried"
+                now = time.monotonic()
+                if said_at is None or now - said_at >= STARTUP_REPEAT_S:
+                    said_at = now
+                    what = str(exc) if str(store) in str(exc) else f"{store}: {exc}"
+                    log.error("%s cannot start: %s; %s; trying again every %g s",
+                              self.name, what, advice, STARTUP_RETRY_S)
+                self.database_error = {
+                    "error": str(exc)[:500], "error_type": type(exc).__name__,
+                    "database": store.name, "doing": f"{self.name} was starting",
+                    "ts_ms": now_ms()}
+                self._wait_to_start()
+                continue
+            if said_at is not None:
+                log.info("%s: its stores open now", self.name)
+                self.database_error = None
+            return True
+        return False
+
+    def _wait_to_start(self) -> None:
+        """Between start attempts: heartbeats (with the error) if the journal opened, then
+        close what the failed attempt opened, so the next one starts afresh."""
+        node, journal = getattr(self, "node", None), getattr(self, "journal", None)
+        self._next_heartbeat = 0.0
+        deadline = time.monotonic() + STARTUP_RETRY_S
+        while time.monotonic() < deadline and not self.stopping:
+            if node is not None:
+                try:
+                    self.beat()
+                except (JournalError, sqlite3.Error) as exc:
+                    log.debug("cannot send a heartbeat: %s", exc)
+            time.sleep(0.1)
+        if node is not None:
+            node.close()
+            del self.node
+        if journal is not None:
+            journal.close()
+            del self.journal
+
     def _database_failed(self, exc: BaseException) -> None:
         """A locked, full or corrupt database must not end the process: what failed was
-        rolled back, so report it, wait a little and go on (it is retried)."""
-        log.error("database error: %s", exc, exc_info=exc)
+        rolled back, so report it, wait a little and go on (it is retried). The traceback
+        is logged when the error changes, not once a second while it lasts."""
+        repeated = (self.database_error is not None
+                    and self.database_error["error"] == str(exc)[:500])
+        log.error("database error: %s", exc, exc_info=None if repeated else exc)
+        store = store_named(str(exc), self.settings) or store_opened_by(exc, self.settings)
         self.database_error = {"error": str(exc)[:500], "error_type": type(exc).__name__,
-                               "ts_ms": now_ms()}
+                               "ts_ms": now_ms(),
+                               **({"database": store.name} if store is not None else {})}
         self._next_heartbeat = 0.0  # the next heartbeat carries the error now
         try:
             self.on_database_error(exc)

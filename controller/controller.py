@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from trinity import records
-from trinity.agents.base import BaseProcess
+from trinity.agents.base import BaseProcess, store_advice, store_named, store_opened_by
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.topology import ALERTS, TELEMETRY
@@ -88,7 +88,7 @@ class Controller(BaseProcess):
         self._next_checkpoint = 0.0
         self._next_prune = self.clock.monotonic() + PRUNE_EVERY_S
         self._drain_progress: tuple[int, float] | None = None
-        self.ledger = CostLedger(self.settings.costs_db)
+        self.ledger: CostLedger | None = None  # opened on first use (see _cost_ledger)
         self._next_budget_check = 0.0
         self.sampler = MetricsSampler()
         self.notifier: Any = None
@@ -100,6 +100,10 @@ class Controller(BaseProcess):
         self._last_growth: float | None = None
         self._last_tick = self.clock.monotonic()
         self._load_run()
+        try:
+            self._cost_ledger()
+        except sqlite3.Error as exc:
+            self.alert_database_error(self.settings.costs_db, exc, "opening the cost ledger")
         # Prometheus /metrics on loopback (None: TRINITY_METRICS_PORT=0, or port in use).
         self.exporter = start_exporter(self.settings, {self.name: os.getpid()})
 
@@ -130,7 +134,8 @@ class Controller(BaseProcess):
     def shutdown(self) -> None:
         if self.exporter is not None:
             self.exporter.close()
-        self.ledger.close()
+        if self.ledger is not None:
+            self.ledger.close()
         if self.notifier is not None:
             self.notifier.close()
         super().shutdown()
@@ -166,8 +171,11 @@ class Controller(BaseProcess):
             named = failure.get("database")
             database = (Path(Path(named).name) if isinstance(named, str) and named.strip()
                         else self._database_named(error))
-            self.alert_database_error(database, RuntimeError(error),
-                                      f"{agent} was applying messages", agent=agent)
+            doing = failure.get("doing")
+            self.alert_database_error(
+                database, RuntimeError(error),
+                doing if isinstance(doing, str) else f"{agent} was applying messages",
+                agent=agent)
         if self.monitor.beat(agent, beat, self.clock.monotonic()):
             self.raise_alert("agent_recovered", "info", f"{agent} is sending heartbeats again",
                              agent=agent)
@@ -213,20 +221,20 @@ class Controller(BaseProcess):
             return
         self._db_error_at[key] = now
         log.error("database error on %s while %s: %s", database.name, doing, exc)
+        advice = store_advice(database.name, str(exc))
         self.raise_alert("database_error", "error",
-                         f"{database.name}: {exc} (while {doing})", agent=agent or self.name,
+                         f"{database.name}: {exc} (while {doing})"
+                         + (f": {advice}" if advice else ""), agent=agent or self.name,
                          database=database.name, error=str(exc)[:500],
-                         error_type=type(exc).__name__)
+                         error_type=type(exc).__name__, **({"advice": advice} if advice else {}))
 
     def on_database_error(self, exc: BaseException) -> None:
-        self.alert_database_error(self._database_named(str(exc)), exc, "running its loop")
+        database = store_opened_by(exc, self.settings) or self._database_named(str(exc))
+        self.alert_database_error(database, exc, "running its loop")
 
     def _database_named(self, text: str) -> Path:
         """The database an error message names (the journal when it names none)."""
-        for path in (self.settings.costs_db, self.settings.patterns_db):
-            if path.name in text:
-                return path
-        return self.settings.messages_db
+        return store_named(text, self.settings) or self.settings.messages_db
 
     # -- periodic work ------------------------------------------------------
 
@@ -254,7 +262,10 @@ class Controller(BaseProcess):
             self._raise(alert)
         if self.active is not None and now >= self._next_budget_check:
             self._next_budget_check = now + BUDGET_CHECK_EVERY_S
-            self._check_budget(self.active)
+            try:
+                self._check_budget(self.active)
+            except sqlite3.Error as exc:  # the run goes on; the budget is checked again
+                self.alert_database_error(self.settings.costs_db, exc, "checking the budget")
         if self.active is not None:
             self._drive_run(now)
         if now >= self._next_prune:
@@ -281,11 +292,18 @@ class Controller(BaseProcess):
         elif now - self._drain_progress[1] > DRAIN_STALL_S:
             self._end_run(runs.TIMED_OUT, state)
 
+    def _cost_ledger(self) -> CostLedger:
+        """The cost ledger, opened on first use and again after a failed open (a corrupt
+        or locked file): the controller runs on without it meanwhile, alerting."""
+        if self.ledger is None:
+            self.ledger = CostLedger(self.settings.costs_db)
+        return self.ledger
+
     def _check_budget(self, run: runs.Run) -> None:
         """Budget alerts from the ledger's total for the run; keyed, so each fires once
         per run even across controller restarts."""
         budget = runs.budget_usd(run, self.settings.budget_usd)
-        spent = self.ledger.spent_usd(run.run_id)
+        spent = self._cost_ledger().spent_usd(run.run_id)
         for pct in crossed_thresholds(spent, budget):
             exceeded = pct >= 100
             self.raise_alert(
@@ -361,8 +379,9 @@ class Controller(BaseProcess):
         if kind == "metrics":
             return self._metrics(run, sim)
         if kind == "costs":
-            totals = self.ledger.totals(run.run_id)
-            return snapshots.cost_snapshot(totals, self.ledger.spent_since(run.run_id, sim - 3600),
+            ledger = self._cost_ledger()
+            totals = ledger.totals(run.run_id)
+            return snapshots.cost_snapshot(totals, ledger.spent_since(run.run_id, sim - 3600),
                                            runs.budget_usd(run, self.settings.budget_usd))
         stats = self._pattern_stats(run, sim)
         stats["memory_growth_pct_per_hour"] = self._last_growth
@@ -414,7 +433,8 @@ class Controller(BaseProcess):
             {name: p["rss_mb"] for name, p in sample["processes"].items()},
             self.sampler.hourly_growth(sim), sim)
         try:
-            found += self.rules.cost_spike(self.ledger.spent_since(run.run_id, sim - 3600), sim)
+            found += self.rules.cost_spike(
+                self._cost_ledger().spent_since(run.run_id, sim - 3600), sim)
         except sqlite3.Error as exc:
             self.alert_database_error(self.settings.costs_db, exc, "reading the cost ledger")
         try:

@@ -5,12 +5,14 @@ PROCESS_STATE_EXITED and PROCESS_STATE_FATAL. stdout is the listener protocol
 channel, so nothing else may be printed there; diagnostics go to stderr.
 An exit is unexpected when supervisord says ``expected:0`` (a kill -9, a crash,
 an exit code not in ``exitcodes``). The alert is journaled, so it reaches
-alerts.log even when the process that exited was the controller itself.
+alerts.log even when the process that exited was the controller itself; when the
+journal cannot be written, it is appended to alerts.log directly.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 from typing import Any
 
@@ -19,7 +21,8 @@ from supervisor import childutils
 from trinity.bus.journal import Journal
 from trinity.bus.message import encode_payload
 from trinity.bus.topology import ALERTS
-from trinity.controller.alerts import make_alert
+from trinity.controller.alerts import AlertLog, make_alert
+from trinity.errors import JournalError
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,27 @@ def alert_for(event_name: str, payload: dict[str, str]) -> dict[str, Any] | None
     return None
 
 
+def record(settings: Settings, journal: Journal | None, alert: dict[str, Any]) -> Journal | None:
+    """Journal ``alert`` (opening the journal if it is not open yet); returns the journal.
+
+    A journal that cannot be opened or written (corrupt, locked, on a full disk) must not
+    lose the alert: it is then appended to alerts.log directly, as the controller does
+    with its own alerts in that case.
+    """
+    try:
+        if journal is None:
+            journal = Journal(settings.messages_db, source="crashwatch")
+        with journal.transaction() as tx:
+            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+    except (JournalError, sqlite3.Error) as exc:
+        log.error("cannot journal alert %s (%s); writing it to alerts.log directly",
+                  alert["alert_id"], exc)
+        AlertLog(settings.log_dir / "alerts.log").write_alert(alert, source="crashwatch")
+    return journal
+
+
 def main(settings: Settings) -> int:
-    journal = Journal(settings.messages_db, source="crashwatch")
+    journal: Journal | None = None
     while True:
         headers, body = childutils.listener.wait(sys.stdin, sys.stdout)
         try:
@@ -53,8 +75,7 @@ def main(settings: Settings) -> int:
             alert = alert_for(headers.get("eventname", ""), event_payload)
             if alert is not None:
                 alert["details"]["group"] = event_payload.get("groupname")
-                with journal.transaction() as tx:
-                    tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+                journal = record(settings, journal, alert)
                 log.warning("recorded %s", alert["message"])
         except Exception:  # the listener must answer supervisord whatever happens
             log.exception("crashwatch could not record an event: %r", body[:500])

@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 # How often a silent agent's process is looked at (supervisord is asked each time).
 CHECK_EVERY_S = 1.0
+# A process asleep in a system call may be waiting for a database lock: SQLite gives up
+# after the 10 s busy timeout, and the process beats again within the 1 s back-off that
+# follows. So such a process is hung only once silent this much longer than the deadline;
+# one stopped or spinning is hung at the deadline.
+ASLEEP_ALLOWANCE_S = 12.0
+ASLEEP = frozenset({psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP, psutil.STATUS_IDLE})
 
 
 class ProcessControl(Protocol):
@@ -133,20 +139,21 @@ class Healer:
                     or now < self._next_check.get(agent, 0.0)):
                 continue
             self._next_check[agent] = now + CHECK_EVERY_S
-            alert = self._heal_one(monitor, agent, health, now)
+            alert = self._heal_one(monitor, agent, health, now, watched)
             if alert is not None:
                 alerts.append(alert)
         return alerts
 
     def _heal_one(self, monitor: HeartbeatMonitor, agent: str, health: AgentHealth,
-                  now: float) -> Alert | None:
+                  now: float, watched_s: float) -> Alert | None:
         assert self.control is not None
         try:
             hung = self.hung_process(agent, health.pid)
         except SupervisorError as exc:
             log.error("cannot ask supervisord about silent %s: %s", agent, exc)
             return None
-        if hung is None:
+        if hung is None or (hung.status in ASLEEP
+                            and watched_s <= self.deadline_s + ASLEEP_ALLOWANCE_S):
             return None
         quiet = now - health.last_seen
         period = self.policy

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -18,9 +17,17 @@ import psutil
 import pytest
 
 from tests.conftest import Project, wait_for
-from tests.controller.test_alert_rules import _wait_for_agents
-from trinity.controller.alerts import read_alerts
-from trinity.controller.healing import CHECK_EVERY_S, Healer, RestartIntensity
+from tests.controller.test_storage_faults import (
+    alerts_of,
+    assert_each_event_handled_once,
+    start_run,
+)
+from trinity.controller.healing import (
+    ASLEEP_ALLOWANCE_S,
+    CHECK_EVERY_S,
+    Healer,
+    RestartIntensity,
+)
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.rules import Alert
 from trinity.controller.supervision import SupervisorClient, SupervisorError
@@ -263,7 +270,7 @@ def test_silence_counts_only_while_the_controller_watches(processes: Processes) 
     agent must stay silent a whole deadline before it is restarted."""
     fake = FakeSupervisord(processes)
     watch = Watch(fake)
-    pids = {agent: processes.spawn().pid for agent in AGENTS}
+    pids = {agent: processes.hung() for agent in AGENTS}
     for agent, pid in pids.items():
         fake.set(agent, pid)
     watch.beat_all(pids)
@@ -283,6 +290,31 @@ def test_silence_counts_only_while_the_controller_watches(processes: Processes) 
     assert alert.agent == "executor" and alert.kind == "agent_restarted"
     assert alert.details["silent_s"] == pytest.approx(43.1 - 22.9)
     assert fake.restarted == [("executor", pids["executor"])]
+
+
+def test_a_process_asleep_in_a_system_call_gets_the_lock_wait_allowance(
+        processes: Processes) -> None:
+    """An agent blocked on a database lock sleeps in SQLite's busy wait and gives up after
+    the 10 s busy timeout: it is hung only once silent past the deadline plus that wait.
+    A stopped one (SIGSTOP) is hung at the deadline."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    asleep = processes.spawn().pid  # `sleep`: asleep in a system call, like a lock wait
+    stopped = processes.hung()
+    fake.set("witness", asleep)
+    fake.set("architect", stopped)
+    watch.beat_all({"witness": asleep, "architect": stopped})
+    (first,) = watch.until(DEADLINE_S + watch.STEP_S)
+    assert first.agent == "architect" and first.details["process_status"] == "stopped"
+    # WITNESS, asleep, gets up to the deadline plus the allowance: it beats after 11 s.
+    assert watch.until(11.0) == []
+    watch.beat("witness", asleep)
+    watch.until(14.0)
+    watch.beat("witness", asleep)
+    assert watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S - 0.5) == []
+    (second,) = watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S + 1.0)
+    assert second.agent == "witness" and second.details["process_status"] == "sleeping"
+    assert second.details["silent_s"] > DEADLINE_S + ASLEEP_ALLOWANCE_S
 
 
 def test_supervisord_unreachable_is_logged_and_retried(
@@ -396,22 +428,13 @@ def test_restart_settings_are_validated(env: dict[str, str], says: str) -> None:
 
 
 def _alerts(project: Project, kind: str, agent: str | None = None) -> list[dict[str, Any]]:
-    return [a for a in read_alerts(project.alerts_log)
-            if a.get("kind") == kind and agent in (None, a.get("agent"))]
+    return alerts_of(project.alerts_log, kind, agent)
 
 
 def _pid(project: Project, program: str) -> int:
     info = project.supervisor().process(program)
     assert info["statename"] == "RUNNING", info
     return int(info["pid"])
-
-
-def _start(project: Project, *args: str) -> sqlite3.Connection:
-    result = project.trinity("run", "--detach", *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    db = sqlite3.connect(project.db, timeout=30)
-    _wait_for_agents(project, db)
-    return db
 
 
 def _stop(pid: int) -> float:
@@ -435,7 +458,7 @@ def test_a_hung_agent_is_restarted_and_the_run_loses_nothing(project: Project) -
     silent with its process still there, restarts it through supervisord (no crash alert:
     supervisord took it for a requested stop), the new process beats and works the
     backlog off, and every event of the run has exactly one outcome and one detection."""
-    db = _start(project, "--duration", "6", "--time-scale", "720")
+    db = start_run(project, "--duration", "4", "--time-scale", "720")
     wait_for(lambda: db.execute("SELECT count(*) FROM outcomes").fetchone()[0] >= 2, 60,
              "the first outcomes")
     old = _pid(project, "witness")
@@ -462,20 +485,7 @@ def test_a_hung_agent_is_restarted_and_the_run_loses_nothing(project: Project) -
 
     wait_for(lambda: db.execute("SELECT status FROM runs").fetchone()[0] != "active", 120,
              "the run to end")
-    assert db.execute("SELECT status FROM runs").fetchone()[0] == "completed"
-    per_event = dict(db.execute(
-        "SELECT e.event_id, count(o.task_id) FROM events e LEFT JOIN outcomes o"
-        " USING(event_id) GROUP BY e.event_id"))
-    assert len(per_event) == 12 and set(per_event.values()) == {1}, per_event
-    patterns = sqlite3.connect(project.root / "trinity_patterns.db")
-    detected = {e for (e,) in patterns.execute("SELECT event_id FROM detections")}
-    counted = patterns.execute("SELECT sum(detections) FROM patterns").fetchone()[0]
-    with_pattern = patterns.execute(
-        "SELECT count(*) FROM detections WHERE pattern IS NOT NULL").fetchone()[0]
-    patterns.close()
-    assert detected == set(per_event)
-    assert counted == with_pattern  # no detection counted twice by the new process
-    assert db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+    assert_each_event_handled_once(db, project.root, 8)
     assert _alerts(project, "agent_crashed") == [] and len(_alerts(project, "agent_silent")) == 1
     assert len(_alerts(project, "agent_restarted")) == 1
     db.close()
@@ -489,7 +499,7 @@ def test_repeated_hangs_hit_the_restart_intensity(project: Project) -> None:
     beats, it is watched as before."""
     project.env["TRINITY_RESTART_INTENSITY"] = "1"
     project.env["TRINITY_RESTART_PERIOD"] = "60"
-    db = _start(project, "--duration", "24", "--time-scale", "60")
+    db = start_run(project, "--duration", "24", "--time-scale", "60")
     first = _pid(project, "executor")
     _stop(first)
     wait_for(lambda: _alerts(project, "agent_recovered", "executor"), 20,
