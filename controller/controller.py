@@ -206,6 +206,7 @@ class Controller(BaseProcess):
             log.error("cannot journal alert %s: %s", alert["alert_id"], exc)
             if self.alert_log.write_alert(alert, source=self.name):
                 self._announce(alert)
+            self._free_journal_lock(exc)
 
     def _raise(self, alert: Alert) -> None:
         self.raise_alert(alert.kind, alert.severity, alert.message, agent=alert.agent,
@@ -230,7 +231,17 @@ class Controller(BaseProcess):
 
     def on_database_error(self, exc: BaseException) -> None:
         database = store_opened_by(exc, self.settings) or self._database_named(str(exc))
+        if database == self.settings.messages_db:
+            self._free_journal_lock(exc)
         self.alert_database_error(database, exc, "running its loop")
+
+    def _free_journal_lock(self, exc: BaseException) -> None:
+        """The journal was locked past its busy timeout: an agent stopped (SIGSTOP) in the
+        middle of a transaction holds that lock for as long as it stays stopped, and no
+        alert can be journaled meanwhile. Restart such an agent now."""
+        if "locked" in str(exc):
+            for alert in self.healer.heal_stopped(self.monitor, self.clock.monotonic()):
+                self._raise(alert)
 
     def _database_named(self, text: str) -> Path:
         """The database an error message names (the journal when it names none)."""

@@ -127,33 +127,44 @@ class Healer:
         if self._last_call is None or now - self._last_call > self.stall_s:
             self._watching_since = now
         self._last_call = now
+        return self._heal_all(monitor, now, self._watching_since, only_stopped=False)
+
+    def heal_stopped(self, monitor: HeartbeatMonitor, now: float) -> list[Alert]:
+        """The controller is held up on the journal's write lock, so it reads no heartbeat
+        and silence proves little; but an agent stopped (SIGSTOP) in the middle of a
+        transaction holds that lock for as long as it stays stopped. Restart any agent
+        whose process is stopped and that has been silent past its deadline."""
+        return self._heal_all(monitor, now, float("-inf"), only_stopped=True)
+
+    def _heal_all(self, monitor: HeartbeatMonitor, now: float, watching_since: float, *,
+                  only_stopped: bool) -> list[Alert]:
         alerts: list[Alert] = []
         for agent, health in monitor.agents.items():
             if health.beats > self._beats_when_escalated.get(agent, health.beats):
                 self.policy.rearm(agent)  # it sent a heartbeat since
                 del self._beats_when_escalated[agent]
-            if not health.silent:
+            if not (health.silent or only_stopped):
                 continue
-            watched = now - max(health.last_seen, self._watching_since)
+            watched = now - max(health.last_seen, watching_since)
             if (not self.enabled or agent in self.policy.escalated or watched <= self.deadline_s
                     or now < self._next_check.get(agent, 0.0)):
                 continue
             self._next_check[agent] = now + CHECK_EVERY_S
-            alert = self._heal_one(monitor, agent, health, now, watched)
+            alert = self._heal_one(monitor, agent, health, now, watched, only_stopped)
             if alert is not None:
                 alerts.append(alert)
         return alerts
 
     def _heal_one(self, monitor: HeartbeatMonitor, agent: str, health: AgentHealth,
-                  now: float, watched_s: float) -> Alert | None:
+                  now: float, watched_s: float, only_stopped: bool) -> Alert | None:
         assert self.control is not None
         try:
             hung = self.hung_process(agent, health.pid)
         except SupervisorError as exc:
             log.error("cannot ask supervisord about silent %s: %s", agent, exc)
             return None
-        if hung is None or (hung.status in ASLEEP
-                            and watched_s <= self.deadline_s + ASLEEP_ALLOWANCE_S):
+        if hung is None or (only_stopped and hung.status != psutil.STATUS_STOPPED) or (
+                hung.status in ASLEEP and watched_s <= self.deadline_s + ASLEEP_ALLOWANCE_S):
             return None
         quiet = now - health.last_seen
         period = self.policy
@@ -190,7 +201,8 @@ class Healer:
             f" restarted through supervisord as pid {new_pid} (restart {restarts} of at most "
             f"{period.intensity} within {period.period_s:g} s)",
             silent_s=round(quiet, 3), pid=hung.pid, new_pid=new_pid, process_status=hung.status,
-            reason="silent past its heartbeat deadline while its process exists",
+            reason="stopped while the journal was locked" if only_stopped
+            else "silent past its heartbeat deadline while its process exists",
             restart_s=round(took, 3), restarts_in_period=restarts,
             intensity=period.intensity, period_s=period.period_s)
 

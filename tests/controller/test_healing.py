@@ -4,13 +4,18 @@ real supervisord: a SIGSTOPped agent is restarted, and repeated hangs hit the li
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -107,6 +112,9 @@ class FakeSupervisord:
             self.set(name, 0, statename="STOPPED")
             raise SupervisorError(self.failure)
         old = self.info[name]["pid"]
+        if old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old, signal.SIGKILL)
         new = self.processes.spawn().pid
         self.restarted.append((name, old))
         self.set(name, new, uptime_s=0)
@@ -315,6 +323,87 @@ def test_a_process_asleep_in_a_system_call_gets_the_lock_wait_allowance(
     (second,) = watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S + 1.0)
     assert second.agent == "witness" and second.details["process_status"] == "sleeping"
     assert second.details["silent_s"] > DEADLINE_S + ASLEEP_ALLOWANCE_S
+
+
+def test_heal_stopped_restarts_only_stopped_agents_and_ignores_the_stall_guard(
+        processes: Processes) -> None:
+    """What the controller does while it waits on the journal's write lock: it reads no
+    heartbeat, so only a stopped process counts as hung (the likely lock holder)."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    stopped, asleep = processes.hung(), processes.spawn().pid
+    fake.set("witness", stopped)
+    fake.set("architect", asleep)
+    watch.beat_all({"witness": stopped, "architect": asleep})
+    assert watch.until(2.0) == []
+    assert watch.healer.heal_stopped(watch.monitor, 2.5) == []  # within its deadline
+    # The controller stalled for 10 s on the lock: heal() waits a deadline, this does not.
+    assert watch.healer.heal(watch.monitor, 12.5) == []
+    (alert,) = watch.healer.heal_stopped(watch.monitor, 12.6)
+    assert alert.agent == "witness" and alert.kind == "agent_restarted"
+    assert alert.details["reason"] == "stopped while the journal was locked"
+    assert fake.restarted == [("witness", stopped)]
+    assert watch.healer.heal_stopped(watch.monitor, 14.0) == []  # ARCHITECT is only asleep
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_the_controller_restarts_a_stopped_agent_that_holds_the_journal_lock(
+        short_dir: Path, processes: Processes) -> None:
+    """An agent stopped (SIGSTOP) inside a journal transaction holds the write lock: the
+    controller's own writes fail after the 10 s busy timeout, and then it restarts the
+    stopped process (here a stand-in holding the lock), which frees the journal."""
+    from trinity.bus.journal import Journal
+    from trinity.bus.topology import ALERTS
+    from trinity.controller import runs
+    from trinity.controller.controller import Controller
+    from trinity.errors import JournalError
+
+    settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
+                                  "TRINITY_METRICS_PORT": "0"})
+    journal = Journal(settings.messages_db, source="test")
+    runs.create_run(journal.conn, {"time_scale": 60.0, "duration_h": 24.0,
+                                   "event_interval_min": 30.0, "budget_usd": 2.0})
+    controller = Controller(settings)
+    controller.initialize()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "conn.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(600)",
+         str(settings.messages_db)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        fake = FakeSupervisord(processes)
+        fake.set("architect", holder.pid)
+        controller.healer = Healer(fake, RestartIntensity(5, 30.0), settings.startup_grace_s,
+                                   settings.heartbeat_deadline_s, stall_s=1.0)
+        controller.monitor.beat("architect", {"pid": holder.pid}, time.monotonic())
+        started = time.monotonic()
+        for _ in range(5):  # BaseProcess.run's loop, until a turn gets through
+            try:
+                controller.loop()
+                break
+            except (JournalError, sqlite3.Error) as exc:
+                controller._database_failed(exc)
+        took = time.monotonic() - started
+        assert fake.restarted == [("architect", holder.pid)]
+        assert holder.wait(5) == -signal.SIGKILL
+        journaled = [json.loads(m.payload) for m in journal.read_after(ALERTS, 0, 100)]
+        (restart,) = [a for a in journaled if a["kind"] == "agent_restarted"]
+        assert restart["details"]["reason"] == "stopped while the journal was locked"
+        assert restart["details"]["process_status"] == "stopped"
+        # The one busy timeout (10 s), then at once: not two, not one per alert.
+        assert 10.0 <= took < 14.0, took
+        print(f"\nstopped lock holder restarted {took:.1f} s after the controller met the lock")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+        controller.shutdown()
+        journal.close()
 
 
 def test_supervisord_unreachable_is_logged_and_retried(
