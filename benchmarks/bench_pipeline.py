@@ -22,10 +22,13 @@ over by at most that). Phases, in this order (the stores grow from one to the ne
    plan's event rate, then 200 events/s. The plan emits one event per 30 simulated
    minutes; at the demo's time scale 2880 (simulated s per real s, the Makefile's
    DEMO_TIME_SCALE) that is one event per 0.625 s, 1.6 events/s. Figures: p50/p99
-   event-to-outcome latency and the delivered rate.
+   event-to-outcome latency, the delivered rate, and p50/p99 of each stage's span from
+   the stores' own millisecond stamps (event committed here -> signal journaled by
+   WITNESS -> task journaled by ARCHITECT -> outcome recorded by EXECUTOR).
 3. throughput: N events (BENCH_SHORT: 5,000; else 20,000) published as fast as the
    publisher can, in transactions of 500; events/s = N / (first publish to last outcome).
-   Each stage's cursor is sampled meanwhile, so the stage that bounds it shows.
+   Each stage's cursor is sampled meanwhile, so the stage that bounds it shows, and each
+   agent's CPU time per message it applied (so what both cores could do at best).
 
 Throughout, each agent's RSS is sampled with the stores' sizes (exemplars WITNESS has
 learned, journal messages, ledger rows, and their files).

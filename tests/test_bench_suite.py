@@ -155,3 +155,32 @@ def test_a_policy_naming_the_instant_provider_needs_it_enabled() -> None:
     with pytest.raises(ConfigError, match=f"for benchmarks only; set {ENABLE_VAR}=1"):
         build_providers(policy, {})
     assert build_providers(policy, {ENABLE_VAR: "1"})["fast"].kind == "instant"
+
+
+# -- each benchmark's rows ---------------------------------------------------------------
+
+
+def test_each_benchmark_builds_rows_of_the_common_shape(rows: ModuleType) -> None:
+    pipeline = _load("bench_pipeline")
+    tier = {"label": "the latency target load", "offered_per_s": pipeline.LATENCY_RATE,
+            "p99_ms": 51.0, "delivered_per_s": 199.0}
+    at = {"exemplars": 1000, "journal_messages": 10, "store_files_mb": 1.0,
+          "total_rss_mb": 200.0}
+    built = pipeline.build_rows({"commits_per_s": 9000, "p99_ms": 0.3}, [tier],
+                                {"events_per_s": 2100.0},
+                                {"after_phase": {"warm-up": at}, "mb_per_1000_exemplars": 2.0})
+    witness = _load("bench_witness").table_rows(
+        [{"size": 1000, "exemplars": 1026, "p99_ms": 1.2, "rss_mb": 97.0},
+         {"size": 10_000, "exemplars": 10_000, "p99_ms": 5.5, "rss_mb": 124.0}])
+    side = {"median_wall_s": 2.0, "median_ms_per_token": 20.0}
+    llm = _load("bench_llm").table_rows({"agents": {
+        name: {"basis": "wall", "agent": side, "direct": side, "overhead": 0.01,
+               "target_met": True} for name in ("architect", "executor")}})
+    for row in built + witness + llm:
+        assert rows.problem(row) is None, row
+    verdicts = {r["name"]: r["met"] for r in built + witness if r["met"] is not None}
+    assert verdicts == {
+        "pipeline: events/s end to end": True,
+        "pipeline: p99 event-to-outcome at the latency target load (200 events/s)": False,
+        "witness: p99 classification at 10,000 exemplars": False}
+    assert [r["ratio"] for r in llm] == [1.01, 1.01]
