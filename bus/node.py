@@ -96,6 +96,9 @@ class _StreamState:
     # any id beyond the journaled one's single copy is forged or replayed.
     live: dict[int, list[str]] = field(default_factory=dict)
     seen: list[tuple[int, str]] = field(default_factory=list)  # live copies of applied seqs
+    # seq -> id of the last messages applied (at most _MAX_LIVE_HINTS): a live copy that
+    # arrives after its journal row was pruned is still checked against the right id.
+    applied: dict[int, str] = field(default_factory=dict)
     wake: bool = True
     behind: bool = False  # the last journal batch was full: more is waiting
     retry_at: float = 0.0
@@ -384,6 +387,10 @@ class BusNode:
         self.counters.applied += len(done) - len(failed)
         self.counters.dead_lettered += len(failed)
         self._confirm_live(stream, state, done)
+        for msg in done:
+            state.applied[msg.seq] = msg.msg_id
+        while len(state.applied) > _MAX_LIVE_HINTS:  # the oldest first
+            del state.applied[next(iter(state.applied))]
         if retry:
             self._schedule_retry(state)
         else:
@@ -477,9 +484,12 @@ class BusNode:
         journaled = self.journal.ids_between(stream, lo, hi)
         forged = []
         for seq, msg_id in seen:
-            expected = journaled.get(seq)
-            if expected is None or expected == msg_id:  # pruned rows cannot be checked
+            expected = journaled.get(seq) or state.applied.get(seq)
+            if expected == msg_id:
                 self.counters.duplicates += 1
+            elif expected is None:  # applied long ago and pruned: not a copy we can vouch for
+                forged.append((f"live message id {msg_id!r} at {stream} seq {seq} cannot be"
+                               " checked: that seq was applied and pruned long ago", b""))
             else:
                 forged.append((f"live message id {msg_id!r} does not match journal id "
                                f"{expected!r} at {stream} seq {seq}", b""))

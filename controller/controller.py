@@ -33,7 +33,7 @@ from trinity.clock import ScaledClock, now_ms
 from trinity.controller import runs, snapshots
 from trinity.controller.alerts import AlertLog, make_alert
 from trinity.controller.healing import Healer
-from trinity.controller.heartbeats import HeartbeatMonitor
+from trinity.controller.heartbeats import HeartbeatMonitor, heartbeat_pid
 from trinity.controller.metrics import MetricsSampler
 from trinity.controller.prometheus import start_exporter
 from trinity.controller.rules import Alert, Rules
@@ -63,6 +63,18 @@ SNAPSHOT_KINDS = ("metrics", "costs", "patterns")
 # the first model calls grow llama.cpp's buffers to their working size (measured: +10 %
 # over the first three calls, flat after).
 WARM_AFTER_MESSAGES = 3
+
+
+def _wire_text(value: object, limit: int = 500) -> str:
+    """A heartbeat's text for an alert: bounded, lone surrogates escaped (UTF-8 clean)."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _applied(beat: dict[str, Any]) -> int:
+    """Messages the agent's heartbeat says it applied (0 if it says nothing usable)."""
+    counters = beat.get("counters")
+    applied = counters.get("applied") if isinstance(counters, dict) else None
+    return applied if isinstance(applied, int) and not isinstance(applied, bool) else 0
 
 
 class Controller(BaseProcess):
@@ -166,15 +178,17 @@ class Controller(BaseProcess):
             return
         failure = beat.get("database_error")
         if isinstance(failure, dict):
-            error = str(failure.get("error", "?"))
+            # Text from the wire goes into an alert: no lone surrogate (not UTF-8), bounded.
+            error = _wire_text(failure.get("error", "?"))
             # The store the agent names, else the one its error message names.
             named = failure.get("database")
-            database = (Path(Path(named).name) if isinstance(named, str) and named.strip()
+            database = (Path(Path(_wire_text(named)).name)
+                        if isinstance(named, str) and named.strip()
                         else self._database_named(error))
             doing = failure.get("doing")
             self.alert_database_error(
                 database, RuntimeError(error),
-                doing if isinstance(doing, str) else f"{agent} was applying messages",
+                _wire_text(doing) if isinstance(doing, str) else f"{agent} was applying messages",
                 agent=agent)
         if self.monitor.beat(agent, beat, self.clock.monotonic()):
             self.raise_alert("agent_recovered", "info", f"{agent} is sending heartbeats again",
@@ -184,8 +198,7 @@ class Controller(BaseProcess):
                 "INSERT INTO agents(name, pid, last_heartbeat_ms, heartbeat) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET pid=excluded.pid,"
                 " last_heartbeat_ms=excluded.last_heartbeat_ms, heartbeat=excluded.heartbeat",
-                (agent, beat.get("pid") if isinstance(beat.get("pid"), int) else None, now_ms(),
-                 json.dumps(beat)),
+                (agent, heartbeat_pid(beat), now_ms(), json.dumps(beat)),
             )
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
@@ -426,8 +439,7 @@ class Controller(BaseProcess):
             queues[backlog.stream] = max(queues.get(backlog.stream, 0), backlog.pending)
         warm = {self.name} | {
             name for name, h in self.monitor.agents.items()
-            if isinstance(h.last_payload.get("counters"), dict)
-            and h.last_payload["counters"].get("applied", 0) >= WARM_AFTER_MESSAGES}
+            if _applied(h.last_payload) >= WARM_AFTER_MESSAGES}
         sample = self.sampler.sample(pids, sim, queues=queues, warm=warm, databases={
             path.name: path for path in (self.settings.patterns_db, self.settings.messages_db,
                                          self.settings.costs_db)})

@@ -21,6 +21,14 @@ class AgentHealth:
         return self.beats > 0 and not self.silent and not self.restarting
 
 
+def heartbeat_pid(payload: dict[str, Any]) -> int | None:
+    """The heartbeat's pid if it can be a process id (SQLite, psutil take no other)."""
+    pid = payload.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31:
+        return pid
+    return None
+
+
 class HeartbeatMonitor:
     def __init__(self, agents: tuple[str, ...], deadline_s: float, now: float,
                  startup_grace_s: float = 0.0) -> None:
@@ -39,8 +47,7 @@ class HeartbeatMonitor:
         health.last_seen = now
         health.silent = health.restarting = False
         health.beats += 1
-        pid = payload.get("pid")
-        health.pid = pid if isinstance(pid, int) else health.pid
+        health.pid = heartbeat_pid(payload) or health.pid
         health.last_payload = payload
         return recovered
 
