@@ -76,7 +76,10 @@ class AlertLog:
             alert = msg.json()
         except MalformedMessage:
             alert = {"alert_id": msg.msg_id, "kind": "malformed_alert", "severity": "warning"}
-        alert.setdefault("alert_id", msg.msg_id)
+        if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
+            # Missing, null, blank or not text: the message id names it (as "None" every
+            # such alert would be taken for the first one and skipped).
+            alert["alert_id"] = msg.msg_id
         return alert if self.write_alert(alert, source=msg.source) else None
 
     def write_alert(self, alert: dict[str, Any], *, source: str) -> bool:

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from trinity.bus.journal import Journal
+from trinity.bus.message import Message
 from trinity.clock import now_ms
 from trinity.controller import criteria, persistence, runner, runs, snapshots
+from trinity.controller.alerts import AlertLog, read_alerts
 from trinity.controller.rules import BACKLOG_LIMIT, COST_SPIKE_USD_PER_HOUR, Rules
 from trinity.costs import CallRecord, CostLedger
 from trinity.settings import Settings
@@ -181,6 +183,17 @@ def test_alert_ids_are_stable_for_a_restarted_controller() -> None:
     first = Rules("r1").backlog({"execution_queue": 60}, 3700)
     again = Rules("r1").backlog({"execution_queue": 60}, 3900)
     assert first[0].alert_id == again[0].alert_id  # alerts.log keeps it once
+
+
+@pytest.mark.parametrize("alert_id", [None, "", "  ", 7])
+def test_alerts_without_a_usable_id_are_each_written(tmp_path: Path, alert_id: Any) -> None:
+    log = AlertLog(tmp_path / "alerts.log")
+    for n in (1, 2):
+        body = json.dumps({"alert_id": alert_id, "kind": "x", "message": f"alert {n}"})
+        msg = Message("alerts", n, f"m{n}", "test", now_ms(), body.encode())
+        assert log.write(msg) is not None
+        assert log.write(msg) is None  # the same message again: once
+    assert [a["message"] for a in read_alerts(tmp_path / "alerts.log")] == ["alert 1", "alert 2"]
 
 
 def test_archive_moves_the_previous_run_out_of_the_log_dir(tmp_path: Path) -> None:
