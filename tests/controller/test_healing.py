@@ -394,7 +394,7 @@ def test_the_controller_restarts_a_stopped_agent_that_holds_the_journal_lock(
         assert restart["details"]["reason"] == "stopped while the journal was locked"
         assert restart["details"]["process_status"] == "stopped"
         # The one busy timeout (10 s), then at once: not two, not one per alert.
-        assert 10.0 <= took < 14.0, took
+        assert 10.0 <= took < 16.0, took
         print(f"\nstopped lock holder restarted {took:.1f} s after the controller met the lock")
     finally:
         if holder.poll() is None:
@@ -560,7 +560,9 @@ def test_a_hung_agent_is_restarted_and_the_run_loses_nothing(project: Project) -
     assert details["pid"] == old and details["process_status"] == "stopped"
     new = details["new_pid"]
     assert new != old and _gone(old)
-    assert 3.0 < details["silent_s"] < 4.5, details  # three missed one-second beats
+    # Three missed one-second beats; one more deadline if the controller itself was held
+    # up meanwhile (a turn over 1 s on a loaded machine), as silence then counts afresh.
+    assert 3.0 < details["silent_s"] < 2 * 3.0 + 2.0, details
     assert restart["severity"] == "warning" and restart["run_id"] == silent["run_id"]
     (recovered,) = wait_for(lambda: _alerts(project, "agent_recovered"), 30,  # type: ignore[misc]
                             "the agent_recovered alert")
