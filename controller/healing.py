@@ -4,7 +4,11 @@ An agent silent past its heartbeat deadline whose process still exists (stopped,
 deadlocked, spinning) is restarted through supervisord's XML-RPC API. A dead one is not:
 supervisord's autorestart starts it again and crashwatch records the exit. A process
 supervisord has just started is not hung either until it has had the startup grace to
-load its models and send a first heartbeat.
+load its models and send a first heartbeat; one asleep in a system call (a database lock
+wait, which SQLite ends after its busy timeout) gets that timeout on top of its deadline;
+and silence only counts while the controller itself was ticking, since heartbeats it
+could not read prove nothing. While the controller waits on a locked journal it restarts
+only stopped agents, the likely holders of that lock (``heal_stopped``).
 
 Restarts are limited the way an OTP supervisor limits them: at most ``intensity``
 restarts of one agent within a sliding ``period_s``. A hang past that is escalated to one
