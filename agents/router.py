@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -100,6 +101,10 @@ class Router:
         self.sleep = sleep
         self.monotonic = monotonic
         self.health = {name: ProviderHealth() for name in providers}
+        # Attempts made (and perhaps paid) whose ledger write failed (a locked ledger, a
+        # full disk), by request: written before anything else is done for the request
+        # again, so its retry reuses the answer instead of paying for a second call.
+        self._unrecorded: dict[str, list[tuple[CallRecord, str | None]]] = {}
         # An unknown price is a config error, now; a provider that cannot be used (no
         # key, no host) is not priced, nor is the price table loaded for it (17 MB).
         for provider in providers.values():
@@ -143,7 +148,10 @@ class Router:
     ) -> Routed[T]:
         """Answer ``request`` along its route; ``parse`` turns an answer into the result
         (raising InvalidModelOutput for one that is unusable, which counts as a failed
-        attempt). Raises AllModelsFailed when no provider produced a usable answer."""
+        attempt). Raises AllModelsFailed when no provider produced a usable answer, and
+        the ledger's error when an attempt cannot be recorded (the attempt is kept and
+        recorded first when the request comes again)."""
+        self._record_unrecorded(ctx.request_id)
         stored = self.ledger.answer_for(ctx.request_id)
         if stored is not None:
             answered_by, model, content = stored
@@ -173,6 +181,16 @@ class Router:
             f"{k}: {v}" for k, v in skipped.items()) + ")"
         raise AllModelsFailed(
             f"{ctx.agent} request {ctx.request_id}: every provider failed: {detail}", attempts)
+
+    def _record_unrecorded(self, request_id: str) -> None:
+        """Write the attempts of ``request_id`` whose ledger write failed, oldest first
+        (raises the ledger's error again if it still cannot take them)."""
+        pending = self._unrecorded.get(request_id)
+        while pending:
+            record, answer = pending[0]
+            self.ledger.record(record, answer=answer)
+            pending.pop(0)
+        self._unrecorded.pop(request_id, None)
 
     def _attempt(
         self,
@@ -220,8 +238,12 @@ class Router:
             error=str(error)[:500] if error is not None else None,
             event_id=ctx.event_id, task_id=ctx.task_id,
         )
-        self.ledger.record(record, answer=completion.content if error is None and completion
-                           else None)
+        answer = completion.content if error is None and completion else None
+        try:
+            self.ledger.record(record, answer=answer)
+        except sqlite3.Error:
+            self._unrecorded.setdefault(ctx.request_id, []).append((record, answer))
+            raise
         health = self.health[provider.name]
         if error is None:
             health.consecutive_failures = 0

@@ -400,3 +400,41 @@ def test_a_model_agent_without_cloud_configuration_loads_no_cloud_client() -> No
                            timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "[]"
+
+
+def test_a_paid_call_the_ledger_cannot_take_is_recorded_when_its_request_comes_again(
+    faults: FaultServer, short_dir: Path
+) -> None:
+    """A locked ledger (or a full disk) after a paid answer: the call is not lost and not
+    paid twice. The router raises the ledger's error (the message is retried), keeps the
+    attempt, and writes it before anything else when the request comes again; its answer
+    then serves the request."""
+    import sqlite3
+
+    path = short_dir / "trinity_costs.db"
+    ledger = CostLedger(path, busy_timeout_ms=200)
+    faults.program(default=Fault(OK))
+    flaky = paid(faults.base_url)
+    router = make_router(policy(chain=("flaky",)), {"flaky": flaky}, ledger)
+    ctx = CallContext("architect", "architect:ev-locked", run_id="run-1", event_id="ev-locked")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            router.call(REQUEST, ctx, parse)
+        assert len(faults.hits) == 1
+        with pytest.raises(sqlite3.OperationalError, match="locked"):  # still locked
+            router.call(REQUEST, ctx, parse)
+        assert len(faults.hits) == 1  # not called again while it cannot be recorded
+        holder.execute("ROLLBACK")
+        again = router.call(REQUEST, ctx, parse)
+    finally:
+        holder.close()
+        flaky.close()
+    assert again.reused and again.provider == "flaky" and again.value in ("yes", "no")
+    assert len(faults.hits) == 1
+    rows = rows_of(ledger, ctx.request_id)
+    assert [(r["provider"], r["status"], r["attempt"]) for r in rows] == [
+        ("flaky", "success", 1)]
+    assert rows[0]["cost_usd"] > 0
+    ledger.close()
