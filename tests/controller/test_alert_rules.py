@@ -154,6 +154,8 @@ def _no_crash(project: Project, pids: dict[str, int | None]) -> None:
 
 @pytest.mark.timeout(120)
 def test_queue_backlog_fires_once_while_witness_is_stopped(project: Project) -> None:
+    # Self-healing off: the stopped WITNESS would be restarted (tests/controller/test_healing.py).
+    project.env["TRINITY_RESTART_INTENSITY"] = "0"
     _write_scenario(project)
     # One scenario event a day: the backlog is the emitted events alone.
     _start(project, "--duration", "24", "--time-scale", "600", "--metrics-interval", "5",
