@@ -26,7 +26,9 @@ from trinity.controller.snapshots import (
 )
 from trinity.settings import Settings
 
-CRASH_KINDS = ("agent_crashed", "agent_fatal")
+# An unexpected exit, or an agent given up: by supervisord (too many failed starts) or by
+# the controller (hung more often than its restart intensity allows).
+CRASH_KINDS = ("agent_crashed", "agent_fatal", "restart_intensity_exceeded")
 # Alerts journaled just before a process is stopped on purpose, naming its pid: the
 # chaos monkey's kills and stops, the controller's restart of a hung agent.
 DELIBERATE_KINDS = ("chaos_kill", "chaos_stop", "agent_restarted")
@@ -60,7 +62,8 @@ def _pid_of(alert: dict[str, Any]) -> str | None:
 def unexpected_exits(alerts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Crash alerts, but for the exits of processes stopped on purpose: an exit alert
     naming the agent and pid of a deliberate kill's alert was expected. supervisord
-    giving up on a program (``agent_fatal``) is never expected."""
+    giving up on a program (``agent_fatal``, ``restart_intensity_exceeded``) is never
+    expected."""
     deliberate = {(a.get("agent"), _pid_of(a)) for a in alerts
                   if a.get("kind") in DELIBERATE_KINDS and _pid_of(a) is not None}
     return [a for a in alerts if a.get("kind") in CRASH_KINDS and not (
@@ -124,8 +127,10 @@ def evaluate(settings: Settings, run_id: str | None = None) -> tuple[runs.Run, l
 
     crashes = unexpected_exits(alerts)
     deliberate = sum(a.get("kind") in CRASH_KINDS for a in alerts) - len(crashes)
+    given_up = sum(a.get("kind") != "agent_crashed" for a in crashes)
     found.append(Criterion("Zero Crashes", True, "0 unexpected exits",
-                           f"{len(crashes)} unexpected exits" + (
+                           f"{len(crashes) - given_up} unexpected exits" + (
+                               f", {given_up} agents given up" if given_up else "") + (
                                f" ({deliberate} deliberate kills not counted)"
                                if deliberate else ""), not crashes, len(crashes)))
 

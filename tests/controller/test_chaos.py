@@ -56,11 +56,13 @@ def test_only_the_exits_of_deliberate_kills_are_expected() -> None:
         make_alert("agent_crashed", "critical", "exit", agent="witness", pid="102"),
         make_alert("agent_crashed", "critical", "exit", agent="architect", pid="101"),
         make_alert("agent_fatal", "critical", "gave up", agent="witness"),
+        make_alert("restart_intensity_exceeded", "critical", "hung", agent="executor", pid=7),
+        make_alert("agent_restarted", "warning", "restarted", agent="executor", pid=7),
     ]
     unexpected = criteria.unexpected_exits(alerts)
     assert [(a["kind"], a["agent"], a["details"].get("pid")) for a in unexpected] == [
         ("agent_crashed", "witness", "102"), ("agent_crashed", "architect", "101"),
-        ("agent_fatal", "witness", None)]
+        ("agent_fatal", "witness", None), ("restart_intensity_exceeded", "executor", 7)]
 
 
 def _outcome(conn: sqlite3.Connection, task_id: str, event_id: str, run_id: str,
