@@ -10,6 +10,13 @@ and silence only counts while the controller itself was ticking, since heartbeat
 could not read prove nothing. While the controller waits on a locked journal it restarts
 only stopped agents, the likely holders of that lock (``heal_stopped``).
 
+A silent agent whose main thread keeps waking up is not hung but cut off: its loop runs
+(polling its socket, sending heartbeats) and the heartbeats do not arrive, as behind a
+cut network link. Restarting it would throw away its work and change nothing, so it is
+alerted once as ``agent_unreachable`` instead. The main thread's voluntary context
+switches (``/proc/<pid>/task/<pid>/status``) tell the two apart: they do not move while
+the thread is stopped, deadlocked on a lock or spinning in code that never yields.
+
 Restarts are limited the way an OTP supervisor limits them: at most ``intensity``
 restarts of one agent within a sliding ``period_s``. A hang past that is escalated to one
 critical alert instead of a restart storm, and that agent is left alone until it sends a
@@ -42,6 +49,7 @@ CHECK_EVERY_S = 1.0
 # one stopped or spinning is hung at the deadline.
 ASLEEP_ALLOWANCE_S = 12.0
 ASLEEP = frozenset({psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP, psutil.STATUS_IDLE})
+AWAKE = ASLEEP | {psutil.STATUS_RUNNING}  # not stopped: maybe cut off rather than hung
 
 
 class ProcessControl(Protocol):
@@ -108,6 +116,9 @@ class Healer:
         self._beats_when_escalated: dict[str, int] = {}
         # Agents a failed restart may have left stopped: supervisord will not start them.
         self._half_restarted: set[str] = set()
+        # agent -> (pid, its main thread's voluntary context switches) at the last check.
+        self._wakeups: dict[str, tuple[int, int]] = {}
+        self._unreachable: set[str] = set()  # alerted as unreachable in this silence
         if control is None:
             log.warning("self-healing is off: not running under supervisord "
                         "(no SUPERVISOR_SERVER_URL); a hung agent is only alerted")
@@ -148,6 +159,8 @@ class Healer:
                 self.policy.rearm(agent)  # it sent a heartbeat since
                 del self._beats_when_escalated[agent]
             if not (health.silent or only_stopped):
+                self._wakeups.pop(agent, None)
+                self._unreachable.discard(agent)
                 continue
             watched = now - max(health.last_seen, watching_since)
             if (not self.enabled or agent in self.policy.escalated or watched <= self.deadline_s
@@ -171,6 +184,22 @@ class Healer:
                 hung.status in ASLEEP and watched_s <= self.deadline_s + ASLEEP_ALLOWANCE_S):
             return None
         quiet = now - health.last_seen
+        if hung.status in AWAKE and not only_stopped:
+            wakeups = main_thread_wakeups(hung.pid)
+            before = self._wakeups.get(agent)
+            self._wakeups[agent] = (hung.pid, wakeups)
+            if before is None or before[0] != hung.pid:
+                return None  # one more look, a check later, tells hung from cut off
+            if wakeups > before[1]:
+                if agent in self._unreachable:
+                    return None
+                self._unreachable.add(agent)
+                return _alert(
+                    "agent_unreachable", "warning", agent,
+                    f"{agent} sent no heartbeat for {quiet:.1f} s, yet its process {hung.pid} "
+                    f"is running its loop ({wakeups - before[1]} wake-ups in the last check):"
+                    " its heartbeats do not arrive (a cut link?); not restarting it",
+                    silent_s=round(quiet, 3), pid=hung.pid, process_status=hung.status)
         period = self.policy
         if not period.allows(agent, now):
             period.escalate(agent)
@@ -231,6 +260,18 @@ class Healer:
         if pid != beat_pid and uptime_s <= self.start_allowance_s:
             return None
         return HungProcess(pid, str(status), uptime_s)
+
+
+def main_thread_wakeups(pid: int) -> int:
+    """Voluntary context switches of ``pid``'s main thread so far (-1 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
 
 
 def _alert(kind: str, severity: str, agent: str, message: str, **details: object) -> Alert:

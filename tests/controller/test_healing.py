@@ -320,9 +320,37 @@ def test_a_process_asleep_in_a_system_call_gets_the_lock_wait_allowance(
     watch.until(14.0)
     watch.beat("witness", asleep)
     assert watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S - 0.5) == []
-    (second,) = watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S + 1.0)
+    # One check to count its main thread's wake-ups, one more to see them not move.
+    (second,) = watch.until(14.0 + DEADLINE_S + ASLEEP_ALLOWANCE_S + 2.0)
     assert second.agent == "witness" and second.details["process_status"] == "sleeping"
     assert second.details["silent_s"] > DEADLINE_S + ASLEEP_ALLOWANCE_S
+
+
+def test_a_silent_agent_whose_loop_still_runs_is_unreachable_not_restarted(
+        processes: Processes) -> None:
+    """Heartbeats that do not arrive from a process whose main thread keeps waking up (as
+    an agent's loop polls its socket) mean a cut link, not a hang: one agent_unreachable
+    alert, no restart. A process that never wakes (``sleep``) is restarted."""
+    fake = FakeSupervisord(processes)
+    watch = Watch(fake)
+    polling = subprocess.Popen([sys.executable, "-c",
+                                "import time\nwhile True: time.sleep(0.02)"])
+    processes.started.append(polling)
+    asleep = processes.spawn().pid
+    fake.set("witness", polling.pid)
+    fake.set("architect", asleep)
+    time.sleep(0.3)  # in its loop
+    watch.beat_all({"witness": polling.pid, "architect": asleep})
+    alerts = []
+    for step in range(40):  # a check every fake second, with real time for the loop to run
+        alerts += watch.until(DEADLINE_S + 0.5 + step * 0.5)
+        time.sleep(0.05)
+    assert sorted(a.kind for a in alerts) == ["agent_restarted", "agent_unreachable"], alerts
+    (cut,) = [a for a in alerts if a.kind == "agent_unreachable"]
+    assert cut.agent == "witness" and cut.details["pid"] == polling.pid
+    assert fake.restarted == [("architect", asleep)]  # alerted once, never restarted
+    assert polling.poll() is None
+    watch.beat("witness", polling.pid)  # the link is back
 
 
 def test_heal_stopped_restarts_only_stopped_agents_and_ignores_the_stall_guard(
