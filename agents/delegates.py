@@ -10,6 +10,7 @@ small model spelling out digits), so an answer is not cut short.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -68,7 +69,10 @@ class ImplementationPlan(_Strict):
     acceptance: Line
 
 
+@cache
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema, built once (pydantic takes ~0.3 ms per call, on every model
+    call of ARCHITECT and EXECUTOR); shared, so callers must not change it."""
     return model.model_json_schema()
 
 
