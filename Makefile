@@ -13,7 +13,7 @@ DEMO_TIME_SCALE ?= 2880
 LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h chaos firestore-emulator clean
+.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h bench bench-pipeline chaos firestore-emulator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,12 @@ bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-pyt
 
 bench-24h: install ## Benchmark: compressed 24-hour run: wall time, peak total memory, growth per hour
 	python benchmarks/bench_24h.py
+
+bench: install ## Benchmark suite: bus, pipeline, witness, llm, 24h in one table, reports/bench_YYYYMMDD.md (exit 1 if a target is missed; BENCH_SHORT=1: short forms)
+	python benchmarks/bench_all.py
+
+bench-pipeline: install ## Benchmark: end to end with the instant provider: >= 2,000 events/s, p99 <= 50 ms at 200 events/s (exit 1 if missed)
+	python benchmarks/bench_pipeline.py
 
 # CHAOS_ARGS="--duration 6 --kills 10 --stops 2" is the short form CI runs.
 chaos: install ## A compressed 24-hour run under a chaos monkey (50 kill -9, SIGSTOPs), then an audit (exit 1 if anything lost or doubled)
