@@ -549,8 +549,11 @@ def _alerts(project: Project, kind: str, agent: str | None = None) -> list[dict[
 
 
 def _pid(project: Project, program: str) -> int:
-    info = project.supervisor().process(program)
-    assert info["statename"] == "RUNNING", info
+    """The program's pid once supervisord calls it RUNNING (a restarted process is
+    STARTING for startsecs, 1 s, and may beat before that)."""
+    info = wait_for(lambda: (i := project.supervisor().process(program))["statename"]
+                    == "RUNNING" and i, 10, f"{program} RUNNING")
+    assert isinstance(info, dict)
     return int(info["pid"])
 
 
