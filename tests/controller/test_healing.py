@@ -474,6 +474,8 @@ def test_hanging_past_the_intensity_escalates_once_and_stops_restarting(
     new_pid = fake.info["witness"]["pid"]
     assert watch.beat("witness", new_pid) is True
     os.kill(new_pid, signal.SIGSTOP)  # the new process hangs too
+    wait_for(lambda: psutil.Process(new_pid).status() == psutil.STATUS_STOPPED, 5,
+             "SIGSTOP")  # seen running, it would get one more check (cut off or hung?)
     (second,) = watch.until(8.0)
     assert second.kind == "restart_intensity_exceeded" and second.severity == "critical"
     assert second.details["restarts_in_period"] == 1 and second.details["pid"] == new_pid
