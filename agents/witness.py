@@ -9,7 +9,10 @@ locally and costs nothing.
 
 The store is a separate database, so its writes cannot share the journal
 transaction; they are keyed by event id instead, and a message re-applied after a
-crash reuses the detection already stored rather than classifying again.
+crash reuses the detection already stored rather than classifying again. So the
+classification is prepared outside the journal transaction (which then holds the
+journal's write lock only for the outcome or the signal), and quick ones are
+committed many to a transaction.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from trinity import records
@@ -52,8 +56,10 @@ def _plain(value: Any) -> bool:
 class Witness(BaseProcess):
     name: ClassVar[str] = "witness"
     publishes: ClassVar[tuple[str, ...]] = (IMPROVEMENT, ALERTS, HEARTBEATS)
-    # Store writes are idempotent by event id, so a batch may be re-run.
+    # Store writes are idempotent by event id and happen in ``prepare``; the commits
+    # only write inside the transaction, so a batch may be re-run.
     isolate_each_message: ClassVar[bool] = False
+    prepares: ClassVar[bool] = True
 
     def initialize(self) -> None:
         # Imported here, not at the top: ``trinity agent`` imports this module in the
@@ -79,7 +85,7 @@ class Witness(BaseProcess):
                                       "database": "firestore", "ts_ms": now_ms()}
         return beat
 
-    def handle(self, msg: Message, tx: Transaction) -> None:
+    def prepare(self, msg: Message) -> Callable[[Transaction], None]:
         try:
             event = msg.json()
         except MalformedMessage as exc:
@@ -99,11 +105,14 @@ class Witness(BaseProcess):
             # Name the file: the event waits for a retry and the alert says which store.
             raise type(exc)(f"{self.settings.patterns_db.name}: {exc}") from exc
         if outcome.pattern is None:
-            tx.conn.execute(
-                "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"
-                " product) VALUES (?, ?, ?, 'witness', 'no_pattern', ?, ?)",
-                (f"{event_id}/no_pattern", event_id, run_id, now_ms(), outcome.reason))
-            return
+            reason = outcome.reason
+
+            def record_none(tx: Transaction) -> None:
+                tx.conn.execute(
+                    "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status,"
+                    " recorded_ms, product) VALUES (?, ?, ?, 'witness', 'no_pattern', ?, ?)",
+                    (f"{event_id}/no_pattern", event_id, run_id, now_ms(), reason))
+            return record_none
         signal: dict[str, Any] = {
             "signal_id": event_id,
             "event_id": event_id,
@@ -117,5 +126,9 @@ class Witness(BaseProcess):
             # What ARCHITECT's and EXECUTOR's prompts show besides the message.
             **{k: event[k] for k in SIGNAL_CONTEXT if _plain(event.get(k))},
         }
-        # Keyed by the event: re-applying after a crash cannot publish it twice.
-        tx.publish(IMPROVEMENT, encode_payload(signal), key=event_id)
+        payload = encode_payload(signal)
+
+        def publish(tx: Transaction) -> None:
+            # Keyed by the event: re-applying after a crash cannot publish it twice.
+            tx.publish(IMPROVEMENT, payload, key=event_id)
+        return publish

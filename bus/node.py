@@ -46,6 +46,10 @@ _RETRY_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)
 # hints a stream just stays awake until the journal is drained.
 _MAX_LIVE_HINTS = 10_000
 _LIVE_READS_WHILE_BEHIND = 64
+# Prepared messages share one transaction until their preparing has taken this long:
+# quick ones (a classification, a cached answer) are committed many at a time, a
+# model call that takes seconds is committed alone, as soon as it is done.
+PREPARE_BUDGET_S = 0.02
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
 
@@ -322,11 +326,12 @@ class BusNode:
     ) -> int:
         """Apply journaled messages after our cursors; returns how many were applied.
 
-        With ``prepare``, messages are taken one at a time: ``prepare(msg)`` runs
-        outside any transaction (so a slow model call never holds the journal's write
-        lock) and returns the function that commits its result, which then runs in
-        the transaction that advances the cursor. A crash in between redoes
-        ``prepare``; it must be safe to repeat.
+        With ``prepare``, ``prepare(msg)`` runs outside any transaction (so a slow
+        model call never holds the journal's write lock) and returns the function
+        that commits its result, which then runs in the transaction that advances
+        the cursor. Messages are prepared in order until ``PREPARE_BUDGET_S`` has
+        been spent, then committed together. A crash in between redoes ``prepare``;
+        it must be safe to repeat.
         """
         now = time.monotonic()
         if now - self._last_journal_check >= self.settings.poll_interval_s:
@@ -347,31 +352,37 @@ class BusNode:
     def _apply_batch(
         self, stream: str, state: _StreamState, handler: Handler, prepare: Prepare | None = None
     ) -> int:
-        batch_size = 1 if prepare is not None else self.settings.batch_size
+        batch_size = self.settings.batch_size
         rows = self.journal.read_after(stream, state.cursor, batch_size)
         if not rows:
             self._reject_unjournaled(stream, state)
             state.wake = state.behind = False
             return 0
+        more = len(rows) == batch_size
+        retry = False
         if prepare is not None:
-            prepared = self._prepare(stream, state, rows[0], prepare)
-            if prepared is None:
+            prepared, retry = self._prepare_rows(stream, rows, prepare)
+            if not prepared:
+                self._schedule_retry(state)
                 return 0
-            handler = prepared
+            more = more or len(prepared) < len(rows)
+            rows = [msg for msg, _ in prepared.values()]
+            handler = self._committer_of(prepared)
         done: list[Message] = []
         failed: list[tuple[Message, str]] = []
         outputs: list[Message] = []
-        retry = False
         # Unisolated first when allowed: one pass, no savepoint per message. If a
         # handler raises, that whole transaction is rolled back and the batch runs
         # again with a savepoint around each message.
         for isolate in ((True,) if self.isolate_each else (False, True)):
             try:
                 with self.journal.transaction() as tx:
-                    done, failed, retry = self._run_handlers(tx, stream, rows, handler, isolate)
+                    done, failed, stopped = self._run_handlers(
+                        tx, stream, rows, handler, isolate)
                     if done:
                         tx.advance_cursor(self.name, stream, done[-1].seq)
                     outputs = tx.published
+                retry = retry or stopped
                 break
             except _BatchFailed:
                 continue
@@ -396,7 +407,7 @@ class BusNode:
         else:
             state.failures = 0
             state.retry_at = 0.0
-            state.behind = len(rows) == batch_size
+            state.behind = more
             state.wake = state.behind or bool(state.live)
         return len(done)
 
@@ -416,20 +427,33 @@ class BusNode:
         if unconfirmed:
             self._dead_letter_raw(unconfirmed)
 
-    def _prepare(
-        self, stream: str, state: _StreamState, msg: Message, prepare: Prepare
-    ) -> Handler | None:
-        """Run the slow part of ``msg``; None when it is to be retried later."""
-        try:
-            commit = prepare(msg)
-        except Exception as exc:
-            if not _retryable(exc):  # dead-lettered in the transaction, like a handler error
-                return _committer(_raiser(exc))
-            log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
-            self._note_storage_error(exc)
-            self._schedule_retry(state)
-            return None
-        return _committer(commit)
+    def _prepare_rows(
+        self, stream: str, rows: list[Message], prepare: Prepare
+    ) -> tuple[dict[int, tuple[Message, Handler]], bool]:
+        """Prepare ``rows`` in order within the budget: ({seq: (message, commit)},
+        whether a retryable failure stopped it; the failed message is not included)."""
+        prepared: dict[int, tuple[Message, Handler]] = {}
+        started = time.monotonic()
+        for msg in rows:
+            try:
+                commit = _committer(prepare(msg))
+            except Exception as exc:
+                if _retryable(exc):
+                    log.warning("will retry %s seq %d: %s", stream, msg.seq, exc)
+                    self._note_storage_error(exc)
+                    return prepared, True
+                # Dead-lettered in the transaction, like a handler error.
+                commit = _committer(_raiser(exc))
+            prepared[msg.seq] = (msg, commit)
+            if time.monotonic() - started >= PREPARE_BUDGET_S:
+                break
+        return prepared, False
+
+    @staticmethod
+    def _committer_of(prepared: dict[int, tuple[Message, Handler]]) -> Handler:
+        def handler(msg: Message, tx: Transaction) -> None:
+            prepared[msg.seq][1](msg, tx)
+        return handler
 
     def _note_storage_error(self, exc: BaseException) -> None:
         if isinstance(exc, JournalError | sqlite3.DatabaseError):

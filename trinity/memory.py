@@ -33,10 +33,10 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """Cap glibc's malloc arenas for this process (call it before starting threads).
 
-    Each model call runs in a fresh thread (see ``BaseProcess.wait_for``); one started
-    before the previous one has fully exited gets an arena of its own, and every arena
-    keeps what grammar sampling left in it. Two arenas: the main thread's and one that
-    all call threads share.
+    Model calls run in a call thread (see ``BaseProcess.wait_for``), a new one after a
+    call that timed out; a thread started while an older one still runs gets an arena
+    of its own, and every arena keeps what grammar sampling left in it. Two arenas: the
+    main thread's and one that all call threads share.
     """
     libc = _glibc()
     if libc is not None:
