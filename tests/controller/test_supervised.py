@@ -104,8 +104,11 @@ def test_sigstopped_agent_is_reported_silent_within_3_5_s(project: Project) -> N
 
 @pytest.mark.timeout(600)
 def test_run_survives_kill9_of_every_process_exactly_once(project: Project) -> None:
-    """Invariant 1 end to end: 24 events, random kill -9s, each outcome exactly once."""
-    _start(project, "--duration", "12", "--time-scale", "1800")
+    """Invariant 1 end to end: 12 events, random kill -9s, each outcome exactly once.
+
+    ``make chaos`` (its short form in CI) does this at length, SIGSTOPs included, and
+    audits every store; this is the quick form the test suite keeps."""
+    _start(project, "--duration", "6", "--time-scale", "1800")
     rng = random.Random(7)
     db = sqlite3.connect(project.db)
 
@@ -115,7 +118,7 @@ def test_run_survives_kill9_of_every_process_exactly_once(project: Project) -> N
     kills = 0
     deadline = time.monotonic() + 90
     while status() == "active" and time.monotonic() < deadline:
-        time.sleep(rng.uniform(1.0, 3.0))
+        time.sleep(rng.uniform(0.5, 2.0))
         program = rng.choice(PROGRAMS)
         pid = _statuses(project).get(program, ("?", None))[1]
         if pid is not None and status() == "active":
@@ -127,7 +130,7 @@ def test_run_survives_kill9_of_every_process_exactly_once(project: Project) -> N
     assert status() == "completed"
     assert kills >= 5
     cycles = [c for (c,) in db.execute("SELECT cycle FROM events ORDER BY cycle")]
-    assert cycles == list(range(1, 25))
+    assert cycles == list(range(1, 13))
     per_event = dict(db.execute(
         "SELECT e.event_id, count(o.task_id) FROM events e LEFT JOIN outcomes o"
         " USING(event_id) GROUP BY e.event_id"))
@@ -166,12 +169,3 @@ def test_alerts_log_lines_are_json(project: Project) -> None:
     for line in project.alerts_log.read_text().splitlines():
         entry = json.loads(line)
         assert {"alert_id", "ts", "kind", "severity", "message"} <= entry.keys()
-
-
-@pytest.mark.timeout(360)
-def test_a_healthy_run_raises_no_alert(project: Project) -> None:
-    """Alerts come from measured conditions only: a clean compressed run has none."""
-    result = project.trinity("run", "--duration", "3", "--time-scale", "1440", timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "completed" in result.stdout
-    assert read_alerts(project.alerts_log) == []

@@ -17,6 +17,10 @@ from trinity.controller.alerts import read_alerts
 
 pytestmark = pytest.mark.slow
 
+# Each test asks for ``serve`` before ``project``: fixtures end in reverse order, so the
+# run is stopped first and its idle keep-alive connection to the hook closes; the other
+# way round, stopping the hook waited out the handler's 10 s idle timeout.
+
 
 def _pid(project: Project, program: str) -> int:
     for line in project.supervisorctl("status").stdout.splitlines():
@@ -34,7 +38,7 @@ def _sim_elapsed(project: Project) -> float:
         db.close()
 
 
-def test_alerts_are_posted_to_the_webhook(project: Project, serve: Callable[..., Hook]) -> None:
+def test_alerts_are_posted_to_the_webhook(serve: Callable[..., Hook], project: Project) -> None:
     hook = serve(200)
     project.env["TRINITY_ALERT_WEBHOOK"] = hook.url()
     result = project.trinity("run", "--detach", "--time-scale", "60")
@@ -52,7 +56,7 @@ def test_alerts_are_posted_to_the_webhook(project: Project, serve: Callable[...,
 
 @pytest.mark.parametrize("answer", ["hang", 500])
 def test_a_hanging_or_failing_webhook_does_not_slow_the_run(
-        project: Project, serve: Callable[..., Hook], answer: int | str) -> None:
+        serve: Callable[..., Hook], project: Project, answer: int | str) -> None:
     hook = serve(answer, hang_s=60)
     project.env["TRINITY_ALERT_WEBHOOK"] = hook.url()
     result = project.trinity("run", "--detach", "--time-scale", "60")
