@@ -24,7 +24,7 @@ from pathlib import Path
 from trinity.bus.message import MAX_ID_LEN, Message
 from trinity.clock import now_ms
 from trinity.db import connect
-from trinity.errors import JournalError
+from trinity.errors import InvalidPayload, JournalError
 
 _ID_NAMESPACE = uuid.UUID("5b6f1f3e-7f0e-4d0a-9a55-1c1a2f7e9b10")
 DEAD_LETTER_RAW_LIMIT = 4096
@@ -75,9 +75,11 @@ def _message_rows(messages: list[Message]) -> list[tuple[str, int, str, str, int
 class Transaction:
     """One open write transaction. Published messages are sent after commit."""
 
-    def __init__(self, conn: sqlite3.Connection, source: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, source: str,
+                 max_payload_bytes: int | None = None) -> None:
         self.conn = conn
         self.source = source
+        self.max_payload_bytes = max_payload_bytes
         self.published: list[Message] = []
         self._heads: dict[str, int] = {}
 
@@ -92,7 +94,12 @@ class Transaction:
         return head
 
     def publish(self, stream: str, payload: bytes, *, key: str | None = None) -> Message | None:
-        """Journal one message; returns None if a message with the same key already exists."""
+        """Journal one message; returns None if a message with the same key already exists.
+
+        A payload over the limit raises InvalidPayload: every consumer would refuse it
+        (``decode``), so it is never journaled, and the message whose handler made it is
+        dead-lettered with the reason."""
+        self._check_size(stream, payload)
         seq = self._head(stream) + 1
         msg = Message(
             stream=stream,
@@ -121,6 +128,8 @@ class Transaction:
         Same result as calling :meth:`publish` for each item, at a fraction of the cost.
         """
         batch = [(payload, message_id(stream, key)) for payload, key in items]
+        for payload, _ in batch:
+            self._check_size(stream, payload)
         if not batch:
             return []
         head, ts = self._head(stream), now_ms()
@@ -142,6 +151,13 @@ class Transaction:
             self._heads[stream] = fresh[-1].seq
         self.published.extend(fresh)
         return fresh
+
+    def _check_size(self, stream: str, payload: bytes) -> None:
+        limit = self.max_payload_bytes
+        if limit is not None and len(payload) > limit:
+            raise InvalidPayload(f"refused to publish on {stream}: payload is {len(payload)}"
+                                 f" bytes, over the {limit}-byte limit"
+                                 " (TRINITY_MAX_PAYLOAD_BYTES)")
 
     def _fresh_only(self, stream: str, batch: list[tuple[bytes, str]], head: int,
                     ts: int) -> list[Message]:
@@ -242,6 +258,8 @@ class Journal:
     def __init__(self, path: Path | str, *, source: str, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
         self.source = source
+        # Payloads over this are refused at publish (a BusNode sets it from its settings).
+        self.max_payload_bytes: int | None = None
         self._busy_timeout_ms = int(busy_timeout_ms)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +326,7 @@ class Journal:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A write transaction; sqlite errors surface as JournalError."""
-        tx = Transaction(self.conn, self.source)
+        tx = Transaction(self.conn, self.source, self.max_payload_bytes)
         try:
             with self._write():
                 yield tx

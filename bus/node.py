@@ -133,6 +133,7 @@ class BusNode:
         self.isolate_each = isolate_each
         self.settings = settings
         self.journal = journal
+        journal.max_payload_bytes = settings.max_payload_bytes
         self.topology = topology = topology.with_endpoints(settings.endpoints)
         require_keys_off_loopback(topology.endpoints, have_keys=settings.curve_dir is not None)
         self.keys = curve.BusKeys.load(settings.curve_dir, name) if settings.curve_dir else None

@@ -585,3 +585,33 @@ def test_publish_many_that_fails_midway_leaves_the_transaction_usable(journal: J
     stored = journal.read_after(ALPHA, 0, 100)
     assert [(m.seq, m.msg_id) for m in stored] == [
         (1, f"{ALPHA}/k0"), (2, f"{ALPHA}/k1"), (3, f"{ALPHA}/k3"), (4, f"{ALPHA}/k4")]
+
+
+def test_an_oversized_output_is_refused_at_publish_and_its_input_dead_lettered(
+    bus_settings: Settings, journal: Journal, zmq_ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """What every consumer would refuse is never journaled: the message whose handler
+    made it is dead-lettered with the reason, the others go on."""
+    limit = bus_settings.max_payload_bytes
+    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx,
+                   isolate_each=False)
+    try:
+        with journal.transaction() as tx:
+            for i in range(3):
+                tx.publish(ALPHA, _payload(i))
+
+        def handler(msg: Message, tx: Transaction) -> None:
+            i = json.loads(msg.payload)["i"]
+            size = limit + 1 if i == 1 else 10
+            tx.publish("outputs", b"x" * size, key=f"out-{i}")
+            tx.publish_many("more", [(b"y" * size, f"more-{i}")])
+
+        assert node.drain(handler) == 3
+    finally:
+        node.close()
+    assert [m.payload for m in journal.read_after("outputs", 0, 10)] == [b"x" * 10] * 2
+    assert len(journal.read_after("more", 0, 10)) == 2
+    [letter] = journal.dead_letters(CONSUMER)
+    assert json.loads(letter.raw)["i"] == 1
+    assert letter.reason == (f"refused to publish on outputs: payload is {limit + 1} bytes,"
+                             f" over the {limit}-byte limit (TRINITY_MAX_PAYLOAD_BYTES)")
