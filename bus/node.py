@@ -12,6 +12,7 @@ after a restart (the cursor is durable).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import time
@@ -100,8 +101,9 @@ class _StreamState:
     # any id beyond the journaled one's single copy is forged or replayed.
     live: dict[int, list[str]] = field(default_factory=dict)
     seen: list[tuple[int, str]] = field(default_factory=list)  # live copies of applied seqs
-    # seq -> id of the last messages applied (at most _MAX_LIVE_HINTS): a live copy that
-    # arrives after its journal row was pruned is still checked against the right id.
+    # seq -> id of the last messages applied (the newest _MAX_LIVE_HINTS to twice that): a
+    # live copy that arrives after its journal row was pruned is still checked against
+    # the right id.
     applied: dict[int, str] = field(default_factory=dict)
     wake: bool = True
     behind: bool = False  # the last journal batch was full: more is waiting
@@ -401,8 +403,12 @@ class BusNode:
         self._confirm_live(stream, state, done)
         for msg in done:
             state.applied[msg.seq] = msg.msg_id
-        while len(state.applied) > _MAX_LIVE_HINTS:  # the oldest first
-            del state.applied[next(iter(state.applied))]
+        if len(state.applied) > 2 * _MAX_LIVE_HINTS:
+            # The newest _MAX_LIVE_HINTS kept, in one pass: deleting the oldest one at a
+            # time made each next(iter(...)) skip every slot deleted before it (bench-bus:
+            # 0.6 of the consumer's 1.2 s).
+            state.applied = dict(itertools.islice(
+                state.applied.items(), len(state.applied) - _MAX_LIVE_HINTS, None))
         if retry:
             self._schedule_retry(state)
         else:
