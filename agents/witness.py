@@ -62,9 +62,9 @@ class Witness(BaseProcess):
     prepares: ClassVar[bool] = True
 
     def initialize(self) -> None:
-        # Imported here, not at the top: ``trinity agent`` imports this module in the
-        # ARCHITECT and EXECUTOR processes too, and the detector's scikit-learn, SciPy
-        # and FAISS would cost each of them ~75 MB private (~115 MB RSS) they never use.
+        # Imported here, not at the top: the detector's scikit-learn, SciPy and FAISS
+        # cost ~75 MB private (~115 MB RSS), which a process that imports this module
+        # without running WITNESS (a tool, a test) should not pay.
         from trinity.agents.knowledge import Knowledge
 
         super().initialize()

@@ -59,14 +59,15 @@ def main() -> None:
 @click.argument("name", type=click.Choice(["witness", "architect", "executor"]))
 def agent(name: str) -> None:
     """Run one agent process (supervisord starts these)."""
+    import importlib
+
     from trinity import logs
-    from trinity.agents.architect import Architect
-    from trinity.agents.executor import Executor
-    from trinity.agents.witness import Witness
 
     settings = _settings()
     logs.configure(name, settings.log_dir / "trinity.log")
-    cls = {"witness": Witness, "architect": Architect, "executor": Executor}[name]
+    # Only this agent's module: WITNESS has no use for the model agents' router and
+    # pydantic models, nor they for the detector.
+    cls = getattr(importlib.import_module(f"trinity.agents.{name}"), name.capitalize())
     sys.exit(cls(settings).run())
 
 
