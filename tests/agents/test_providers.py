@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import threading
@@ -188,6 +189,26 @@ def test_embedded_kv_cache_is_8_bit(embedded: EmbeddedProvider) -> None:
     params = embedded._llama.context_params
     assert (params.type_k, params.type_v) == (KV_CACHE_TYPE, KV_CACHE_TYPE) == (8, 8)
     assert params.flash_attn_type == 1  # enabled
+
+
+def test_embedded_call_leaves_no_cyclic_garbage(embedded: EmbeddedProvider) -> None:
+    """A call's sampler chain (llama-cpp-python's sampler, the closure over the logits
+    processors, the grammar mask) is a reference cycle, ~1.1 MB a call; the provider
+    collects it before returning instead of leaving it to the cyclic collector, which
+    let a model agent's heap climb by up to 9 MB between collections."""
+    request = ChatRequest(messages=({"role": "user", "content": "Plan a small fix."},),
+                          schema=PLAN_SCHEMA, max_tokens=24, temperature=0.0, seed=0)
+    gc.collect()
+    for _ in range(2):
+        embedded.complete(request, timeout_s=60, cancel=never())
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert "_GrammarMask" not in left and "CustomSampler" not in left, left
 
 
 def test_embedded_prompt_longer_than_the_window_is_shortened_to_fit(
