@@ -44,6 +44,7 @@ from trinity.controller.scenario import (
     noise_for_cycle,
     read_scenario,
 )
+from trinity.controller.watchdog import AliveFile, alive_path
 from trinity.costs import CostLedger, crossed_thresholds
 from trinity.errors import JournalError, MalformedMessage
 
@@ -111,6 +112,7 @@ class Controller(BaseProcess):
         self._db_error_at: dict[str, float] = {}
         self._last_growth: float | None = None
         self._last_tick = self.clock.monotonic()
+        self.alive = AliveFile(alive_path(self.settings))
         self._load_run()
         try:
             self._cost_ledger()
@@ -263,6 +265,7 @@ class Controller(BaseProcess):
     # -- periodic work ------------------------------------------------------
 
     def tick(self) -> None:
+        self.alive.touch()  # for the watchdog in supervisord's listener
         now = self.clock.monotonic()
         if now - self._last_tick > self.settings.heartbeat_interval_s:
             # This turn was long (e.g. waiting on a locked database): heartbeats that came

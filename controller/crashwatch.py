@@ -1,8 +1,10 @@
-"""supervisord event listener: records every unexpected exit as an alert.
+"""supervisord event listener: records every unexpected exit as an alert, and restarts
+a hung controller.
 
 supervisord runs this as ``[eventlistener:crashwatch]`` subscribed to
-PROCESS_STATE_EXITED and PROCESS_STATE_FATAL. stdout is the listener protocol
-channel, so nothing else may be printed there; diagnostics go to stderr.
+PROCESS_STATE_EXITED, PROCESS_STATE_FATAL and TICK_5; on each tick it looks at the
+controller's alive file (``trinity.controller.watchdog``). stdout is the listener
+protocol channel, so nothing else may be printed there; diagnostics go to stderr.
 An exit is unexpected when supervisord says ``expected:0`` (a kill -9, a crash,
 an exit code not in ``exitcodes``). The alert is journaled, so it reaches
 alerts.log even when the process that exited was the controller itself; when the
@@ -22,6 +24,8 @@ from trinity.bus.journal import Journal
 from trinity.bus.message import encode_payload
 from trinity.bus.topology import ALERTS
 from trinity.controller.alerts import AlertLog, make_alert
+from trinity.controller.supervision import SupervisorClient
+from trinity.controller.watchdog import ControllerWatch
 from trinity.errors import JournalError
 from trinity.settings import Settings
 
@@ -68,15 +72,22 @@ def record(settings: Settings, journal: Journal | None, alert: dict[str, Any]) -
 
 def main(settings: Settings) -> int:
     journal: Journal | None = None
+    control = SupervisorClient.from_env()
+    watch = ControllerWatch(settings, control) if control is not None else None
     while True:
         headers, body = childutils.listener.wait(sys.stdin, sys.stdout)
+        event_name = headers.get("eventname", "")
         try:
-            event_payload, _ = childutils.eventdata(body + "\n")
-            alert = alert_for(headers.get("eventname", ""), event_payload)
+            if event_name.startswith("TICK_"):
+                alert = watch.check() if watch is not None else None
+            else:
+                event_payload, _ = childutils.eventdata(body + "\n")
+                alert = alert_for(event_name, event_payload)
+                if alert is not None:
+                    alert["details"]["group"] = event_payload.get("groupname")
             if alert is not None:
-                alert["details"]["group"] = event_payload.get("groupname")
                 journal = record(settings, journal, alert)
                 log.warning("recorded %s", alert["message"])
         except Exception:  # the listener must answer supervisord whatever happens
-            log.exception("crashwatch could not record an event: %r", body[:500])
+            log.exception("crashwatch could not handle %s: %r", event_name, body[:500])
         childutils.listener.ok(sys.stdout)

@@ -19,6 +19,7 @@ from trinity.clock import now_ms
 from trinity.controller import criteria, persistence, runs, scenario
 from trinity.controller.alerts import journal_alert, make_alert, read_alerts
 from trinity.controller.supervision import Supervisor
+from trinity.controller.watchdog import alive_path
 from trinity.costs import CostLedger
 from trinity.errors import ConfigError
 from trinity.settings import Settings
@@ -279,6 +280,13 @@ def status(settings: Settings, config: Path) -> dict[str, Any]:
             report["programs"] = sup.states()
     except Exception as exc:  # status must answer even with a broken config
         report["supervisord"] = f"unknown ({exc})"
+    try:  # the controller's loop, as the watchdog sees it (trinity.controller.watchdog)
+        age = time.time() - alive_path(settings).stat().st_mtime
+        report["controller"] = {"loop_age_s": round(age, 1), "alive":
+                                age <= settings.controller_deadline_s
+                                and report.get("programs", {}).get("controller") == "RUNNING"}
+    except OSError:
+        pass  # no controller has run here yet
     if not settings.messages_db.exists():
         report["run"] = None
         return report
@@ -330,6 +338,10 @@ def format_status(report: dict[str, Any]) -> str:
                  f"{run['real_elapsed_s'] / 3600:.2f} h (time scale {run['time_scale']:g})")
     lines.append("queues (pending):")
     lines += [f"  {name:<32} {pending}" for name, pending in report.get("queues", {}).items()]
+    if "controller" in report:
+        loop = report["controller"]
+        lines.append(f"controller loop: {'alive' if loop['alive'] else 'NOT ALIVE'}, last ran "
+                     f"{loop['loop_age_s']} s ago")
     lines.append("agents (last heartbeat):")
     lines += [f"  {name:<12} {'alive' if a['alive'] else 'NOT ALIVE':<9} pid {a['pid']}  "
               f"{a['last_heartbeat_age_s']} s ago"

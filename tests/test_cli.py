@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -194,6 +195,23 @@ def test_status_json_on_an_empty_data_dir(data_dir: Path) -> None:
     assert report["run"] is None
     assert report["data_dir"] == str(data_dir)
     assert report["supervisord"] != "running"
+    assert "controller" not in report  # no controller has run here
+
+
+def test_status_reports_a_controller_loop_that_stopped_as_not_alive(data_dir: Path) -> None:
+    """The alive file of a controller that no longer runs: its age, and not alive."""
+    from trinity.controller.watchdog import alive_path
+    from trinity.settings import Settings
+
+    path = alive_path(Settings.from_env({"TRINITY_DATA_DIR": str(data_dir)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    os.utime(path, (time.time() - 95, time.time() - 95))
+    config = data_dir / "no-such-supervisor.conf"
+    result = invoke(["status", "--json", "--config", str(config)], env=_env(data_dir))
+    report = json.loads(result.stdout)
+    assert report["controller"]["alive"] is False
+    assert 94 <= report["controller"]["loop_age_s"] < 100
 
 
 def test_status_with_the_default_config_in_an_empty_folder(

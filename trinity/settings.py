@@ -131,6 +131,9 @@ class Settings:
     # period (OTP's intensity and period); past it, an alert instead. 0: never restart.
     restart_intensity: int = 5
     restart_period_s: float = 30.0
+    # Real seconds the controller's loop may go without touching its alive file before
+    # supervisord's listener restarts it (``trinity.controller.watchdog``).
+    controller_deadline_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -170,6 +173,7 @@ class Settings:
             "curve_dir": keys_dir if keys_named or os.path.exists(keys_dir) else None,
             "restart_intensity": _env_int(env, "TRINITY_RESTART_INTENSITY", 5),
             "restart_period_s": _env_float(env, "TRINITY_RESTART_PERIOD", 30.0),
+            "controller_deadline_s": _env_float(env, "TRINITY_CONTROLLER_DEADLINE", 30.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -186,6 +190,7 @@ class Settings:
             "snapshot_interval_min (TRINITY_SNAPSHOT_INTERVAL)": self.snapshot_interval_min,
             "metrics_interval_min (TRINITY_METRICS_INTERVAL)": self.metrics_interval_min,
             "restart_period_s (TRINITY_RESTART_PERIOD)": self.restart_period_s,
+            "controller_deadline_s (TRINITY_CONTROLLER_DEADLINE)": self.controller_deadline_s,
         }
         for name, value in positive.items():
             if not 0 < value < float("inf"):

@@ -4,7 +4,6 @@ real supervisord: a SIGSTOPped agent is restarted, and repeated hangs hit the li
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -13,8 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import Project, wait_for
+from tests.controller.conftest import FakeSupervisord, Processes
 from tests.controller.test_storage_faults import (
     alerts_of,
     assert_each_event_handled_once,
@@ -35,90 +33,13 @@ from trinity.controller.healing import (
 )
 from trinity.controller.heartbeats import HeartbeatMonitor
 from trinity.controller.rules import Alert
-from trinity.controller.supervision import SupervisorClient, SupervisorError
+from trinity.controller.supervision import SupervisorClient
 from trinity.errors import ConfigError
 from trinity.settings import Settings
 
 AGENTS = ("witness", "architect", "executor")
 DEADLINE_S = 3.0
 GRACE_S = 30.0
-
-
-class Processes:
-    """Real processes standing in for agents; every one is killed after the test."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["sleep", "120"])
-        self.started.append(proc)
-        return proc
-
-    def hung(self) -> int:
-        proc = self.spawn()
-        os.kill(proc.pid, signal.SIGSTOP)
-        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 5,
-                 "the process to stop")
-        return proc.pid
-
-    def zombie(self) -> int:
-        proc = subprocess.Popen(["true"])
-        self.started.append(proc)
-        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, 5,
-                 "the child to exit unreaped")
-        return proc.pid
-
-    def stop_all(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    procs = Processes()
-    yield procs
-    procs.stop_all()
-
-
-class FakeSupervisord:
-    """getProcessInfo answers from ``info``; a restart starts a fresh (running) process."""
-
-    def __init__(self, processes: Processes) -> None:
-        self.processes = processes
-        self.info: dict[str, dict[str, Any]] = {}
-        self.restarted: list[tuple[str, int]] = []
-        self.failure: str | None = None
-        self.unreachable = False
-        self.asked: Counter[str] = Counter()
-
-    def set(self, name: str, pid: int, statename: str = "RUNNING", uptime_s: float = 3600.0,
-            ) -> None:
-        now = int(time.time())
-        self.info[name] = {"name": name, "pid": pid, "statename": statename,
-                           "start": now - int(uptime_s), "now": now}
-
-    def process(self, name: str) -> dict[str, Any]:
-        self.asked[name] += 1
-        if self.unreachable:
-            raise SupervisorError("cannot ask supervisord about it: connection refused")
-        # A program no test set is one supervisord has stopped: never hung.
-        return dict(self.info.get(name, {"name": name, "pid": 0, "statename": "STOPPED"}))
-
-    def restart_hung(self, name: str, timeout_s: float = 5.0) -> int:
-        if self.failure is not None:  # after the kill, as a start that failed would
-            self.set(name, 0, statename="STOPPED")
-            raise SupervisorError(self.failure)
-        old = self.info[name]["pid"]
-        if old:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old, signal.SIGKILL)
-        new = self.processes.spawn().pid
-        self.restarted.append((name, old))
-        self.set(name, new, uptime_s=0)
-        return new
 
 
 class Watch:
@@ -307,7 +228,7 @@ def test_a_process_asleep_in_a_system_call_gets_the_lock_wait_allowance(
     A stopped one (SIGSTOP) is hung at the deadline."""
     fake = FakeSupervisord(processes)
     watch = Watch(fake)
-    asleep = processes.spawn().pid  # `sleep`: asleep in a system call, like a lock wait
+    asleep = processes.asleep()  # `sleep`: asleep in a system call, like a lock wait
     stopped = processes.hung()
     fake.set("witness", asleep)
     fake.set("architect", stopped)
@@ -336,7 +257,7 @@ def test_a_silent_agent_whose_loop_still_runs_is_unreachable_not_restarted(
     polling = subprocess.Popen([sys.executable, "-c",
                                 "import time\nwhile True: time.sleep(0.02)"])
     processes.started.append(polling)
-    asleep = processes.spawn().pid
+    asleep = processes.asleep()
     fake.set("witness", polling.pid)
     fake.set("architect", asleep)
     time.sleep(0.3)  # in its loop
@@ -359,7 +280,7 @@ def test_heal_stopped_restarts_only_stopped_agents_and_ignores_the_stall_guard(
     heartbeat, so only a stopped process counts as hung (the likely lock holder)."""
     fake = FakeSupervisord(processes)
     watch = Watch(fake)
-    stopped, asleep = processes.hung(), processes.spawn().pid
+    stopped, asleep = processes.hung(), processes.asleep()
     fake.set("witness", stopped)
     fake.set("architect", asleep)
     watch.beat_all({"witness": stopped, "architect": asleep})
