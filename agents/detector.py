@@ -949,6 +949,7 @@ class Detection:
     neighbours: tuple[Neighbour, ...]
     vector: np.ndarray
     notes: tuple[str, ...]
+    text: str = ""  # what was classified (``event_text``), kept for the store
 
 
 class Detector:
@@ -997,4 +998,5 @@ class Detector:
             neighbours=neighbours,
             vector=vector,
             notes=et.notes,
+            text=et.text,
         )

@@ -68,6 +68,7 @@ def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None, *,
         try:
             with path.open("rb") as fh:
                 model: det.TrainedModel = pickle.load(fh)
+            _mark_used(path)
             return model
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
             log.warning("retraining: cached model %s unreadable (%s)", path, exc)
@@ -79,7 +80,27 @@ def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None, *,
     with tmp.open("wb") as fh:
         pickle.dump(model, fh)
     os.replace(tmp, path)
+    _mark_used(path)
     return model
+
+
+# A cached model not loaded for this long belongs to a dev set or detector no install
+# uses any more (each version is ~1.4 MB; installs sharing the cache keep theirs fresh).
+STALE_MODEL_S = 14 * 24 * 3600.0
+
+
+def _mark_used(path: Path) -> None:
+    """Note that ``path`` is in use (its mtime) and delete cached models left unused."""
+    now = time.time()
+    try:
+        os.utime(path, (now, now))
+        for other in path.parent.glob("witness_model-*.pkl"):
+            if other != path and now - other.stat().st_mtime > STALE_MODEL_S:
+                other.unlink()
+                log.info("removed %s, a cached WITNESS model unused for %d days",
+                         other.name, STALE_MODEL_S // 86400)
+    except OSError as exc:  # a read-only or shared cache: nothing to tidy then
+        log.debug("cannot tidy the model cache %s: %s", path.parent, exc)
 
 
 class Knowledge:
@@ -120,7 +141,7 @@ class Knowledge:
         detection = self.detector.classify(event)
         latency_ms = (time.perf_counter() - started) * 1000
         if learn:
-            self.store.record(detection, event_id=event_id, text=det.event_text(event).text,
+            self.store.record(detection, event_id=event_id, text=detection.text,
                               run_id=run_id, latency_ms=latency_ms)
         reason = None
         if detection.pattern is None:

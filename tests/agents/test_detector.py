@@ -140,6 +140,30 @@ def test_model_is_tied_to_its_embedding_table(
         Detector(embedder, model_other, seeded(embedder))
 
 
+def test_loading_the_cached_model_removes_models_left_unused(
+    embedder: StaticEmbedder, model: TrainedModel, tmp_path: Path
+) -> None:
+    """Every dev-set or detector version caches a model of its own (~1.4 MB): loading
+    one marks it used and deletes those unused for STALE_MODEL_S; a model another
+    install loaded recently stays."""
+    import os
+    import time
+
+    from trinity.agents import knowledge
+
+    current = tmp_path / f"witness_model-{knowledge._model_key(embedder)}.pkl"
+    current.write_bytes(pickle.dumps(model))
+    stale, recent = tmp_path / "witness_model-old.pkl", tmp_path / "witness_model-other.pkl"
+    for path, age in ((current, 90 * 86400), (stale, knowledge.STALE_MODEL_S + 60),
+                      (recent, knowledge.STALE_MODEL_S - 3600)):
+        path.touch()
+        os.utime(path, (time.time() - age, time.time() - age))
+    loaded = knowledge.load_model(embedder, tmp_path)
+    assert loaded.threshold == model.threshold and loaded.labels == model.labels
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([current.name, recent.name])
+    assert time.time() - current.stat().st_mtime < 60
+
+
 def test_train_rejects_unknown_labels(embedder: StaticEmbedder) -> None:
     with pytest.raises(ValueError):
         train([({"message": "x"}, "bug")], embedder)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trinity.agents.detector import Detection, Neighbour
+from trinity.agents.detector import Detection, Neighbour, event_text
 from trinity.agents.embedding import StaticEmbedder
 from trinity.agents.firestore_replica import FirestoreReplica
 from trinity.agents.knowledge import Knowledge
@@ -224,6 +224,11 @@ def test_learning_raises_confidence_and_survives_a_restart(short_dir: Path) -> N
         learned = [knowledge.observe({"message": m}, event_id=f"s-{i}")
                    for i, m in enumerate(stream)]
         assert all(o.pattern == "feature_request" for o in learned)
+        # Each learned exemplar is the event's text, as classified.
+        stored = dict(knowledge.store.conn.execute(
+            "SELECT event_id, text FROM exemplars WHERE event_id LIKE 's-%'").fetchall())
+        assert stored == {f"s-{i}": event_text({"message": m}).text
+                          for i, m in enumerate(stream)}
     finally:
         knowledge.close()
     knowledge = Knowledge.open(settings)  # a restart: a new session
