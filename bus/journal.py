@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from trinity.bus.message import MAX_ID_LEN, Message
@@ -66,10 +67,24 @@ class DeadLetter:
 
 _INSERT_MESSAGE = ("INSERT INTO messages(stream, seq, msg_id, source, created_ms, payload)"
                    " VALUES (?, ?, ?, ?, ?, ?)")
+# A batch is inserted _CHUNK rows to a statement: one statement step per row (what
+# executemany does) cost ~1 us more per row than the row's own insert, ~30 % of a
+# journaled publish in bench-bus. The remainder of a batch goes through executemany,
+# so only two statements are ever prepared.
+_CHUNK = 50
+_INSERT_CHUNK = _INSERT_MESSAGE + ", (?, ?, ?, ?, ?, ?)" * (_CHUNK - 1)
 
 
-def _message_rows(messages: list[Message]) -> list[tuple[str, int, str, str, int, bytes]]:
-    return [(m.stream, m.seq, m.msg_id, m.source, m.ts_ms, m.payload) for m in messages]
+def _insert_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
+    whole = len(messages) - len(messages) % _CHUNK
+    for lo in range(0, whole, _CHUNK):
+        conn.execute(_INSERT_CHUNK, tuple(chain.from_iterable(messages[lo:lo + _CHUNK])))
+    if whole < len(messages):
+        conn.executemany(_INSERT_MESSAGE, messages[whole:])
+
+
+# A Message is a tuple whose fields are these columns in this order: it is the row.
+assert Message._fields == ("stream", "seq", "msg_id", "source", "ts_ms", "payload")
 
 
 class Transaction:
@@ -128,23 +143,24 @@ class Transaction:
         Same result as calling :meth:`publish` for each item, at a fraction of the cost.
         """
         batch = [(payload, message_id(stream, key)) for payload, key in items]
-        for payload, _ in batch:
-            self._check_size(stream, payload)
+        if self.max_payload_bytes is not None:
+            for payload, _ in batch:
+                self._check_size(stream, payload)
         if not batch:
             return []
-        head, ts = self._head(stream), now_ms()
+        head, ts, source = self._head(stream), now_ms(), self.source
         # Keys are almost always new: insert the whole batch in a savepoint and only
         # look for already-journaled ids when the unique index refuses one.
-        fresh = [Message(stream, head + n, msg_id, self.source, ts, payload)
-                 for n, (payload, msg_id) in enumerate(batch, start=1)]
+        fresh = [Message(stream, seq, msg_id, source, ts, payload)
+                 for seq, (payload, msg_id) in enumerate(batch, start=head + 1)]
         conn = self.conn
         conn.execute("SAVEPOINT publish_many")
         try:
-            conn.executemany(_INSERT_MESSAGE, _message_rows(fresh))
+            _insert_messages(conn, fresh)
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO publish_many")
             fresh = self._fresh_only(stream, batch, head, ts)
-            conn.executemany(_INSERT_MESSAGE, _message_rows(fresh))
+            _insert_messages(conn, fresh)
         finally:
             conn.execute("RELEASE publish_many")
         if fresh:

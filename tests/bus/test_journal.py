@@ -534,7 +534,10 @@ def test_encode_payload_is_compact_utf8_json(payload: dict[str, Any]) -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     earlier=st.lists(st.sampled_from("abcdefgh"), max_size=5),
-    batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
+    # Up to 130 items: batches of whole 50-row insert statements, a remainder, and
+    # repeats that the unique index refuses inside a chunk.
+    batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij"),
+                                        st.integers(0, 400).map(str)), max_size=130),
                      min_size=1, max_size=4),
 )
 def test_publish_many_matches_publish_one_by_one(
@@ -575,6 +578,17 @@ def test_publish_many_matches_publish_one_by_one(
     finally:
         one.close()
         many.close()
+
+
+def test_publish_many_inserts_whole_chunks_and_the_remainder(journal: Journal) -> None:
+    with journal.transaction() as tx:
+        tx.publish(ALPHA, _payload(0), key="k0")
+        batch = tx.publish_many(ALPHA, [(_payload(i), f"k{i}") for i in range(1, 124)])
+    assert [m.seq for m in batch] == list(range(2, 125))
+    stored = journal.read_after(ALPHA, 0, 1000)
+    assert [(m.seq, m.msg_id, m.payload) for m in stored] == [
+        (i + 1, f"{ALPHA}/k{i}", _payload(i)) for i in range(124)]
+    assert journal.head(ALPHA) == 124
 
 
 def test_publish_many_that_fails_midway_leaves_the_transaction_usable(journal: Journal) -> None:
