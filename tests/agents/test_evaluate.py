@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
+import pytest
 
 from trinity.agents.detector import DATA_DIR, LABELS, NONE, Detection, Detector, load_devset
 from trinity.agents.evaluate import (
@@ -105,3 +106,22 @@ def test_pending_candidates_share_no_repository_with_holdout_or_dev_set() -> Non
     }
     assert not taken & {repository(row["origin"]) for row in rows}
     assert max(Counter(repository(row["origin"]) for row in rows).values()) <= 5
+
+
+def test_repeated_cross_validation_pools_to_the_mean_of_its_repeats(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each repeat classifies every item once under its own seed's split: the pooled
+    accuracy and FP rate are the repeats' means, supports count items once."""
+    import trinity.agents.evaluate as evaluate
+    from trinity.agents.embedding import load_embedder
+
+    dev = load_devset()
+    subset = [x for label in LABELS for x in [x for x in dev if x[1] == label][:14]]
+    monkeypatch.setattr(evaluate, "load_devset", lambda: subset)
+    cv = evaluate.cross_validate(2, 3, load_embedder(), repeats=2)
+    assert [r["seed"] for r in cv["repeats"]] == [3, 4]
+    assert cv["n"] == len(subset)
+    assert math.isclose(cv["accuracy"], np.mean([r["accuracy"] for r in cv["repeats"]]))
+    assert math.isclose(cv["none_fp_rate"], np.mean([r["none_fp_rate"] for r in cv["repeats"]]))
+    assert sum(c["support"] for c in cv["per_class"].values()) == len(subset)
+    assert {e["seed"] for e in cv["errors"]} <= {3, 4}
