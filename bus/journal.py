@@ -76,15 +76,13 @@ _INSERT_CHUNK = _INSERT_MESSAGE + ", (?, ?, ?, ?, ?, ?)" * (_CHUNK - 1)
 
 
 def _insert_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
+    # A Message is a tuple of these columns in this order: it is the row.
     whole = len(messages) - len(messages) % _CHUNK
     for lo in range(0, whole, _CHUNK):
         conn.execute(_INSERT_CHUNK, tuple(chain.from_iterable(messages[lo:lo + _CHUNK])))
     if whole < len(messages):
         conn.executemany(_INSERT_MESSAGE, messages[whole:])
 
-
-# A Message is a tuple whose fields are these columns in this order: it is the row.
-assert Message._fields == ("stream", "seq", "msg_id", "source", "ts_ms", "payload")
 
 
 class Transaction:
@@ -143,9 +141,8 @@ class Transaction:
         Same result as calling :meth:`publish` for each item, at a fraction of the cost.
         """
         batch = [(payload, message_id(stream, key)) for payload, key in items]
-        if self.max_payload_bytes is not None:
-            for payload, _ in batch:
-                self._check_size(stream, payload)
+        for payload, _ in batch:
+            self._check_size(stream, payload)
         if not batch:
             return []
         head, ts, source = self._head(stream), now_ms(), self.source

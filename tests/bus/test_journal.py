@@ -581,6 +581,8 @@ def test_publish_many_matches_publish_one_by_one(
 
 
 def test_publish_many_inserts_whole_chunks_and_the_remainder(journal: Journal) -> None:
+    # The insert binds each Message as its row: its fields are the columns, in order.
+    assert Message._fields == ("stream", "seq", "msg_id", "source", "ts_ms", "payload")
     with journal.transaction() as tx:
         tx.publish(ALPHA, _payload(0), key="k0")
         batch = tx.publish_many(ALPHA, [(_payload(i), f"k{i}") for i in range(1, 124)])
