@@ -10,11 +10,12 @@ of one producer instead of the patterns.
 Scoring has two stages.
 
 1. **Base classifier** - a multinomial logistic regression over
-   (a) the static MiniLM sentence embedding of the text (semantics: "intermittently
-   fails" ~ "flaky"), and (b) hashed word 1-2-grams and character 2-5-grams of a
-   *normalised* text in which numbers, hex ids, timestamps, URLs, paths and quoted
-   identifiers are masked and snake/camel identifiers split, so the model learns the
-   shape of a mypy error or a Go panic rather than the file names of the dev set.
+   (a) the static sentence embedding of the text (MiniLM and WordLlama token tables side
+   by side, see ``embedding``; semantics: "intermittently fails" ~ "flaky"), and
+   (b) hashed word 1-2-grams and character 2-5-grams of a *normalised* text in which
+   numbers, hex ids, timestamps, URLs, paths and quoted identifiers are masked and
+   snake/camel identifiers split, so the model learns the shape of a mypy error or a Go
+   panic rather than the file names of the dev set.
    Inference uses the fitted weight matrices directly with numpy and hashes n-grams
    itself: only training imports scikit-learn and SciPy.
 
@@ -71,7 +72,7 @@ import faiss
 import mmh3
 import numpy as np
 
-from trinity.agents.embedding import StaticEmbedder
+from trinity.agents.embedding import Embedder
 from trinity.errors import InvalidPayload
 
 if TYPE_CHECKING:
@@ -825,7 +826,7 @@ AUGMENT_WEIGHT = 0.25
 
 def train(
     examples: Sequence[tuple[Mapping[str, Any], str]],
-    embedder: StaticEmbedder,
+    embedder: Embedder,
     *,
     groups: Sequence[str] | None = None,
     folds: int = 5,
@@ -954,7 +955,7 @@ class Detection:
 
 class Detector:
     def __init__(
-        self, embedder: StaticEmbedder, model: TrainedModel, exemplars: NeighbourSearch
+        self, embedder: Embedder, model: TrainedModel, exemplars: NeighbourSearch
     ) -> None:
         if model.embedder_fingerprint != embedder.fingerprint:
             # A model trained on another table would read its vectors as noise.

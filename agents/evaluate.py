@@ -56,7 +56,7 @@ from trinity.agents.detector import (
     load_labelled,
     train,
 )
-from trinity.agents.embedding import StaticEmbedder, load_embedder
+from trinity.agents.embedding import Embedder, load_embedder
 
 TARGET_ACCURACY = 0.95
 TARGET_NONE_FP = 0.05
@@ -223,7 +223,7 @@ def _decide(
 
 
 def _detector_for(
-    embedder: StaticEmbedder,
+    embedder: Embedder,
     train_items: Sequence[tuple[Mapping[str, Any], str, str]],
 ) -> tuple[Detector, float]:
     started = time.perf_counter()
@@ -240,7 +240,7 @@ def _detector_for(
 
 
 def cross_validate(
-    folds: int, seed: int, embedder: StaticEmbedder, repeats: int = 1
+    folds: int, seed: int, embedder: Embedder, repeats: int = 1
 ) -> dict[str, Any]:
     """Grouped ``folds``-fold CV, repeated with seeds ``seed .. seed + repeats - 1``.
 
@@ -299,7 +299,7 @@ def holdout_results(detector: Detector) -> dict[str, Any] | None:
             "errors": errors}
 
 
-def full_detector(embedder: StaticEmbedder) -> tuple[Detector, float]:
+def full_detector(embedder: Embedder) -> tuple[Detector, float]:
     """Model and exemplars from the full dev set (as a fresh install seeds the store)."""
     return _detector_for(embedder, load_devset())
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trinity.agents import detector as det
-from trinity.agents.embedding import StaticEmbedder, default_table_path, load_embedder
+from trinity.agents.embedding import Embedder, default_table_path, load_embedder
 from trinity.agents.patterns import PatternStore
 from trinity.settings import Settings
 
@@ -37,7 +37,7 @@ class Observation:
     new: bool  # False when the event had been recorded before
 
 
-def _model_key(embedder: StaticEmbedder) -> str:
+def _model_key(embedder: Embedder) -> str:
     digest = hashlib.sha256(embedder.fingerprint.encode())
     for path in sorted(DATA.glob("devset_*.jsonl")):
         digest.update(path.read_bytes())
@@ -45,7 +45,7 @@ def _model_key(embedder: StaticEmbedder) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(embedder: StaticEmbedder, cache_dir: Path | None = None, *,
+def load_model(embedder: Embedder, cache_dir: Path | None = None, *,
                train_apart: bool = False) -> det.TrainedModel:
     """The model trained on the shipped dev set, from the cache or trained now (seconds).
 
@@ -104,7 +104,7 @@ def _mark_used(path: Path) -> None:
 
 
 class Knowledge:
-    def __init__(self, embedder: StaticEmbedder, store: PatternStore,
+    def __init__(self, embedder: Embedder, store: PatternStore,
                  model: det.TrainedModel) -> None:
         self.embedder = embedder
         self.store = store

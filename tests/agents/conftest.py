@@ -8,12 +8,12 @@ import pytest
 
 from tests.agents.servers import FaultServer, RefusingPort
 from trinity.agents import embedding
-from trinity.agents.embedding import StaticEmbedder, default_table_path, load_embedder
+from trinity.agents.embedding import Embedder, default_table_path, load_embedder
 
 
 @pytest.fixture(scope="session")
-def embedder(tmp_path_factory: pytest.TempPathFactory) -> StaticEmbedder:
-    """The installed table (make install builds it), or one built here (~18 s) if absent."""
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    """The installed tables (make install builds them), or ones built here (~18 s) if absent."""
     path = default_table_path()
     if not path.exists():
         path = tmp_path_factory.mktemp("cache") / embedding.TABLE_NAME

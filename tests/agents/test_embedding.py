@@ -1,4 +1,5 @@
-"""The static MiniLM embedding table: build, load and the geometry WITNESS relies on.
+"""WITNESS's static embeddings: the MiniLM table (build, load) and the WordLlama table
+beside it, joined; and the geometry WITNESS relies on.
 
 The real table takes ~18 s to distil, so the default cache is reused when it is already
 there; otherwise it is built once per session into a temporary TRINITY_CACHE_DIR. The
@@ -18,10 +19,14 @@ import pytest
 
 from trinity.agents import embedding
 from trinity.agents.embedding import (
+    Embedder,
+    JointEmbedder,
     StaticEmbedder,
     build_table,
     default_table_path,
     load_embedder,
+    load_static,
+    load_wordllama,
 )
 
 
@@ -44,22 +49,22 @@ def test_default_path_follows_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert default_table_path() == Path.home() / ".cache" / "trinity" / embedding.TABLE_NAME
 
 
-def test_embed_shape_dtype_and_unit_norm(embedder: StaticEmbedder) -> None:
+def test_embed_shape_dtype_and_unit_norm(embedder: Embedder) -> None:
     texts = ["panic: runtime error: index out of range", "Add dark mode", "x" * 10_000]
     vecs = embedder.embed(texts)
-    assert embedder.dim == 256
-    assert vecs.shape == (3, 256)
+    assert embedder.dim == 512  # MiniLM 256 + WordLlama 256
+    assert vecs.shape == (3, 512)
     assert vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
-def test_empty_inputs_give_zero_vectors(embedder: StaticEmbedder) -> None:
+def test_empty_inputs_give_zero_vectors(embedder: Embedder) -> None:
     assert embedder.embed([]).shape == (0, embedder.dim)
     vecs = embedder.embed(["", "   "])
     assert not vecs.any()
 
 
-def test_paraphrase_is_closer_than_unrelated(embedder: StaticEmbedder) -> None:
+def test_paraphrase_is_closer_than_unrelated(embedder: Embedder) -> None:
     a, b, c, d = embedder.embed(
         [
             "this test fails intermittently on CI",
@@ -74,9 +79,65 @@ def test_paraphrase_is_closer_than_unrelated(embedder: StaticEmbedder) -> None:
     np.testing.assert_array_equal(embedder.embed(["abc def"]), embedder.embed(["abc def"]))
 
 
-def test_fingerprint_is_sha256_of_table(embedder: StaticEmbedder) -> None:
+def test_fingerprint_is_sha256_of_table(embedder: Embedder) -> None:
     assert len(embedder.fingerprint) == 64
     int(embedder.fingerprint, 16)
+
+
+def test_joint_rows_are_the_parts_side_by_side(tmp_path: Path) -> None:
+    """Each half is its part's unit row scaled by 1/sqrt(2): an inner product of two joint
+    rows is the mean of the parts' cosines."""
+    minilm = load_static()
+    wordllama = load_wordllama(tmp_path / embedding.WORDLLAMA_TABLE_NAME)
+    joint = JointEmbedder([minilm, wordllama])
+    texts = ["Support for HTTPS proxies", "test_login fails on CI about 1 run in 10", "", "ok"]
+    rows = joint.embed(texts)
+    a, b = minilm.embed(texts), wordllama.embed(texts)
+    assert joint.dim == minilm.dim + wordllama.dim == rows.shape[1]
+    np.testing.assert_allclose(rows[[0, 1, 3]], np.hstack([a, b])[[0, 1, 3]] / np.sqrt(2),
+                               atol=1e-6)
+    assert not rows[2].any()  # no tokens: the zero row, not NaN
+    np.testing.assert_allclose(rows[0] @ rows[1], (a[0] @ a[1] + b[0] @ b[1]) / 2, atol=1e-5)
+
+
+def test_joint_fingerprint_follows_every_part(tmp_path: Path) -> None:
+    minilm = load_static()
+    wordllama = load_wordllama(tmp_path / embedding.WORDLLAMA_TABLE_NAME)
+    joint = JointEmbedder([minilm, wordllama]).fingerprint
+    assert joint not in (minilm.fingerprint, wordllama.fingerprint)
+    assert JointEmbedder([wordllama, minilm]).fingerprint != joint
+    assert JointEmbedder([minilm]).fingerprint != joint
+    with pytest.raises(ValueError):
+        JointEmbedder([])
+
+
+def test_wordllama_table_is_the_shipped_weights(tmp_path: Path) -> None:
+    """The cached .npy is the wheel's safetensors tensor, byte for byte, with a checksum."""
+    from safetensors.numpy import load_file
+
+    path = embedding.build_wordllama_table(tmp_path / "w.npy")
+    shipped = load_file(str(embedding._wordllama_file(*embedding._WORDLLAMA_WEIGHTS)))
+    (weights,) = shipped.values()
+    table = np.load(path)
+    assert table.dtype == np.float16 and table.shape == weights.shape == (32000, 256)
+    np.testing.assert_array_equal(table, weights)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Path(str(path) + ".sha256").read_text().split()[0] == digest
+    assert load_wordllama(path).fingerprint == digest
+
+
+def test_missing_wordllama_package_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedding.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="wordllama package is not installed"):
+        load_wordllama(tmp_path / "w.npy")
+    assert not (tmp_path / "w.npy").exists()
+
+
+def test_table_smaller_than_the_vocabulary_is_refused() -> None:
+    with pytest.raises(ValueError, match="fewer than the tokenizer"):
+        StaticEmbedder(np.zeros((100, 8), np.float16), "x", embedding._load_tokenizer())
 
 
 def test_build_writes_table_and_checksum(fake_vectors: None, tmp_path: Path) -> None:
@@ -86,7 +147,7 @@ def test_build_writes_table_and_checksum(fake_vectors: None, tmp_path: Path) -> 
     assert table.shape[1] == 32
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert Path(str(path) + ".sha256").read_text().split()[0] == digest
-    assert load_embedder(path).fingerprint == digest
+    assert load_static(path).fingerprint == digest
     # frequent (low-id) tokens are down-weighted by SIF relative to rare ones
     norms = np.linalg.norm(table.astype(np.float32), axis=1)
     assert norms[1000:1100].mean() < norms[-100:].mean()
@@ -102,7 +163,8 @@ def test_load_builds_missing_table(fake_vectors: None, tmp_path: Path) -> None:
     path = tmp_path / "sub" / "t.npy"
     emb = load_embedder(path)
     assert path.exists()
-    assert emb.embed(["hello"]).shape == (1, 256)
+    assert (path.parent / embedding.WORDLLAMA_TABLE_NAME).exists()
+    assert emb.embed(["hello"]).shape == (1, 512)
 
 
 def test_concurrent_builds_never_expose_a_partial_file(fake_vectors: None, tmp_path: Path) -> None:

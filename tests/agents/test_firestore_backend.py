@@ -28,7 +28,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from tests.conftest import Project, wait_for
 from tests.firestore_emulator import FirestoreEmulator, need_emulator
 from trinity.agents.detector import Detection
-from trinity.agents.embedding import StaticEmbedder
+from trinity.agents.embedding import Embedder
 from trinity.agents.firestore_replica import (
     FirestoreReplica,
     detection_doc_id,
@@ -61,7 +61,7 @@ def project_id(firestore_emulator: FirestoreEmulator, monkeypatch: pytest.Monkey
     return f"trinity-{uuid.uuid4().hex[:12]}"
 
 
-def _record(store: PatternStore, embedder: StaticEmbedder) -> None:
+def _record(store: PatternStore, embedder: Embedder) -> None:
     for event_id, text, pattern, confidence in EVENTS:
         vector = embedder.embed([text])[0]
         detection = Detection(pattern=pattern, label=pattern or "none", confidence=confidence,
@@ -80,7 +80,7 @@ def _firestore(project_id: str) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def test_firestore_holds_the_record_and_a_new_machine_takes_it(
-    tmp_path: Path, embedder: StaticEmbedder, project_id: str
+    tmp_path: Path, embedder: Embedder, project_id: str
 ) -> None:
     store = PatternStore(tmp_path / "a" / "trinity_patterns.db", embedder,
                          FirestoreReplica(project_id))
@@ -133,7 +133,7 @@ def test_firestore_holds_the_record_and_a_new_machine_takes_it(
 
 
 def test_malformed_firestore_documents_are_skipped_with_a_reason(
-    tmp_path: Path, embedder: StaticEmbedder, project_id: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, embedder: Embedder, project_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Documents written by something else (a missing key, a map where text belongs) do
     not stop the store from opening; the well-formed ones are taken."""
@@ -168,7 +168,7 @@ def test_malformed_firestore_documents_are_skipped_with_a_reason(
 
 
 def test_a_resent_outbox_counts_nothing_twice(
-    tmp_path: Path, embedder: StaticEmbedder, project_id: str
+    tmp_path: Path, embedder: Embedder, project_id: str
 ) -> None:
     replica = FirestoreReplica(project_id)
     store = PatternStore(tmp_path / "trinity_patterns.db", embedder, replica)

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from tests.agents.conftest import embedder  # noqa: F401 - the agents' session fixture
 from tests.conftest import BIN, Project, wait_for
-from trinity.agents.embedding import StaticEmbedder
+from trinity.agents.embedding import Embedder
 from trinity.agents.patterns import PatternStore
 from trinity.bus.curve import keys_command
 from trinity.bus.journal import Journal
@@ -53,7 +53,7 @@ def permissive_umask() -> Iterator[None]:
 
 @pytest.mark.usefixtures("permissive_umask")
 def test_stores_opened_through_their_apis_are_owner_only(
-    tmp_path: Path, embedder: StaticEmbedder  # noqa: F811 - the imported fixture
+    tmp_path: Path, embedder: Embedder  # noqa: F811 - the imported fixture
 ) -> None:
     journal = Journal(tmp_path / "trinity_messages.db", source="test")
     ledger = CostLedger(tmp_path / "trinity_costs.db")
