@@ -112,15 +112,17 @@ def test_joint_fingerprint_follows_every_part(tmp_path: Path) -> None:
 
 
 def test_wordllama_table_is_the_shipped_weights(tmp_path: Path) -> None:
-    """The cached .npy is the wheel's safetensors tensor, byte for byte, with a checksum."""
+    """The cached .npy is the wheel's safetensors tensor, quantised, with a checksum."""
     from safetensors.numpy import load_file
 
     path = embedding.build_wordllama_table(tmp_path / "w.npy")
     shipped = load_file(str(embedding._wordllama_file(*embedding._WORDLLAMA_WEIGHTS)))
     (weights,) = shipped.values()
     table = np.load(path)
-    assert table.dtype == np.float16 and table.shape == weights.shape == (32000, 256)
-    np.testing.assert_array_equal(table, weights)
+    assert table.shape == (32000,) and table["q"].shape == weights.shape == (32000, 256)
+    rows = weights.astype(np.float32)
+    error = np.abs(table["q"] * table["s"][:, None] - rows).max(axis=1)
+    assert np.all(error <= table["s"] / 2 + 1e-6)  # rounding only
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert Path(str(path) + ".sha256").read_text().split()[0] == digest
     assert load_wordllama(path).fingerprint == digest
@@ -135,6 +137,22 @@ def test_missing_wordllama_package_is_a_clear_error(
     assert not (tmp_path / "w.npy").exists()
 
 
+def test_quantised_rows_embed_as_the_float_rows_do() -> None:
+    rng = np.random.default_rng(7)
+    tok = embedding._load_tokenizer()
+    table = rng.normal(size=(tok.get_vocab_size(), 48)).astype(np.float16)
+    table[5] = 0.0  # an all-zero row keeps a usable scale
+    q = embedding.quantise(table)
+    assert q["s"][5] == 1.0 and not q["q"][5].any()
+    texts = ["Support for HTTPS proxies", "panic: runtime error: index out of range", "ok"]
+    exact = StaticEmbedder(table, "f", tok).embed(texts)
+    packed = StaticEmbedder(q, "q", tok)
+    assert packed.dim == 48
+    assert np.all((exact * packed.embed(texts)).sum(axis=1) > 0.9999)
+    with pytest.raises(ValueError, match="2-D"):
+        embedding.quantise(np.zeros(4))
+
+
 def test_table_smaller_than_the_vocabulary_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than the tokenizer"):
         StaticEmbedder(np.zeros((100, 8), np.float16), "x", embedding._load_tokenizer())
@@ -143,13 +161,13 @@ def test_table_smaller_than_the_vocabulary_is_refused() -> None:
 def test_build_writes_table_and_checksum(fake_vectors: None, tmp_path: Path) -> None:
     path = build_table(tmp_path / "t.npy", dims=32)
     table = np.load(path)
-    assert table.dtype == np.float16
-    assert table.shape[1] == 32
+    assert table.dtype.names == ("q", "s") and table["q"].dtype == np.int8
+    assert table["q"].shape[1] == 32
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert Path(str(path) + ".sha256").read_text().split()[0] == digest
     assert load_static(path).fingerprint == digest
     # frequent (low-id) tokens are down-weighted by SIF relative to rare ones
-    norms = np.linalg.norm(table.astype(np.float32), axis=1)
+    norms = np.linalg.norm(table["q"] * table["s"][:, None], axis=1)
     assert norms[1000:1100].mean() < norms[-100:].mean()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npy", "t.npy.sha256"]
 
@@ -177,7 +195,7 @@ def test_concurrent_builds_never_expose_a_partial_file(fake_vectors: None, tmp_p
         while not stop.is_set():
             if path.exists():
                 try:
-                    seen.append(np.load(path).shape)
+                    seen.append(np.load(path)["q"].shape)
                 except BaseException as exc:  # a torn read would land here
                     errors.append(exc)
 
