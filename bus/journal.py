@@ -84,7 +84,6 @@ def _insert_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
         conn.executemany(_INSERT_MESSAGE, messages[whole:])
 
 
-
 class Transaction:
     """One open write transaction. Published messages are sent after commit."""
 

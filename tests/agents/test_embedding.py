@@ -145,17 +145,21 @@ def test_quantised_rows_embed_as_the_float_rows_do() -> None:
     q = embedding.quantise(table)
     assert q["s"][5] == 1.0 and not q["q"][5].any()
     texts = ["Support for HTTPS proxies", "panic: runtime error: index out of range", "ok"]
-    exact = StaticEmbedder(table, "f", tok).embed(texts)
+    exact = np.stack([table[tok.encode(t, add_special_tokens=False).ids].astype(np.float32)
+                      .mean(axis=0) for t in texts])
+    exact /= np.linalg.norm(exact, axis=1, keepdims=True)
     packed = StaticEmbedder(q, "q", tok)
     assert packed.dim == 48
     assert np.all((exact * packed.embed(texts)).sum(axis=1) > 0.9999)
+    with pytest.raises(ValueError, match="quantised rows"):
+        StaticEmbedder(table, "f", tok)
     with pytest.raises(ValueError, match="2-D"):
         embedding.quantise(np.zeros(4))
 
 
 def test_table_smaller_than_the_vocabulary_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than the tokenizer"):
-        StaticEmbedder(np.zeros((100, 8), np.float16), "x", embedding._load_tokenizer())
+        StaticEmbedder(embedding.quantise(np.zeros((100, 8))), "x", embedding._load_tokenizer())
 
 
 def test_build_writes_table_and_checksum(fake_vectors: None, tmp_path: Path) -> None:
