@@ -305,3 +305,27 @@ def test_costs_totals_come_from_the_ledger_rows(data_dir: Path) -> None:
     assert "4 attempts for 3 requests, $0.0125, success rate 75.0%" in text.output
     other = json.loads(invoke(["costs", "--run", "run-b", "--json"], env=_env(data_dir)).output)
     assert other["total_calls"] == 0 and other["success_rate"] is None
+
+
+def test_witness_eval_passes_its_options_to_the_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trinity.agents import evaluate
+
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 1  # the evaluation's exit status is the command's
+
+    monkeypatch.setattr(evaluate, "main", fake_main)
+    runner = CliRunner()
+    result = runner.invoke(main, ["witness", "eval"])
+    assert result.exit_code == 1
+    assert seen[-1] == ["--folds", "5", "--seed", "0", "--repeats", "5"]
+    result = runner.invoke(main, ["witness", "eval", "--folds", "3", "--seed", "2",
+                                  "--repeats", "1", "--errors", "--no-holdout", "--json"])
+    assert seen[-1] == ["--folds", "3", "--seed", "2", "--repeats", "1",
+                        "--errors", "--no-holdout", "--json"]
+    bad = runner.invoke(main, ["witness", "eval", "--repeats", "0"])
+    assert bad.exit_code == 2 and len(seen) == 2

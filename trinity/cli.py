@@ -289,13 +289,20 @@ def witness() -> None:
 
 @witness.command("eval")
 @click.option("--folds", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Grouped CV repeated with this many seeds; the figures are the means.")
+@click.option("--errors", is_flag=True, help="List the cross-validation errors.")
+@click.option("--no-holdout", is_flag=True, help="Skip scoring the holdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def witness_eval(folds: int, seed: int, as_json: bool) -> None:
+def witness_eval(folds: int, seed: int, repeats: int, errors: bool, no_holdout: bool,
+                 as_json: bool) -> None:
     """Cross-validate the detector on the dev set; exit 1 if a target is missed."""
     from trinity.agents import evaluate
 
-    argv = ["--folds", str(folds), "--seed", str(seed)] + (["--json"] if as_json else [])
+    argv = ["--folds", str(folds), "--seed", str(seed), "--repeats", str(repeats)]
+    argv += [flag for flag, on in (("--errors", errors), ("--no-holdout", no_holdout),
+                                   ("--json", as_json)) if on]
     sys.exit(evaluate.main(argv))
 
 
