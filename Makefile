@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # WITNESS's embedding table and trained model, into the cache; again whenever the dev set
-# or the detector changes (a WITNESS that finds no model trains it in a child process).
-$(MODEL): $(STAMP) agents/detector.py agents/embedding.py $(wildcard agents/data/devset_*.jsonl)
-	$(VENV)/bin/python -m trinity.agents.knowledge
+# or the detector's code changes (the modules knowledge.MODEL_MODULES hashes, and the
+# embedding; a WITNESS that finds no model trains it in a child process).
+$(MODEL): $(STAMP) $(addprefix agents/witness/,text.py features.py exemplars.py model.py \
+    train.py dataset.py embedding.py) $(wildcard agents/data/devset_*.jsonl)
+	$(VENV)/bin/python -m trinity.agents.witness.knowledge
 	touch $(MODEL)
 
 install: $(STAMP) $(MODEL) $(FIRESTORE_DEPS) ## Create .venv with everything Trinity needs (idempotent)

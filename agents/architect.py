@@ -13,15 +13,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from trinity.agents.base import event_fields
 from trinity.agents.delegates import Plan, delegate_for, parse_as, schema_of
-from trinity.agents.model_agent import ModelAgent, event_context
-from trinity.agents.providers.base import ChatRequest
+from trinity.agents.model_agent import ModelAgent, event_context, event_fields
+from trinity.agents.models.providers.base import ChatRequest
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message, encode_payload
-from trinity.bus.topology import ALERTS, EXECUTION, HEARTBEATS
-from trinity.clock import now_ms
+from trinity.contract import (
+    ALERTS,
+    ARCHITECT,
+    EXECUTION,
+    HEARTBEATS,
+    PLAN_FAILED,
+    failed_plan_id,
+    request_id,
+    task_id,
+)
 from trinity.errors import AllModelsFailed, InvalidPayload
+from trinity.stores import runs
 
 SYSTEM = (
     "You are ARCHITECT, the planner of an autonomous code-improvement loop. Read the "
@@ -32,7 +40,7 @@ SYSTEM = (
 
 
 class Architect(ModelAgent):
-    name: ClassVar[str] = "architect"
+    name: ClassVar[str] = ARCHITECT
     publishes: ClassVar[tuple[str, ...]] = (EXECUTION, ALERTS, HEARTBEATS)
 
     def request_for(self, signal: dict[str, Any]) -> ChatRequest:
@@ -55,7 +63,7 @@ class Architect(ModelAgent):
             delegate = delegate_for(signal["pattern"])
         except KeyError as exc:
             raise InvalidPayload(str(exc.args[0])) from None
-        ctx = self.context(f"architect:{signal['event_id']}", signal)
+        ctx = self.context(request_id(ARCHITECT, signal["event_id"]), signal)
         try:
             routed = self.router.call(self.request_for(signal), ctx, parse_as(Plan))
         except AllModelsFailed as failed:
@@ -64,7 +72,7 @@ class Architect(ModelAgent):
         tasks: list[dict[str, Any]] = []
         for n, task in enumerate(plan["tasks"], start=1):
             tasks.append({
-                "task_id": f"{signal['event_id']}/t{n}",
+                "task_id": task_id(signal["event_id"], n),
                 "event_id": signal["event_id"],
                 "run_id": signal.get("run_id"),
                 "pattern": signal["pattern"],
@@ -92,9 +100,8 @@ class Architect(ModelAgent):
     ) -> Callable[[Transaction], None]:
         def commit(tx: Transaction) -> None:
             self.publish_call_alerts(tx, failed.attempts)
-            tx.conn.execute(
-                "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"
-                " product) VALUES (?, ?, ?, 'architect', 'plan_failed', ?, ?)",
-                (f"{signal['event_id']}/plan", signal["event_id"], signal.get("run_id"),
-                 now_ms(), str(failed)[:2000]))
+            runs.record_outcome(tx.conn, task_id=failed_plan_id(signal["event_id"]),
+                                event_id=signal["event_id"], run_id=signal.get("run_id"),
+                                delegate=ARCHITECT, status=PLAN_FAILED,
+                                product=str(failed)[:2000])
         return commit

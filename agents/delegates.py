@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trinity.agents.providers.base import Completion
+from trinity.agents.models.providers.base import Completion
 from trinity.errors import InvalidModelOutput
 
 Short = Annotated[str, Field(min_length=3, max_length=48)]

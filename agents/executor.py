@@ -14,19 +14,18 @@ import json
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from trinity.agents.base import event_fields
 from trinity.agents.delegates import delegate_named, parse_as, schema_of
-from trinity.agents.model_agent import ModelAgent, event_context
-from trinity.agents.providers.base import ChatRequest
+from trinity.agents.model_agent import ModelAgent, event_context, event_fields
+from trinity.agents.models.providers.base import ChatRequest
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message
-from trinity.bus.topology import ALERTS, HEARTBEATS
-from trinity.clock import now_ms
+from trinity.contract import ALERTS, EXECUTOR, HEARTBEATS, TASK_DONE, TASK_FAILED, request_id
 from trinity.errors import AllModelsFailed, InvalidPayload
+from trinity.stores import runs
 
 
 class Executor(ModelAgent):
-    name: ClassVar[str] = "executor"
+    name: ClassVar[str] = EXECUTOR
     publishes: ClassVar[tuple[str, ...]] = (ALERTS, HEARTBEATS)
 
     def prepare(self, msg: Message) -> Callable[[Transaction], None]:
@@ -49,23 +48,22 @@ class Executor(ModelAgent):
             schema=schema_of(delegate.product),
             max_tokens=self.policy.max_tokens_for(self.name),
         )
-        ctx = self.context(f"executor:{task['task_id']}", task, task_id=task["task_id"])
+        ctx = self.context(request_id(EXECUTOR, task["task_id"]), task, task_id=task["task_id"])
         try:
             routed = self.router.call(request, ctx, parse_as(delegate.product))
         except AllModelsFailed as failed:
-            return self._commit(task, "failed", {"error": str(failed)[:2000]}, failed.attempts)
+            return self._commit(task, TASK_FAILED, {"error": str(failed)[:2000]},
+                                failed.attempts)
         product: dict[str, Any] = {"kind": delegate.product_kind, "delegate": delegate.name,
                                    "engine": routed.provider, "model": routed.model,
                                    **routed.value}
-        return self._commit(task, "done", product, routed.attempts)
+        return self._commit(task, TASK_DONE, product, routed.attempts)
 
     def _commit(self, task: dict[str, Any], status: str, product: dict[str, Any],
                 attempts: list[Any]) -> Callable[[Transaction], None]:
         def commit(tx: Transaction) -> None:
             self.publish_call_alerts(tx, attempts)
-            tx.conn.execute(
-                "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status, recorded_ms,"
-                " product) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (task["task_id"], task["event_id"], task.get("run_id"), task["delegate"],
-                 status, now_ms(), json.dumps(product, sort_keys=True)))
+            runs.record_outcome(tx.conn, task_id=task["task_id"], event_id=task["event_id"],
+                                run_id=task.get("run_id"), delegate=task["delegate"],
+                                status=status, product=json.dumps(product, sort_keys=True))
         return commit

@@ -13,23 +13,24 @@ import json
 import os
 from typing import Any, ClassVar
 
-from trinity import records
-from trinity.agents.base import BaseProcess
-from trinity.agents.router import CallContext, Router
-from trinity.agents.routing import build_providers, load_policy
+from trinity.agents.models.policy import build_providers, load_policy
+from trinity.agents.models.router import CallContext, Router
 from trinity.bus.journal import Transaction
-from trinity.bus.message import encode_payload
-from trinity.bus.topology import ALERTS
-from trinity.clock import now_ms
-from trinity.costs import TIMEOUT, CallRecord, CostLedger
+from trinity.bus.message import Message, encode_payload
+from trinity.bus.process import BusProcess
+from trinity.contract import ALERTS, TOPOLOGY, Alert
+from trinity.errors import InvalidPayload, MalformedMessage
 from trinity.memory import limit_malloc_arenas
+from trinity.stores import runs
+from trinity.stores.costs import TIMEOUT, CallRecord, CostLedger
 
 # Event fields worth showing a model, in this order.
 CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files",
                   "failure_rate", "source", "labels")
 
 
-class ModelAgent(BaseProcess):
+class ModelAgent(BusProcess):
+    topology = TOPOLOGY
     prepares: ClassVar[bool] = True
     isolate_each_message: ClassVar[bool] = True
 
@@ -38,7 +39,7 @@ class ModelAgent(BaseProcess):
         # keeps another ~30 MB of grammar-sampling scratch (steps of +32 MB, measured).
         limit_malloc_arenas()
         super().initialize()
-        records.ensure_schema(self.journal.conn)
+        runs.ensure_schema(self.journal.conn)
         self.policy = load_policy(self.settings.routing_path)
         self.ledger = CostLedger(self.settings.costs_db)
         self.router = Router(
@@ -55,7 +56,7 @@ class ModelAgent(BaseProcess):
                 task_id: str | None = None) -> CallContext:
         run_id = payload.get("run_id") if isinstance(payload.get("run_id"), str) else None
         # The budget the run was started with (`trinity run --budget`), else the settings'.
-        budget = records.run_budget(self.journal.conn, run_id)
+        budget = runs.run_budget(self.journal.conn, run_id)
         self.router.budget_usd, self.router.budget_mode = budget or (
             self.settings.budget_usd, self.settings.budget_mode)
         pattern = payload.get("pattern")
@@ -65,7 +66,7 @@ class ModelAgent(BaseProcess):
             event_id=str(payload["event_id"]), task_id=task_id,
             pattern=pattern if isinstance(pattern, str) else None,
             severity=severity if isinstance(severity, str) else None,
-            sim_elapsed_s=records.sim_elapsed_s(self.journal.conn, run_id),
+            sim_elapsed_s=runs.sim_elapsed_s(self.journal.conn, run_id),
         )
 
     def publish_call_alerts(self, tx: Transaction, attempts: list[CallRecord]) -> None:
@@ -73,17 +74,15 @@ class ModelAgent(BaseProcess):
         for call in attempts:
             if call.status != TIMEOUT:
                 continue
-            alert: dict[str, Any] = {
-                "alert_id": f"model_timeout/{call.call_id}", "ts_ms": now_ms(),
-                "kind": "model_timeout", "severity": "warning", "agent": self.name,
-                "run_id": call.run_id, "sim_elapsed_s": call.sim_elapsed_s,
-                "message": f"{self.name} call to {call.provider} ({call.model}) timed out "
-                           f"after {call.latency_ms / 1000:.1f} s",
-                "details": {"call_id": call.call_id, "provider": call.provider,
-                            "event_id": call.event_id, "task_id": call.task_id,
-                            "route": call.route, "error": call.error},
-            }
-            tx.publish(ALERTS, encode_payload(alert), key=alert["alert_id"])
+            alert = Alert.of(
+                "model_timeout", "warning",
+                f"{self.name} call to {call.provider} ({call.model}) timed out after "
+                f"{call.latency_ms / 1000:.1f} s",
+                agent=self.name, alert_id=f"model_timeout/{call.call_id}",
+                call_id=call.call_id, provider=call.provider, event_id=call.event_id,
+                task_id=call.task_id, route=call.route, error=call.error,
+            ).in_run(call.run_id, call.sim_elapsed_s)
+            tx.publish(ALERTS, encode_payload(alert.payload()), key=alert.alert_id)
 
 
 def event_context(payload: dict[str, Any]) -> str:
@@ -96,3 +95,20 @@ def event_context(payload: dict[str, Any]) -> str:
         text = value if isinstance(value, str) else json.dumps(value)
         lines.append(f"{name}: {text[:200]}")
     return "\n".join(lines)
+
+
+def event_fields(msg: Message, required: dict[str, type]) -> dict[str, Any]:
+    """The payload as a dict, with each required field present and of its type."""
+    try:
+        payload = msg.json()
+    except MalformedMessage as exc:
+        raise InvalidPayload(exc.reason) from None
+    for key, kind in required.items():
+        if key not in payload:
+            raise InvalidPayload(f"missing field {key!r}")
+        value = payload[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidPayload(
+                f"field {key!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+    return payload

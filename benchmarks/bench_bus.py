@@ -41,10 +41,11 @@ from typing import Any
 import zmq
 from report_rows import figure, write_report
 
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.node import BusNode
-from trinity.bus.topology import Topology
+from trinity.contract import Topology
 from trinity.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +176,7 @@ def role_bus_sub(args: argparse.Namespace) -> None:
     journal.conn.execute("CREATE TABLE IF NOT EXISTS applied (seq INTEGER, idx INTEGER)")
     # Unisolated batches, as WITNESS and the controller run (their handlers write
     # only inside the transaction).
-    node = BusNode(SUB_NAME, settings, journal, TOPOLOGY, publishes=(), context=ctx,
+    node = BusNode(SUB_NAME, BusConfig.of(settings), journal, TOPOLOGY, publishes=(), context=ctx,
                    isolate_each=False)
     pending: list[int] = []  # publish times of messages applied in the open transaction
     lat: list[float] = []
@@ -224,7 +225,8 @@ def role_bus_pub(args: argparse.Namespace) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     journal = Journal(settings.messages_db, source=PUB_NAME)
     # The bus as deployed: default high-water marks (what the wire drops, the journal repairs).
-    node = BusNode(PUB_NAME, settings, journal, TOPOLOGY, publishes=(STREAM, BEATS), context=ctx)
+    node = BusNode(PUB_NAME, BusConfig.of(settings), journal, TOPOLOGY, publishes=(STREAM, BEATS),
+                   context=ctx)
     ready = Path(args.run_dir, "bus.ready")
     _wait_file(ready, 20, tick=lambda: node.send_ephemeral(BEATS, {"probe": True}))
     first = time.monotonic_ns()

@@ -95,8 +95,9 @@ def log(quiet: bool, text: str) -> None:
 def signals() -> list[dict[str, Any]]:
     """The scenario's first five events (one per category, as a run emits them) as the
     signals WITNESS publishes for them."""
-    from trinity.agents.witness import SIGNAL_CONTEXT
-    from trinity.controller.scenario import CATEGORIES, event_for_cycle
+    from trinity.agents.witness.process import SIGNAL_CONTEXT
+    from trinity.contract import PATTERNS as CATEGORIES
+    from trinity.controller.process.scenario import event_for_cycle
 
     out = []
     for cycle in range(1, len(CATEGORIES) + 1):
@@ -194,7 +195,7 @@ class DirectPath:
         self.main_thread = main_thread
 
     def call(self, request: Any) -> Call:
-        from trinity.agents.providers.embedded import schema_grammar
+        from trinity.agents.models.providers.embedded import schema_grammar
 
         grammar = schema_grammar(request.schema) if request.schema else None
         box: dict[str, Any] = {}
@@ -424,7 +425,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
     from trinity.agents.architect import Architect
     from trinity.agents.executor import Executor
-    from trinity.bus.topology import EXECUTION, IMPROVEMENT
+    from trinity.contract import EXECUTION, IMPROVEMENT
     from trinity.settings import Settings
 
     for var in PROVIDER_VARS:  # the shipped policy, falling through to `embedded`

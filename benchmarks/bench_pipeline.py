@@ -61,21 +61,15 @@ from typing import Any
 import psutil
 from report_rows import figure, format_table, write_report
 
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, message_id
 from trinity.bus.message import encode_payload
 from trinity.bus.node import BusNode
-from trinity.bus.topology import (
-    ALERTS,
-    DEFAULT_TOPOLOGY,
-    EXECUTION,
-    HEARTBEATS,
-    IMPROVEMENT,
-    TELEMETRY,
-)
-from trinity.controller import runs
-from trinity.controller.scenario import event_for_cycle
-from trinity.controller.snapshots import open_readonly
+from trinity.contract import ALERTS, EXECUTION, HEARTBEATS, IMPROVEMENT, TELEMETRY, TOPOLOGY
+from trinity.controller.process.scenario import event_for_cycle
+from trinity.db import open_readonly
 from trinity.settings import Settings
+from trinity.stores import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "reports" / "bench_pipeline.json"
@@ -125,7 +119,7 @@ def run_agent(name: str, profile_dir: Path) -> int:
     from trinity import logs
     from trinity.agents.architect import Architect
     from trinity.agents.executor import Executor
-    from trinity.agents.witness import Witness
+    from trinity.agents.witness.process import Witness
 
     settings = Settings.from_env()
     logs.configure(name, settings.log_dir / "trinity.log")
@@ -188,7 +182,7 @@ class Pipeline:
 
     def start(self) -> None:
         self.journal = Journal(self.settings.messages_db, source="controller")
-        self.node = BusNode("controller", self.settings, self.journal, DEFAULT_TOPOLOGY,
+        self.node = BusNode("controller", BusConfig.of(self.settings), self.journal, TOPOLOGY,
                             publishes=(TELEMETRY, ALERTS), isolate_each=False)
         self.run = runs.create_run(self.journal.conn, {
             "time_scale": TIME_SCALE, "duration_h": 24.0,

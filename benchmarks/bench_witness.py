@@ -36,14 +36,16 @@ TARGETS_P99_MS = {10_000: 5.0, 100_000: 20.0}
 def measure(size: int) -> dict[str, Any]:
     import psutil
 
-    from trinity.agents import detector as det
-    from trinity.agents.embedding import load_embedder
-    from trinity.agents.knowledge import load_model
-    from trinity.agents.patterns import PatternStore
+    from trinity.agents.witness.dataset import load_devset
+    from trinity.agents.witness.embedding import load_embedder
+    from trinity.agents.witness.knowledge import load_model
+    from trinity.agents.witness.model import Detector
+    from trinity.agents.witness.store import PatternStore
+    from trinity.agents.witness.text import event_text
 
     embedder = load_embedder()
-    devset = det.load_devset()
-    texts = [det.event_text(event).text for event, _, _ in devset]
+    devset = load_devset()
+    texts = [event_text(event).text for event, _, _ in devset]
     with tempfile.TemporaryDirectory() as tmp:
         store = PatternStore(Path(tmp) / "trinity_patterns.db", embedder)
         store.seed([(t, label, origin) for t, (_, label, origin) in zip(texts, devset,
@@ -59,7 +61,7 @@ def measure(size: int) -> dict[str, Any]:
                 extra = []
         store.add_exemplars(extra, source="bench")
         model = load_model(embedder)
-        detector = det.Detector(embedder, model, store)
+        detector = Detector(embedder, model, store)
         events = [event for event, _, _ in devset]
         for event in events[:50]:  # warm caches
             detector.classify(event)

@@ -9,6 +9,6 @@
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message
 from trinity.bus.node import BusNode
-from trinity.bus.topology import DEFAULT_TOPOLOGY, Topology
+from trinity.contract import TOPOLOGY, Topology
 
-__all__ = ["DEFAULT_TOPOLOGY", "BusNode", "Journal", "Message", "Topology", "Transaction"]
+__all__ = ["TOPOLOGY", "BusNode", "Journal", "Message", "Topology", "Transaction"]

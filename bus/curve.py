@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import zmq
 
 from trinity.errors import ConfigError
@@ -53,8 +52,8 @@ log = logging.getLogger(__name__)
 PUBLIC_DIR = "public_keys"
 PRIVATE_DIR = "private_keys"
 ZAP_DOMAIN = b"trinity"
-_PUBLIC_SUFFIX = ".key"
-_SECRET_SUFFIX = ".key_secret"
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
 # Distinct denied keys logged per process; past this a client cycling keys is not
 # allowed to fill the log.
 _MAX_LOGGED_DENIALS = 100
@@ -68,9 +67,9 @@ def check_keys_dir(directory: Path) -> None:
     """The folder holds public keys and a private folder only its owner can read."""
     public = directory / PUBLIC_DIR
     private = directory / PRIVATE_DIR
-    if not public.is_dir() or not any(public.glob(f"*{_PUBLIC_SUFFIX}")):
+    if not public.is_dir() or not any(public.glob(f"*{PUBLIC_SUFFIX}")):
         raise ConfigError(f"CURVE key folder {directory} holds no public keys "
-                          f"({PUBLIC_DIR}/*{_PUBLIC_SUFFIX}); {_hint(directory)}")
+                          f"({PUBLIC_DIR}/*{PUBLIC_SUFFIX}); {_hint(directory)}")
     if not private.is_dir():
         raise ConfigError(f"CURVE key folder {directory} has no {PRIVATE_DIR}/; "
                           f"{_hint(directory)}")
@@ -136,15 +135,15 @@ class BusKeys:
         import zmq.auth
 
         check_keys_dir(directory)
-        secret_file = directory / PRIVATE_DIR / f"{name}{_SECRET_SUFFIX}"
+        secret_file = directory / PRIVATE_DIR / f"{name}{SECRET_SUFFIX}"
         if not secret_file.is_file():
             raise ConfigError(
                 f"no CURVE secret key for {name!r} ({secret_file}); copy it from the "
                 f"machine that ran `trinity keys generate`, or {_hint(directory)}")
         try:
             public, secret = zmq.auth.load_certificate(secret_file)
-            peers = {path.name[:-len(_PUBLIC_SUFFIX)]: zmq.auth.load_certificate(path)[0]
-                     for path in (directory / PUBLIC_DIR).glob(f"*{_PUBLIC_SUFFIX}")}
+            peers = {path.name[:-len(PUBLIC_SUFFIX)]: zmq.auth.load_certificate(path)[0]
+                     for path in (directory / PUBLIC_DIR).glob(f"*{PUBLIC_SUFFIX}")}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"unreadable CURVE key in {directory}: {exc}") from None
         if secret is None:
@@ -239,31 +238,3 @@ def stop_authenticator(ctx: zmq.Context[Any]) -> None:
             return
         del _running[id(ctx)]
     running.authenticator.stop()
-
-
-@click.group("keys")
-def keys_command() -> None:
-    """ZeroMQ CURVE keys for the bus (needed for any endpoint off loopback)."""
-
-
-@keys_command.command("generate")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              help="Key folder [TRINITY_CURVE_DIR, or <data dir>/curve_keys].")
-@click.option("--force", is_flag=True, help="Replace existing keys (old ones stop working).")
-def generate_command(directory: Path | None, force: bool) -> None:
-    """One key pair per process; every bus socket uses them once the folder exists."""
-    from trinity.bus.topology import DEFAULT_TOPOLOGY
-    from trinity.settings import curve_keys_dir
-
-    default, _ = curve_keys_dir(os.environ)
-    target = (directory or default).resolve()
-    try:
-        secrets = generate(target, DEFAULT_TOPOLOGY.process_names, force=force)
-    except (ConfigError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {len(secrets)} key pairs to {target} "
-               f"({', '.join(p.name for p in secrets)})")
-    if directory is not None and directory.resolve() != default:
-        click.echo(f"set TRINITY_CURVE_DIR={target} for every process to use them")
-    click.echo(f"another host needs {target / PUBLIC_DIR}/ and only its own process's "
-               f"{PRIVATE_DIR}/<name>{_SECRET_SUFFIX}")

@@ -1,4 +1,4 @@
-"""The SQLite journal: outbox, per-consumer cursors, dead letters.
+"""The SQLite journal, as the bus uses it: outbox, per-consumer cursors, dead letters.
 
 Every durable message is committed here before it is sent on ZeroMQ, with a
 per-stream sequence number and a unique id. A consumer applies messages by
@@ -9,6 +9,9 @@ instant leaves either all of an application or none of it.
 Writes open with ``BEGIN IMMEDIATE`` (a deferred transaction that later writes
 gets SQLITE_BUSY without waiting for the busy handler); WAL with
 ``synchronous=NORMAL`` keeps every commit across a process crash.
+
+The journal's tables and statements are its store's (``trinity.stores.journal``): this
+module executes them, it names no table itself.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from trinity.bus.message import MAX_ID_LEN, Message
 from trinity.clock import now_ms
 from trinity.db import connect
 from trinity.errors import InvalidPayload, JournalError
+from trinity.stores import journal as store
+from trinity.stores.journal import Backlog, DeadLetter
 
 _ID_NAMESPACE = uuid.UUID("5b6f1f3e-7f0e-4d0a-9a55-1c1a2f7e9b10")
 DEAD_LETTER_RAW_LIMIT = 4096
@@ -41,47 +45,14 @@ def message_id(stream: str, key: str | None) -> str:
     return f"{stream}/{uuid.uuid5(_ID_NAMESPACE, key).hex}"
 
 
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    stream: str
-    consumer: str
-    head: int
-    cursor: int
-
-    @property
-    def pending(self) -> int:
-        return self.head - self.cursor
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    id: int
-    created_ms: int
-    consumer: str
-    stream: str | None
-    msg_id: str | None
-    reason: str
-    size: int
-    raw: bytes
-
-
-_INSERT_MESSAGE = ("INSERT INTO messages(stream, seq, msg_id, source, created_ms, payload)"
-                   " VALUES (?, ?, ?, ?, ?, ?)")
-# A batch is inserted _CHUNK rows to a statement: one statement step per row (what
-# executemany does) cost ~1 us more per row than the row's own insert, ~30 % of a
-# journaled publish in bench-bus. The remainder of a batch goes through executemany,
-# so only two statements are ever prepared.
-_CHUNK = 50
-_INSERT_CHUNK = _INSERT_MESSAGE + ", (?, ?, ?, ?, ?, ?)" * (_CHUNK - 1)
-
-
 def _insert_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
-    # A Message is a tuple of these columns in this order: it is the row.
-    whole = len(messages) - len(messages) % _CHUNK
-    for lo in range(0, whole, _CHUNK):
-        conn.execute(_INSERT_CHUNK, tuple(chain.from_iterable(messages[lo:lo + _CHUNK])))
+    # A Message is a tuple of the messages table's columns in their order: it is the row.
+    chunk = store.CHUNK
+    whole = len(messages) - len(messages) % chunk
+    for lo in range(0, whole, chunk):
+        conn.execute(store.INSERT_CHUNK, tuple(chain.from_iterable(messages[lo:lo + chunk])))
     if whole < len(messages):
-        conn.executemany(_INSERT_MESSAGE, messages[whole:])
+        conn.executemany(store.INSERT_MESSAGE, messages[whole:])
 
 
 class Transaction:
@@ -98,9 +69,8 @@ class Transaction:
     def _head(self, stream: str) -> int:
         head = self._heads.get(stream)
         if head is None:
-            self.conn.execute(
-                "INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
-            row = self.conn.execute("SELECT head FROM streams WHERE stream=?", (stream,)).fetchone()
+            self.conn.execute(store.DECLARE_STREAM, (stream,))
+            row = self.conn.execute(store.SELECT_HEAD, (stream,)).fetchone()
             head = int(row[0])
             self._heads[stream] = head
         return head
@@ -121,11 +91,7 @@ class Transaction:
             ts_ms=now_ms(),
             payload=payload,
         )
-        cur = self.conn.execute(
-            "INSERT OR IGNORE INTO messages(stream, seq, msg_id, source, created_ms, payload)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (stream, seq, msg.msg_id, msg.source, msg.ts_ms, payload),
-        )
+        cur = self.conn.execute(store.INSERT_MESSAGE_ONCE, msg)
         if cur.rowcount != 1:
             return None
         self._heads[stream] = seq
@@ -175,11 +141,11 @@ class Transaction:
                     ts: int) -> list[Message]:
         existing: set[str] = set()
         ids = [msg_id for _, msg_id in batch]
-        for lo in range(0, len(ids), 900):
-            chunk = ids[lo:lo + 900]
-            marks = ",".join("?" * len(chunk))
+        step = store.MAX_IDS_PER_QUERY
+        for lo in range(0, len(ids), step):
+            chunk = ids[lo:lo + step]
             existing.update(row[0] for row in self.conn.execute(
-                f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
+                store.journaled_ids_query(len(chunk)), chunk))
         fresh: list[Message] = []
         for payload, msg_id in batch:
             if msg_id in existing:
@@ -190,12 +156,7 @@ class Transaction:
         return fresh
 
     def advance_cursor(self, consumer: str, stream: str, seq: int) -> None:
-        self.conn.execute(
-            "INSERT INTO cursors(consumer, stream, seq, updated_ms) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(consumer, stream) DO UPDATE SET seq=excluded.seq,"
-            " updated_ms=excluded.updated_ms WHERE excluded.seq > cursors.seq",
-            (consumer, stream, seq, now_ms()),
-        )
+        self.conn.execute(store.ADVANCE_CURSOR, (consumer, stream, seq, now_ms()))
 
     def dead_letter(
         self,
@@ -206,21 +167,16 @@ class Transaction:
         stream: str | None = None,
         msg_id: str | None = None,
     ) -> None:
-        self.conn.execute(
-            "INSERT INTO dead_letters(created_ms, consumer, stream, msg_id, reason, size, raw)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (now_ms(), consumer, stream, msg_id, reason, len(raw), raw[:DEAD_LETTER_RAW_LIMIT]),
-        )
+        self.conn.execute(store.INSERT_DEAD_LETTER, (now_ms(), consumer, stream, msg_id, reason,
+                                                     len(raw), raw[:DEAD_LETTER_RAW_LIMIT]))
 
     def savepoint(self) -> _Savepoint:
         """Undo just this block's writes on error (the outer transaction goes on)."""
         return _Savepoint(self)
 
     def _flush_heads(self) -> None:
-        self.conn.executemany(
-            "UPDATE streams SET head=? WHERE stream=? AND head < ?",
-            [(head, stream, head) for stream, head in self._heads.items()],
-        )
+        self.conn.executemany(store.RAISE_HEAD,
+                              [(head, stream, head) for stream, head in self._heads.items()])
 
 
 class _Savepoint:
@@ -252,21 +208,6 @@ class _Savepoint:
 class Journal:
     """One process's connection to ``trinity_messages.db``. Not shared between threads."""
 
-    SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS streams ("
-        " stream TEXT PRIMARY KEY, head INTEGER NOT NULL DEFAULT 0)",
-        "CREATE TABLE IF NOT EXISTS messages ("
-        " stream TEXT NOT NULL, seq INTEGER NOT NULL, msg_id TEXT NOT NULL UNIQUE,"
-        " source TEXT NOT NULL, created_ms INTEGER NOT NULL, payload BLOB NOT NULL,"
-        " PRIMARY KEY (stream, seq)) WITHOUT ROWID",
-        "CREATE TABLE IF NOT EXISTS cursors ("
-        " consumer TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0,"
-        " updated_ms INTEGER NOT NULL, PRIMARY KEY (consumer, stream))",
-        "CREATE TABLE IF NOT EXISTS dead_letters ("
-        " id INTEGER PRIMARY KEY, created_ms INTEGER NOT NULL, consumer TEXT NOT NULL,"
-        " stream TEXT, msg_id TEXT, reason TEXT NOT NULL, size INTEGER NOT NULL, raw BLOB)",
-    )
-
     def __init__(self, path: Path | str, *, source: str, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
         self.source = source
@@ -281,7 +222,7 @@ class Journal:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self._write() as conn:
-                for ddl in self.SCHEMA:
+                for ddl in store.DDL:
                     conn.execute(ddl)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
@@ -355,12 +296,9 @@ class Journal:
         """
         ts = now_ms()
         with self.transaction() as tx:
-            tx.conn.execute("INSERT OR IGNORE INTO streams(stream, head) VALUES (?, 0)", (stream,))
-            tx.conn.executemany(
-                "INSERT OR IGNORE INTO cursors(consumer, stream, seq, updated_ms)"
-                " VALUES (?, ?, 0, ?)",
-                [(consumer, stream, ts) for consumer in consumers],
-            )
+            tx.conn.execute(store.DECLARE_STREAM, (stream,))
+            tx.conn.executemany(store.DECLARE_CURSOR,
+                                [(consumer, stream, ts) for consumer in consumers])
 
     def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         try:
@@ -369,60 +307,41 @@ class Journal:
             raise JournalError(f"journal read failed: {exc}") from exc
 
     def read_after(self, stream: str, after_seq: int, limit: int) -> list[Message]:
-        rows = self._read(
-            "SELECT seq, msg_id, source, created_ms, payload FROM messages"
-            " WHERE stream=? AND seq>? ORDER BY seq LIMIT ?",
-            (stream, after_seq, limit),
-        )
+        rows = self._read(store.READ_AFTER, (stream, after_seq, limit))
         return [Message(stream, seq, mid, src, ts, bytes(p)) for seq, mid, src, ts, p in rows]
 
     def ids_between(self, stream: str, lo: int, hi: int) -> dict[int, str]:
-        rows = self._read(
-            "SELECT seq, msg_id FROM messages WHERE stream=? AND seq BETWEEN ? AND ?",
-            (stream, lo, hi),
-        )
+        rows = self._read(store.IDS_BETWEEN, (stream, lo, hi))
         return {int(seq): str(mid) for seq, mid in rows}
 
     def head(self, stream: str) -> int:
-        rows = self._read("SELECT head FROM streams WHERE stream=?", (stream,))
+        rows = self._read(store.SELECT_HEAD, (stream,))
         return int(rows[0][0]) if rows else 0
 
     def heads(self) -> dict[str, int]:
-        return {s: int(h) for s, h in self._read("SELECT stream, head FROM streams")}
+        return {s: int(h) for s, h in self._read(store.SELECT_HEADS)}
 
     def cursor(self, consumer: str, stream: str) -> int:
-        rows = self._read(
-            "SELECT seq FROM cursors WHERE consumer=? AND stream=?", (consumer, stream)
-        )
+        rows = self._read(store.SELECT_CURSOR, (consumer, stream))
         return int(rows[0][0]) if rows else 0
 
     def backlogs(self) -> list[Backlog]:
         """Per queue and consumer: published head minus the consumer's durable cursor."""
-        rows = self._read(
-            "SELECT s.stream, c.consumer, s.head, c.seq FROM streams s"
-            " JOIN cursors c ON c.stream = s.stream ORDER BY s.stream, c.consumer"
-        )
-        return [Backlog(s, c, int(h), int(q)) for s, c, h, q in rows]
+        try:
+            return store.backlogs(self.conn)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
 
     def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        sql = "SELECT id, created_ms, consumer, stream, msg_id, reason, size, raw FROM dead_letters"
-        params: tuple[object, ...] = ()
-        if consumer is not None:
-            sql += " WHERE consumer=?"
-            params = (consumer,)
-        rows = self._read(sql + " ORDER BY id", params)
-        return [
-            DeadLetter(int(i), int(t), c, s, m, r, int(n), bytes(raw or b""))
-            for i, t, c, s, m, r, n, raw in rows
-        ]
+        try:
+            return store.dead_letters(self.conn, consumer)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
 
     def prune(self) -> int:
         """Delete messages every consumer of their stream has applied; returns the count."""
         with self.transaction() as tx:
-            cur = tx.conn.execute(
-                "DELETE FROM messages WHERE seq <= ("
-                " SELECT min(c.seq) FROM cursors c WHERE c.stream = messages.stream)"
-            )
+            cur = tx.conn.execute(store.PRUNE)
             return int(cur.rowcount)
 
     def close(self) -> None:

@@ -24,17 +24,18 @@ from typing import Any
 import zmq
 
 from trinity.bus import curve
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, decode, encode_payload
-from trinity.bus.topology import Topology, require_keys_off_loopback
 from trinity.clock import now_ms
+from trinity.contract import Topology
+from trinity.endpoints import require_keys_off_loopback
 from trinity.errors import (
     InvalidPayload,
     JournalError,
     MalformedMessage,
     RetryableError,
 )
-from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class BusNode:
     def __init__(
         self,
         name: str,
-        settings: Settings,
+        config: BusConfig,
         journal: Journal,
         topology: Topology,
         *,
@@ -128,17 +129,17 @@ class BusNode:
         failing batch is then run again, isolated, so handlers must have no effects
         outside ``tx`` that would matter if repeated (a model call would).
 
-        ``settings.endpoints`` take the place of the topology's; with
-        ``settings.curve_dir`` every socket is CURVE (``bus/curve.py``), and without it
+        ``config.endpoints`` take the place of the topology's; with
+        ``config.curve_dir`` every socket is CURVE (``bus/curve.py``), and without it
         an endpoint off loopback is a ConfigError."""
         self.name = name
         self.isolate_each = isolate_each
-        self.settings = settings
+        self.config = config
         self.journal = journal
-        journal.max_payload_bytes = settings.max_payload_bytes
-        self.topology = topology = topology.with_endpoints(settings.endpoints)
-        require_keys_off_loopback(topology.endpoints, have_keys=settings.curve_dir is not None)
-        self.keys = curve.BusKeys.load(settings.curve_dir, name) if settings.curve_dir else None
+        journal.max_payload_bytes = config.max_payload_bytes
+        self.topology = topology = topology.with_endpoints(config.endpoints)
+        require_keys_off_loopback(topology.endpoints, have_keys=config.curve_dir is not None)
+        self.keys = curve.BusKeys.load(config.curve_dir, name) if config.curve_dir else None
         self.counters = NodeCounters()
         self.storage_error: BaseException | None = None
         self.ephemeral_inbox: list[Message] = []
@@ -153,7 +154,7 @@ class BusNode:
         }
         self._durable_topics = frozenset(s.encode() for s in topology.durable_streams())
 
-        settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sub: zmq.Socket[bytes] | None = None
         # A CURVE server admits no one without its ZAP handler: that comes first.
         self._zap = self.keys is not None and topology.listens(name)
@@ -167,7 +168,7 @@ class BusNode:
             self._close_inbound()
             raise
         if self.keys is not None:
-            log.info("%s: every bus socket uses CURVE, keys from %s", name, settings.curve_dir)
+            log.info("%s: every bus socket uses CURVE, keys from %s", name, config.curve_dir)
 
     def _open_sub(self, rcvhwm: int) -> zmq.Socket[bytes]:
         sub: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
@@ -175,12 +176,12 @@ class BusNode:
         sub.setsockopt(zmq.RCVHWM, rcvhwm)
         # Far above the application limit, so oversized payloads reach decode()
         # and are dead-lettered with a reason instead of dropped by libzmq.
-        sub.setsockopt(zmq.MAXMSGSIZE, max(self.settings.max_payload_bytes * 16, 16 << 20))
+        sub.setsockopt(zmq.MAXMSGSIZE, max(self.config.max_payload_bytes * 16, 16 << 20))
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         try:
             if self.keys is not None:
                 curve.serve(sub, self.keys)
-            sub.bind(self.topology.endpoint(self.name, self.settings.run_dir))
+            sub.bind(self.topology.endpoint(self.name, self.config.run_dir))
         except BaseException:
             sub.close(0)
             raise
@@ -201,7 +202,7 @@ class BusNode:
         try:
             for peer in self.topology.peers_for(publishes or self.topology.streams,
                                                 exclude=self.name):
-                endpoint = self.topology.endpoint(peer, self.settings.run_dir)
+                endpoint = self.topology.endpoint(peer, self.config.run_dir)
                 if self.keys is not None:
                     curve.connect(pub, self.keys, peer, endpoint)
                 else:
@@ -270,7 +271,7 @@ class BusNode:
             count += 1
             self.counters.received += 1
             try:
-                msg = decode(frames, self.settings.max_payload_bytes,
+                msg = decode(frames, self.config.max_payload_bytes,
                              check_payload=frames[0] not in self._durable_topics)
             except MalformedMessage as exc:
                 malformed.append((exc.reason, b"\x00|".join(frames)))
@@ -340,7 +341,7 @@ class BusNode:
         it must be safe to repeat.
         """
         now = time.monotonic()
-        if now - self._last_journal_check >= self.settings.poll_interval_s:
+        if now - self._last_journal_check >= self.config.poll_interval_s:
             self._last_journal_check = now
             for stream, state in self._streams.items():
                 if self.journal.head(stream) > state.cursor:
@@ -358,7 +359,7 @@ class BusNode:
     def _apply_batch(
         self, stream: str, state: _StreamState, handler: Handler, prepare: Prepare | None = None
     ) -> int:
-        batch_size = self.settings.batch_size
+        batch_size = self.config.batch_size
         rows = self.journal.read_after(stream, state.cursor, batch_size)
         if not rows:
             self._reject_unjournaled(stream, state)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.firestore_emulator import FirestoreEmulator, need_emulator
-from trinity.controller.supervision import Supervisor, cleanup_orphans
+from trinity.controller.supervision.supervisord import Supervisor, cleanup_orphans
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -39,7 +39,7 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> ob
 
 def emit_every_event(controller: Any, journal: Any, run: Any, timeout_s: float = 10) -> None:
     """Tick an in-process Controller until it has emitted every event of ``run``."""
-    from trinity.controller import runs
+    from trinity.stores import runs
 
     def emitted_all() -> bool:
         controller.tick()

@@ -13,9 +13,9 @@ import pytest
 
 from tests.test_benchmarks import _load
 from trinity.agents import delegates
-from trinity.agents.providers.base import ChatRequest
-from trinity.agents.providers.instant import ENABLE_VAR, InstantProvider
-from trinity.agents.routing import build_providers, parse_policy
+from trinity.agents.models.policy import build_providers, parse_policy
+from trinity.agents.models.providers.base import ChatRequest
+from trinity.agents.models.providers.instant import ENABLE_VAR, InstantProvider
 from trinity.errors import ConfigError
 
 

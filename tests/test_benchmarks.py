@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from trinity.controller.scenario import CATEGORIES
+from trinity.contract import PATTERNS as CATEGORIES
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

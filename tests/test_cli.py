@@ -63,17 +63,20 @@ def test_there_are_commands() -> None:
             "export", "report"} <= set(COMMANDS)
 
 
-def test_the_report_s_plotting_library_loads_only_for_the_commands_that_need_it() -> None:
-    code = ("import sys; from trinity.cli import main; main(['status', '--help'], "
-            "standalone_mode=False); print('matplotlib' in sys.modules)")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=60)
-    assert found.returncode == 0, found.stderr
-    assert found.stdout.splitlines()[-1] == "False"
-    code = code.replace("'status'", "'report'")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=60)
-    assert found.stdout.splitlines()[-1] == "True", found.stderr
+def test_the_report_s_plotting_library_loads_only_for_the_commands_that_need_it(
+        tmp_path: Path) -> None:
+    def loads_matplotlib(*args: str) -> bool:
+        code = ("import sys\nfrom trinity.cli import main\ntry:\n"
+                f"    main({list(args)!r}, standalone_mode=False)\n"
+                "except Exception:\n    pass\nprint('matplotlib' in sys.modules)")
+        found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "TRINITY_DATA_DIR": str(tmp_path)})
+        assert found.returncode == 0, found.stderr
+        return found.stdout.splitlines()[-1] == "True"
+
+    assert not loads_matplotlib("status", "--help")
+    assert not loads_matplotlib("report", "--help")  # listing a command imports no report
+    assert loads_matplotlib("report", "--input", str(tmp_path))
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -200,7 +203,7 @@ def test_status_json_on_an_empty_data_dir(data_dir: Path) -> None:
 
 def test_status_reports_a_controller_loop_that_stopped_as_not_alive(data_dir: Path) -> None:
     """The alive file of a controller that no longer runs: its age, and not alive."""
-    from trinity.controller.watchdog import alive_path
+    from trinity.controller.supervision.watchdog import alive_path
     from trinity.settings import Settings
 
     path = alive_path(Settings.from_env({"TRINITY_DATA_DIR": str(data_dir)}))
@@ -273,7 +276,7 @@ def test_costs_without_a_ledger_says_so(data_dir: Path) -> None:
 
 
 def test_costs_totals_come_from_the_ledger_rows(data_dir: Path) -> None:
-    from trinity.costs import CallRecord, CostLedger
+    from trinity.stores.costs import CallRecord, CostLedger
 
     ledger = CostLedger(data_dir / "trinity_costs.db")
     rows = [("architect", "embedded", True, 0.0, "success", "r1"),
@@ -310,22 +313,32 @@ def test_costs_totals_come_from_the_ledger_rows(data_dir: Path) -> None:
 def test_witness_eval_passes_its_options_to_the_evaluation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trinity.agents import evaluate
+    from trinity.agents.witness import evaluate
 
-    seen: list[list[str]] = []
+    seen: list[tuple[int, int, int, bool]] = []
+    printed: list[dict[str, bool]] = []
+    passed = [False]
 
-    def fake_main(argv: list[str]) -> int:
-        seen.append(argv)
-        return 1  # the evaluation's exit status is the command's
+    def fake_evaluate(folds: int, seed: int, repeats: int, *,
+                      holdout: bool) -> evaluate.Evaluation:
+        seen.append((folds, seed, repeats, holdout))
+        return evaluate.Evaluation({"n": 0}, {}, None, passed[0], 1.0)
 
-    monkeypatch.setattr(evaluate, "main", fake_main)
+    def fake_print(result: evaluate.Evaluation, *, errors: bool, holdout_errors: bool) -> None:
+        printed.append({"errors": errors, "holdout_errors": holdout_errors})
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluate, "print_results", fake_print)
     runner = CliRunner()
     result = runner.invoke(main, ["witness", "eval"])
-    assert result.exit_code == 1
-    assert seen[-1] == ["--folds", "5", "--seed", "0", "--repeats", "5"]
+    assert result.exit_code == 1  # the evaluation's verdict is the command's exit status
+    assert seen[-1] == (5, 0, 5, True)
+    assert printed[-1] == {"errors": False, "holdout_errors": False}
+    passed[0] = True
     result = runner.invoke(main, ["witness", "eval", "--folds", "3", "--seed", "2",
                                   "--repeats", "1", "--errors", "--no-holdout", "--json"])
-    assert seen[-1] == ["--folds", "3", "--seed", "2", "--repeats", "1",
-                        "--errors", "--no-holdout", "--json"]
+    assert result.exit_code == 0
+    assert seen[-1] == (3, 2, 1, False)
+    assert json.loads(result.output)["passed"] is True and len(printed) == 1
     bad = runner.invoke(main, ["witness", "eval", "--repeats", "0"])
     assert bad.exit_code == 2 and len(seen) == 2

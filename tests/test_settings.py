@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trinity.controller.ops.run import preflight
 from trinity.errors import ConfigError
 from trinity.settings import Settings, default_run_dir
 
@@ -161,10 +162,14 @@ def test_the_pattern_backend_is_sqlite_or_firestore_with_a_project(
         Settings.from_env({**firestore, "GOOGLE_CLOUD_PROJECT": " "})
     with pytest.raises(ConfigError, match="TRINITY_PATTERN_BACKEND.*one of sqlite, firestore"):
         Settings.from_env({**env, "TRINITY_PATTERN_BACKEND": "mongodb"})
-    # Real Firestore (no emulator) without credentials: said before anything starts.
+    # Real Firestore (no emulator) without credentials: the settings hold (they open
+    # nothing), and `trinity run` says so before anything starts (its preflight asks the
+    # check the Firestore client makes when it opens).
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(data_dir / "no-such-key.json"))
+    real = Settings.from_env({**firestore, "FIRESTORE_EMULATOR_HOST": ""})
     with pytest.raises(ConfigError, match="no Google credentials.*FIRESTORE_EMULATOR_HOST"):
-        Settings.from_env({**firestore, "FIRESTORE_EMULATOR_HOST": ""})
+        preflight(real)
+    preflight(settings)  # the emulator needs no credentials
 
 
 def test_invalid_overrides_are_rejected(data_dir: Path) -> None:

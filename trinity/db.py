@@ -53,3 +53,23 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a store (raises sqlite3.Error if the file is missing or
+    unreadable): the one way a reader opens a store another process writes."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+    conn.execute("PRAGMA busy_timeout=2000")
+    return conn
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection inside one read transaction, so everything read through it
+    agrees (a consistent view of the store while writers go on); closed after the block."""
+    conn = open_readonly(path)
+    try:
+        conn.execute("BEGIN")
+        yield conn
+    finally:
+        conn.close()

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agents.servers import FaultServer, RefusingPort
-from trinity.agents import embedding
-from trinity.agents.embedding import Embedder, default_table_path, load_embedder
+from trinity.agents.witness import embedding
+from trinity.agents.witness.embedding import Embedder, default_table_path, load_embedder
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from trinity.agents.providers.embedded import shipped_model_path
+from trinity.agents.models.providers.embedded import shipped_model_path
 
 LLAMA_ALIAS = "smollm2"
 OLLAMA_MODEL = "smollm2:135m"

@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 
 from trinity.bus.journal import DeadLetter, Journal
 from trinity.bus.message import MAX_ENVELOPE_BYTES, MAX_ID_LEN, Message, encode_payload
-from trinity.bus.topology import DEFAULT_TOPOLOGY, EXECUTION, IMPROVEMENT, TELEMETRY
+from trinity.contract import EXECUTION, IMPROVEMENT, TELEMETRY, TOPOLOGY
 
 pytestmark = pytest.mark.slow
 
 AGENTS = {"witness": TELEMETRY, "architect": IMPROVEMENT, "executor": EXECUTION}
 MAX_PAYLOAD = 1 << 20  # the agents run with the default TRINITY_MAX_PAYLOAD_BYTES
-KNOWN_STREAMS = frozenset(DEFAULT_TOPOLOGY.consumers)
+KNOWN_STREAMS = frozenset(TOPOLOGY.consumers)
 WAIT_S = 10.0
 MODEL_WAIT_S = 90.0
 

@@ -17,23 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trinity.agents.detector import (
-    LABELS,
-    NONE,
-    PATTERNS,
-    Detection,
-    Detector,
-    EventText,
-    InMemoryExemplars,
-    SparseWeights,
-    TrainedModel,
-    event_text,
-    load_devset,
-    normalise,
-    train,
-)
-from trinity.agents.embedding import Embedder
-from trinity.agents.evaluate import PLAN_EVENTS, SANITY_NEGATIVES
+from trinity.agents.witness.dataset import load_devset
+from trinity.agents.witness.embedding import Embedder
+from trinity.agents.witness.evaluate import PLAN_EVENTS, SANITY_NEGATIVES
+from trinity.agents.witness.exemplars import InMemoryExemplars
+from trinity.agents.witness.features import SparseWeights
+from trinity.agents.witness.model import Detection, Detector, TrainedModel
+from trinity.agents.witness.text import EventText, event_text, normalise
+from trinity.agents.witness.train import train
+from trinity.contract import LABELS, NONE, PATTERNS
 from trinity.errors import InvalidPayload
 
 
@@ -149,7 +141,7 @@ def test_loading_the_cached_model_removes_models_left_unused(
     import os
     import time
 
-    from trinity.agents import knowledge
+    from trinity.agents.witness import knowledge
 
     current = tmp_path / f"witness_model-{knowledge._model_key(embedder)}.pkl"
     current.write_bytes(pickle.dumps(model))
@@ -449,9 +441,11 @@ def test_load_devset_shape() -> None:
 
 
 def test_devset_files_are_found_relative_to_the_module() -> None:
-    from trinity.agents import detector as det_module
+    from trinity.agents.witness import dataset
 
-    assert (Path(det_module.__file__).parent / "data" / "devset_tools.jsonl").exists()
+    # agents/data, beside the witness package
+    assert Path(dataset.__file__).resolve().parent.parent / "data" == dataset.DATA_DIR
+    assert (dataset.DATA_DIR / "devset_tools.jsonl").exists()
 
 
 # -- hashed features without scikit-learn ------------------------------------------
@@ -466,7 +460,7 @@ def _sklearn_features(texts: list[str]) -> Any:
         HashingVectorizer,
     )
 
-    from trinity.agents import detector as det_module
+    from trinity.agents.witness import features
 
     def block(analyzer: str, ngrams: tuple[int, int], **options: Any) -> Any:
         return HashingVectorizer(analyzer=analyzer, ngram_range=ngrams, n_features=2**18,
@@ -476,7 +470,7 @@ def _sklearn_features(texts: list[str]) -> Any:
     words = block("word", (1, 2), token_pattern=r"(?u)\b\w+\b|[^\w\s]").transform(texts)
     chars = block("char_wb", (2, 5)).transform(texts)
     pieces = block("word", (1, 2), token_pattern=r"\S+").transform(
-        det_module._wordpieces(texts)
+        features._wordpieces(texts)
     )
     return sp.hstack([words, chars, pieces], format="csr", dtype=np.float32)
 
@@ -500,7 +494,7 @@ _WEIGHTS[_RNG.random(len(_WEIGHTS)) < 0.9] = 0.0
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts=st.lists(_FEATURE_TEXTS, min_size=1, max_size=4))
 def test_hashed_features_equal_sklearns(texts: list[str]) -> None:
-    from trinity.agents.detector import _sparse_features
+    from trinity.agents.witness.features import _sparse_features
 
     ours = _sparse_features(texts)
     ref = _sklearn_features(texts)
@@ -518,7 +512,7 @@ def test_hashed_features_equal_sklearns(texts: list[str]) -> None:
 
 def test_hashed_features_of_a_known_text() -> None:
     """Pinned columns, so a change to both sides at once is still caught."""
-    from trinity.agents.detector import _sparse_features
+    from trinity.agents.witness.features import _sparse_features
 
     rows = _sparse_features(["ab"])
     # words: "ab"; chars: " a", "ab", "b ", " ab", "ab ", " ab "; pieces: "ab"
@@ -545,7 +539,7 @@ class _SciPyRows:
 def test_devset_decisions_equal_the_sklearn_path(
     embedder: Embedder, model: TrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trinity.agents import detector as det_module
+    from trinity.agents.witness import model as model_module
 
     events = [event for event, _, _ in load_devset()] + [event for event, _, _ in PLAN_EVENTS]
     events += [{"message": message} for message in SANITY_NEGATIVES]
@@ -559,7 +553,8 @@ def test_devset_decisions_equal_the_sklearn_path(
         return out
 
     ours = decisions()
-    monkeypatch.setattr(det_module, "_sparse_features", _SciPyRows)
+    # the name Detector looks up (it imports it from features)
+    monkeypatch.setattr(model_module, "_sparse_features", _SciPyRows)
     before = decisions()
     assert _SciPyRows.calls == len(events)
     assert sum(p is not None for p, *_ in ours) > len(events) / 2
@@ -569,12 +564,13 @@ def test_devset_decisions_equal_the_sklearn_path(
 _CLASSIFY_ALONE = """
 import json, sys
 import psutil
-from trinity.agents import detector as det
-from trinity.agents.embedding import load_embedder
-from trinity.agents.knowledge import load_model
+from trinity.agents.witness.embedding import load_embedder
+from trinity.agents.witness.exemplars import InMemoryExemplars
+from trinity.agents.witness.knowledge import load_model
+from trinity.agents.witness.model import Detector
 
 embedder = load_embedder()
-detector = det.Detector(embedder, load_model(embedder), det.InMemoryExemplars(embedder.dim))
+detector = Detector(embedder, load_model(embedder), InMemoryExemplars(embedder.dim))
 found = detector.classify({"message": "Fatal error: NoneType in production payment processing"})
 uss = psutil.Process().memory_full_info().uss
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy"))
@@ -592,8 +588,8 @@ def test_classifying_from_the_cached_model_imports_neither_sklearn_nor_scipy(
     import subprocess
     import sys
 
-    from trinity.agents.embedding import default_table_path
-    from trinity.agents.knowledge import load_model
+    from trinity.agents.witness.embedding import default_table_path
+    from trinity.agents.witness.knowledge import load_model
 
     if not default_table_path().exists():
         pytest.skip("needs the installed embedding table (make install builds it)")
@@ -611,13 +607,14 @@ def test_classifying_from_the_cached_model_imports_neither_sklearn_nor_scipy(
 _TRAIN_APART = """
 import json, sys
 from pathlib import Path
-from trinity.agents import detector as det
-from trinity.agents.embedding import load_embedder
-from trinity.agents.knowledge import load_model
+from trinity.agents.witness.embedding import load_embedder
+from trinity.agents.witness.exemplars import InMemoryExemplars
+from trinity.agents.witness.knowledge import load_model
+from trinity.agents.witness.model import Detector
 
 embedder = load_embedder()
 model = load_model(embedder, Path(sys.argv[1]), train_apart=True)
-detector = det.Detector(embedder, model, det.InMemoryExemplars(embedder.dim))
+detector = Detector(embedder, model, InMemoryExemplars(embedder.dim))
 found = detector.classify({"message": "Fatal error: NoneType in production payment processing"})
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy"))
 print(json.dumps({"pattern": found.pattern, "loaded": loaded}))
@@ -634,7 +631,7 @@ def test_a_missing_model_is_trained_in_a_child_and_witness_stays_lean(
     import subprocess
     import sys
 
-    from trinity.agents.embedding import default_table_path
+    from trinity.agents.witness.embedding import default_table_path
 
     if not default_table_path().exists():
         pytest.skip("needs the installed embedding table (make install builds it)")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trinity.agents import embedding
-from trinity.agents.embedding import (
+from trinity.agents.witness import embedding
+from trinity.agents.witness.embedding import (
     Embedder,
     JointEmbedder,
     StaticEmbedder,

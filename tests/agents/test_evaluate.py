@@ -14,13 +14,15 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from trinity.agents.detector import DATA_DIR, LABELS, NONE, Detection, Detector, load_devset
-from trinity.agents.evaluate import (
+from trinity.agents.witness.dataset import DATA_DIR, load_devset
+from trinity.agents.witness.evaluate import (
     holdout_results,
     load_holdout,
     repository,
     summarise,
 )
+from trinity.agents.witness.model import Detection, Detector
+from trinity.contract import LABELS, NONE
 
 
 def test_summarise_counts_abstentions_as_none_and_fp_on_none() -> None:
@@ -112,8 +114,8 @@ def test_repeated_cross_validation_pools_to_the_mean_of_its_repeats(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each repeat classifies every item once under its own seed's split: the pooled
     accuracy and FP rate are the repeats' means, supports count items once."""
-    import trinity.agents.evaluate as evaluate
-    from trinity.agents.embedding import load_embedder
+    import trinity.agents.witness.evaluate as evaluate
+    from trinity.agents.witness.embedding import load_embedder
 
     dev = load_devset()
     subset = [x for label in LABELS for x in [x for x in dev if x[1] == label][:14]]

@@ -27,17 +27,17 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from tests.conftest import Project, wait_for
 from tests.firestore_emulator import FirestoreEmulator, need_emulator
-from trinity.agents.detector import Detection
-from trinity.agents.embedding import Embedder
-from trinity.agents.firestore_replica import (
+from trinity.agents.witness.embedding import Embedder
+from trinity.agents.witness.model import Detection
+from trinity.agents.witness.store import PatternStore
+from trinity.stores.patterns.firestore import (
     FirestoreReplica,
     detection_doc_id,
     outbox_add,
     pending,
     wait_sent,
 )
-from trinity.agents.patterns import PatternStore
-from trinity.controller.alerts import read_alerts
+from trinity.stores.run_logs import read_alerts
 
 SEED = [
     ("panic: runtime error: invalid memory address or nil pointer dereference",
@@ -150,7 +150,7 @@ def test_malformed_firestore_documents_are_skipped_with_a_reason(
         client.collection("trinity_sessions").document("s").set({"started_ms": 1})
     finally:
         client.close()
-    with caplog.at_level("WARNING", logger="trinity.agents.firestore_replica"):
+    with caplog.at_level("WARNING", logger="trinity.stores.patterns.firestore"):
         second = PatternStore(tmp_path / "b" / "trinity_patterns.db", embedder,
                               FirestoreReplica(project_id))
     try:

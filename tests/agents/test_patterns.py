@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trinity.agents.detector import Detection, Neighbour, event_text
-from trinity.agents.embedding import Embedder
-from trinity.agents.firestore_replica import FirestoreReplica
-from trinity.agents.knowledge import Knowledge
-from trinity.agents.patterns import PatternStore
+from trinity.agents.witness.embedding import Embedder
+from trinity.agents.witness.exemplars import Neighbour
+from trinity.agents.witness.knowledge import Knowledge
+from trinity.agents.witness.model import Detection
+from trinity.agents.witness.store import PatternStore
+from trinity.agents.witness.text import event_text
 from trinity.settings import Settings
+from trinity.stores.patterns.firestore import FirestoreReplica
 
 SEED = [
     ("panic: runtime error: invalid memory address or nil pointer dereference",

@@ -30,8 +30,8 @@ import pytest
 
 from trinity.bus.journal import Journal
 from trinity.bus.message import encode_payload
-from trinity.bus.topology import ALERTS, EXECUTION, IMPROVEMENT, TELEMETRY
-from trinity.controller.scenario import event_for_cycle
+from trinity.contract import ALERTS, EXECUTION, IMPROVEMENT, TELEMETRY
+from trinity.controller.process.scenario import event_for_cycle
 
 pytestmark = pytest.mark.slow
 

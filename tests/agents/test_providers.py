@@ -41,13 +41,16 @@ from tests.agents.servers import (
     OllamaWireServer,
     need,
 )
-from trinity.agents.providers.base import ChatRequest, Completion, TokenUsage
-from trinity.agents.providers.embedded import KV_CACHE_TYPE, EmbeddedProvider, estimate_tokens
-from trinity.agents.providers.ollama_api import OllamaProvider
-from trinity.agents.providers.openai_api import OpenAIProvider
-from trinity.agents.router import CallContext, Router
-from trinity.agents.routing import build_providers, parse_policy
-from trinity.costs import CostLedger
+from trinity.agents.models.policy import build_providers, parse_policy
+from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
+from trinity.agents.models.providers.embedded import (
+    KV_CACHE_TYPE,
+    EmbeddedProvider,
+    estimate_tokens,
+)
+from trinity.agents.models.providers.ollama_api import OllamaProvider
+from trinity.agents.models.providers.openai_api import OpenAIProvider
+from trinity.agents.models.router import CallContext, Router
 from trinity.errors import (
     InvalidModelOutput,
     ModelError,
@@ -55,6 +58,7 @@ from trinity.errors import (
     ModelTimeout,
     ModelUnavailable,
 )
+from trinity.stores.costs import CostLedger
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -165,7 +169,7 @@ def test_embedded_grammar_mask_samples_what_the_grammar_sampler_samples(
     instance built with the provider's own settings, samples the same tokens: free text
     inside strings (where nearly every token is allowed), structure, numbers and
     booleans, seeded draws."""
-    from trinity.agents.providers.embedded import schema_grammar
+    from trinity.agents.models.providers.embedded import schema_grammar
 
     prompts = ["Plan a fix: TypeError: Cannot read properties of undefined (reading 'id')",
                "Plan tests for a network client whose retries time out at random.",
@@ -217,7 +221,7 @@ def test_embedded_prompt_longer_than_the_window_is_shortened_to_fit(
     """A prompt that would not fit beside its answer in the context window keeps its
     head and the call still answers (llama.cpp alone refuses it); a prompt whose other
     messages alone overflow the window is a clear error, not a crash."""
-    from trinity.agents.providers.embedded import DEFAULT_N_CTX
+    from trinity.agents.models.providers.embedded import DEFAULT_N_CTX
 
     assert embedded.n_ctx == DEFAULT_N_CTX
     # ASCII, CJK and emoji: ~5000 tokens, far more than the window.
@@ -473,7 +477,7 @@ def test_schema_grammar_keeps_control_characters_out_of_strings() -> None:
     import json as json_
 
     from trinity.agents.delegates import ProposedChange, schema_of
-    from trinity.agents.providers.embedded import schema_grammar, schema_grammar_text
+    from trinity.agents.models.providers.embedded import schema_grammar, schema_grammar_text
 
     text = schema_grammar_text(json_.dumps(schema_of(ProposedChange), sort_keys=True))
     (char_rule,) = [line for line in text.splitlines() if line.startswith("char ::=")]

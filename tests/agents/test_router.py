@@ -28,13 +28,13 @@ from tests.agents.servers import (
     Fault,
     FaultServer,
 )
-from trinity.agents.providers.base import ChatRequest, Completion, Provider
-from trinity.agents.providers.embedded import EmbeddedProvider
-from trinity.agents.providers.openai_api import OpenAIProvider
-from trinity.agents.router import CallContext, Routed, Router
-from trinity.agents.routing import parse_policy
-from trinity.costs import CostLedger, summarize
+from trinity.agents.models.policy import parse_policy
+from trinity.agents.models.providers.base import ChatRequest, Completion, Provider
+from trinity.agents.models.providers.embedded import EmbeddedProvider
+from trinity.agents.models.providers.openai_api import OpenAIProvider
+from trinity.agents.models.router import CallContext, Routed, Router
 from trinity.errors import AllModelsFailed, InvalidModelOutput
+from trinity.stores.costs import CostLedger, summarize
 
 # The call timeout of the timeout case; it bounds the embedded fallback's answer too
 # (the prompt is in its KV cache after the warm-up: ~8 tokens to generate). The other
@@ -389,8 +389,9 @@ def test_a_model_agent_without_cloud_configuration_loads_no_cloud_client() -> No
     import subprocess
     import sys
 
-    code = ("import sys; from trinity.agents.routing import build_providers, load_policy; "
-            "from trinity.agents.router import Router; from trinity.costs import CostLedger; "
+    code = ("import sys; from trinity.agents.models.policy import build_providers, load_policy; "
+            "from trinity.agents.models.router import Router; "
+            "from trinity.stores.costs import CostLedger; "
             "import tempfile, pathlib; d = pathlib.Path(tempfile.mkdtemp()); "
             "Router(load_policy(None), build_providers(load_policy(None), {}), "
             "CostLedger(d / 'c.db'), budget_usd=1.0, budget_mode='warn'); "

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from trinity.bus.journal import Transaction
 from trinity.bus.message import Message
-from trinity.bus.topology import Topology
+from trinity.contract import Topology
 from trinity.settings import Settings
 
 ALPHA = "alpha"

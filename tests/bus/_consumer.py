@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import APPLIED_DDL, CONSUMER, TOPOLOGY, make_settings, record_applied  # noqa: E402
 
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, Transaction  # noqa: E402
 from trinity.bus.message import Message  # noqa: E402
 from trinity.bus.node import BusNode  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> int:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     journal = Journal(settings.messages_db, source=CONSUMER)
     journal.conn.execute(APPLIED_DDL)
-    node = BusNode(CONSUMER, settings, journal, TOPOLOGY, publishes=(), context=ctx)
+    node = BusNode(CONSUMER, BusConfig.of(settings), journal, TOPOLOGY, publishes=(), context=ctx)
 
     def handler(msg: Message, tx: Transaction) -> None:
         record_applied(msg, tx)

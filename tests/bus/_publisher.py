@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BEATS, PUBLISHER, TOPOLOGY, make_settings  # noqa: E402
 
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal  # noqa: E402
 from trinity.bus.message import encode_payload  # noqa: E402
 from trinity.bus.node import BusNode  # noqa: E402
@@ -47,8 +48,8 @@ def main() -> int:
     if args.sndhwm:
         ctx.setsockopt(zmq.SNDHWM, args.sndhwm)  # default for the sockets made below
     journal = Journal(settings.messages_db, source=PUBLISHER)
-    node = BusNode(PUBLISHER, settings, journal, TOPOLOGY, publishes=(*streams, BEATS),
-                   context=ctx)
+    node = BusNode(PUBLISHER, BusConfig.of(settings), journal, TOPOLOGY,
+                   publishes=(*streams, BEATS), context=ctx)
     try:
         if args.probe_until:
             probe = Path(args.probe_until)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.bus._common import ALPHA, BEATS, BETA, CONSUMER, TOPOLOGY, make_settings
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.node import BusNode
@@ -224,7 +225,8 @@ def harness(
 ) -> Iterator[Harness]:
     bus_settings = make_settings(bus_data_dir, bus_run_dir, max_payload_bytes=MAX_PAYLOAD)
     journal = Journal(bus_settings.messages_db, source=CONSUMER)
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx, rcvhwm=100_000)
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx,
+                   rcvhwm=100_000)
     pub = zmq_ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 100_000)
     pub.setsockopt(zmq.LINGER, 0)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.bus._common import ALPHA, BETA, CONSUMER, TOPOLOGY
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import DEAD_LETTER_RAW_LIMIT, Journal, Transaction, message_id
 from trinity.bus.message import (
     ENVELOPE_VERSION,
@@ -242,7 +243,7 @@ def test_node_rolls_back_a_failing_message_and_dead_letters_it(
 ) -> None:
     """A handler that raises loses its own writes only; the batch and cursor go on."""
     journal.conn.execute("CREATE TABLE state (i INTEGER)")
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx)
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx)
     try:
         with journal.transaction() as tx:
             for i in range(5):
@@ -275,7 +276,7 @@ def test_unisolated_batches_give_the_same_result_as_isolated_ones(
 ) -> None:
     """Without per-message savepoints a failing batch is re-run isolated: same writes, once."""
     journal.conn.execute("CREATE TABLE state (i INTEGER)")
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx,
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx,
                    isolate_each=isolate_each)
     calls: list[int] = []
     try:
@@ -609,7 +610,7 @@ def test_an_oversized_output_is_refused_at_publish_and_its_input_dead_lettered(
     """What every consumer would refuse is never journaled: the message whose handler
     made it is dead-lettered with the reason, the others go on."""
     limit = bus_settings.max_payload_bytes
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx,
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx,
                    isolate_each=False)
     try:
         with journal.transaction() as tx:

@@ -54,10 +54,10 @@ from tests.conftest import BIN, ROOT, Project, wait_for
 from tests.security.test_curve import HANDSHAKE_FAILED
 from trinity.bus import curve
 from trinity.clock import now_ms
-from trinity.controller.alerts import read_alerts
-from trinity.controller.audit import audit_run
-from trinity.controller.snapshots import open_readonly
+from trinity.controller.ops.audit import audit_run
+from trinity.db import open_readonly
 from trinity.settings import CURVE_DIR_NAME, Settings
+from trinity.stores.run_logs import read_alerts
 
 PREFIX = "trmh"  # namespaces are PREFIX<pid of the test process>-<host>
 SUBNET = "10.77.0"

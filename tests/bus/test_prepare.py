@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from tests.bus._common import ALPHA, CONSUMER, TOPOLOGY
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal, Transaction
 from trinity.bus.message import Message, encode_payload
 from trinity.bus.node import PREPARE_BUDGET_S, BusNode
@@ -31,7 +32,7 @@ def node(bus_settings: Settings, journal: Journal,
     with journal.transaction() as tx:
         for i in range(10):
             tx.publish(ALPHA, encode_payload({"i": i}))
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx)
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx)
     yield node
     node.close()
 
@@ -122,7 +123,7 @@ def test_a_bad_message_is_dead_lettered_and_the_others_committed(
     with journal.transaction() as tx:
         for i in range(6):
             tx.publish(ALPHA, encode_payload({"i": i}))
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx,
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx,
                    isolate_each=isolate_each)
     prepared: list[int] = []
 

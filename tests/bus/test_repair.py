@@ -29,6 +29,7 @@ from tests.bus._common import (
     record_applied,
 )
 from tests.bus.conftest import Procs, wait_until
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal
 from trinity.bus.node import BusNode
 from trinity.settings import Settings
@@ -93,7 +94,8 @@ def test_hwm_overflow_is_repaired_from_the_journal(
     total = 1000
     journal = Journal(bus_settings.messages_db, source=CONSUMER)
     journal.conn.execute(APPLIED_DDL)
-    node = BusNode(CONSUMER, bus_settings, journal, TOPOLOGY, context=zmq_ctx, rcvhwm=10)
+    node = BusNode(CONSUMER, BusConfig.of(bus_settings), journal, TOPOLOGY, context=zmq_ctx,
+                   rcvhwm=10)
     probes = 0
     try:
         go = bus_data_dir / "go"

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.controller.test_webhook import Hook
-from trinity.controller.supervision import SupervisorError
+from trinity.controller.supervision.supervisord import SupervisorError
 
 
 @pytest.fixture

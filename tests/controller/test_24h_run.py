@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from trinity.controller.alerts import read_alerts
-from trinity.controller.scenario import CATEGORIES
+from trinity.contract import PATTERNS as CATEGORIES
+from trinity.stores.run_logs import read_alerts
 
 pytestmark = pytest.mark.slow
 

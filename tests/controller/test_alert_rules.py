@@ -36,9 +36,9 @@ from genai_prices import Usage, calc_price
 
 from tests.agents.servers import OK, SLOW, Fault, FaultServer, RefusingPort
 from tests.conftest import Project, wait_for
-from trinity.controller.alerts import read_alerts
-from trinity.controller.metrics import MB, MIN_WINDOW_REAL_S, MetricsSampler
-from trinity.controller.rules import (
+from trinity.contract import PROCESSES as PROGRAMS
+from trinity.controller.process.metrics import MB, MIN_WINDOW_REAL_S, MetricsSampler
+from trinity.controller.process.rules import (
     BACKLOG_LIMIT,
     COST_SPIKE_USD_PER_HOUR,
     DETECTION_MIN_EVENTS,
@@ -47,7 +47,7 @@ from trinity.controller.rules import (
     MEMORY_LIMIT_MB,
     Rules,
 )
-from trinity.controller.supervision import PROGRAMS
+from trinity.stores.run_logs import read_alerts
 
 pytestmark = pytest.mark.slow
 
@@ -583,11 +583,11 @@ def test_a_pattern_store_without_its_tables_yet_is_no_database_error(short_dir: 
     """WITNESS creates the store's file a moment before its tables: a controller tick in
     between reads an empty store, not a fault. Bytes that are not a database still are."""
     from trinity.bus.journal import Journal
-    from trinity.bus.topology import ALERTS
     from trinity.clock import ManualClock
-    from trinity.controller import runs
-    from trinity.controller.controller import Controller
+    from trinity.contract import ALERTS
+    from trinity.controller.process.controller import Controller
     from trinity.settings import Settings
+    from trinity.stores import runs
 
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
                                   "TRINITY_METRICS_PORT": "0"})

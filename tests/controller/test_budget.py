@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from trinity.bus.journal import Journal
-from trinity.bus.topology import ALERTS
 from trinity.clock import ManualClock
-from trinity.controller import runs
-from trinity.controller.controller import Controller
-from trinity.costs import BUDGET_THRESHOLDS_PCT, CallRecord, CostLedger, crossed_thresholds
+from trinity.contract import ALERTS
+from trinity.controller.process.controller import Controller
+from trinity.plan import BUDGET_THRESHOLDS_PCT
 from trinity.settings import Settings
+from trinity.stores import runs
+from trinity.stores.costs import CallRecord, CostLedger, crossed_thresholds
 
 
 def _spend(ledger: CostLedger, run_id: str, usd: float, *, status: str = "success") -> None:

@@ -15,13 +15,13 @@ import pytest
 
 from tests.controller.test_snapshots import _call, _patterns_db, _run_with_events
 from trinity.clock import now_ms
-from trinity.controller import criteria
-from trinity.controller.alerts import make_alert
-from trinity.controller.audit import Audit, audit_run
-from trinity.controller.chaos import KILL, STOP, plan_faults, prepare_folder, shrunk
-from trinity.controller.supervision import PROGRAMS
-from trinity.costs import CostLedger
+from trinity.contract import PROCESSES as PROGRAMS
+from trinity.contract import Alert
+from trinity.controller.ops.audit import Audit, audit_run
+from trinity.controller.ops.chaos import KILL, STOP, plan_faults, prepare_folder, shrunk
+from trinity.controller.reports import criteria
 from trinity.settings import Settings
+from trinity.stores.costs import CostLedger
 
 
 @pytest.fixture
@@ -51,13 +51,14 @@ def test_a_shrinking_pattern_store_is_reported() -> None:
 
 def test_only_the_exits_of_deliberate_kills_are_expected() -> None:
     alerts = [
-        make_alert("chaos_kill", "info", "kill", agent="witness", pid=101),
-        make_alert("agent_crashed", "critical", "exit", agent="witness", pid="101"),
-        make_alert("agent_crashed", "critical", "exit", agent="witness", pid="102"),
-        make_alert("agent_crashed", "critical", "exit", agent="architect", pid="101"),
-        make_alert("agent_fatal", "critical", "gave up", agent="witness"),
-        make_alert("restart_intensity_exceeded", "critical", "hung", agent="executor", pid=7),
-        make_alert("agent_restarted", "warning", "restarted", agent="executor", pid=7),
+        Alert.of("chaos_kill", "info", "kill", agent="witness", pid=101).payload(),
+        Alert.of("agent_crashed", "critical", "exit", agent="witness", pid="101").payload(),
+        Alert.of("agent_crashed", "critical", "exit", agent="witness", pid="102").payload(),
+        Alert.of("agent_crashed", "critical", "exit", agent="architect", pid="101").payload(),
+        Alert.of("agent_fatal", "critical", "gave up", agent="witness").payload(),
+        Alert.of("restart_intensity_exceeded", "critical", "hung", agent="executor",
+                 pid=7).payload(),
+        Alert.of("agent_restarted", "warning", "restarted", agent="executor", pid=7).payload(),
     ]
     unexpected = criteria.unexpected_exits(alerts)
     assert [(a["kind"], a["agent"], a["details"].get("pid")) for a in unexpected] == [

@@ -24,18 +24,21 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from tests.conftest import Project, emit_every_event, wait_for
-from trinity.agents.detector import Detection
-from trinity.agents.embedding import load_embedder
-from trinity.agents.patterns import PatternStore
+from trinity.agents.witness.embedding import load_embedder
+from trinity.agents.witness.model import Detection
+from trinity.agents.witness.store import PatternStore
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message, encode_payload
-from trinity.bus.topology import EXECUTION, HEARTBEATS
+from trinity.cli.reports import dashboard as dashboard_command
 from trinity.clock import ManualClock, now_ms
-from trinity.controller import dashboards, runner, runs
-from trinity.controller.controller import Controller
-from trinity.controller.dashboards import dashboard_command
-from trinity.costs import CallRecord, CostLedger
+from trinity.contract import EXECUTION, HEARTBEATS
+from trinity.controller.ops import run as runner
+from trinity.controller.process.controller import Controller
+from trinity.controller.reports import dashboards
+from trinity.controller.supervision.supervisord import supervisord_state
 from trinity.settings import Settings
+from trinity.stores import run_logs, runs
+from trinity.stores.costs import CallRecord, CostLedger
 
 Figures = dict[Any, str]
 AGENTS = ("WITNESS", "ARCHITECT", "EXECUTOR")
@@ -446,7 +449,8 @@ def test_system_dashboard_shows_the_stores_and_heartbeats(stores: Stores) -> Non
     root = stores.settings.data_dir
     before = heartbeats(root)
     started = now_ms()
-    view = dashboards.gather("system", stores.settings)
+    view = dashboards.gather("system", stores.settings, None,
+                             lambda: supervisord_state(root / "supervisor.conf"))
     ended = now_ms()
     shown = parse(render_text(view))
     assert_shows(shown, expected_system(root, stores.run_id))
@@ -488,7 +492,7 @@ def test_an_older_run_is_shown_with_run(stores: Stores) -> None:
     assert_shows(older, expected_cost(stores.settings.data_dir, stores.run_id))
     # A new run moves the previous run's logs aside; its metrics are found there.
     expected = expected_system(stores.settings.data_dir, stores.run_id)
-    archived = runner.archive_logs(stores.settings.log_dir)
+    archived = run_logs.archive(stores.settings.log_dir)
     assert archived == stores.settings.log_dir.parent / "archive" / stores.run_id
     system = parse(render_text(dashboards.gather("system", stores.settings, stores.run_id)))
     assert_shows(system, {k: v for k, v in expected.items() if k != "RUN"})
@@ -657,7 +661,8 @@ def test_dashboards_during_a_compressed_run_and_under_tmux(project: Project) -> 
         os.kill(pid, signal.SIGSTOP)
     try:
         before, started = heartbeats(root), now_ms()
-        views = {kind: dashboards.gather(kind, settings, None, project.config)
+        views = {kind: dashboards.gather(kind, settings, None,
+                                         lambda: supervisord_state(project.config))
                  for kind in dashboards.KINDS}
         ended = now_ms()
         shown = {kind: parse(render_text(view)) for kind, view in views.items()}
@@ -689,8 +694,8 @@ def _under_tmux(project: Project) -> None:
     if shutil.which("tmux") is None:
         pytest.fail("tmux is not installed")
     server = f"trdash{os.getpid()}"
-    code = ("from trinity.controller.dashboards import dashboard_command; "
-            "dashboard_command(['system', '--live'])")
+    code = ("from trinity.cli.reports import dashboard; "
+            "dashboard(['system', '--live'])")
     env = {**project.env, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color"}
     tmux = ["tmux", "-u", "-L", server]
     subprocess.run([*tmux, "-f", "/dev/null", "new-session", "-d", "-s", "dash", "-x", "110",

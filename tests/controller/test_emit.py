@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import wait_for
 from trinity.bus.journal import DEAD_LETTER_RAW_LIMIT, Journal, message_id
-from trinity.bus.topology import IMPROVEMENT, TELEMETRY
-from trinity.controller import emit
-from trinity.controller.emit import DUPLICATE, EmitResult, emit_lines, summarize
+from trinity.contract import IMPROVEMENT, TELEMETRY
+from trinity.controller.ops import emit
+from trinity.controller.ops.emit import DUPLICATE, EmitResult, emit_lines, summarize
 from trinity.errors import InvalidPayload
 from trinity.settings import Settings
 
@@ -240,14 +240,14 @@ def test_the_limit_applies_to_the_payload_with_its_generated_event_id(
 
 
 def test_witness_reads_the_same_message_chars(cfg: Settings) -> None:
-    from trinity.agents import detector
+    from trinity.agents.witness import text
 
-    assert emit.MESSAGE_CHARS_READ == detector.MAX_MESSAGE_CHARS
-    blank_head = json.dumps({"message": " " * detector.MAX_MESSAGE_CHARS + "late text"})
+    assert emit.MESSAGE_CHARS_READ == text.MAX_MESSAGE_CHARS
+    blank_head = json.dumps({"message": " " * text.MAX_MESSAGE_CHARS + "late text"})
     (result,) = emit_all(cfg, [blank_head])
     assert result.reason == "field 'message' is empty (no printable text)"
     with pytest.raises(InvalidPayload):
-        detector.event_text(json.loads(blank_head))
+        text.event_text(json.loads(blank_head))
 
 
 # -- duplicates ------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_duplicates_are_caught_after_the_journal_is_pruned(cfg: Settings,
 
 
 def test_the_controllers_events_are_duplicates(cfg: Settings, journal: Journal) -> None:
-    from trinity import records
+    from trinity.stores import runs as records
 
     records.ensure_schema(journal.conn)
     journal.conn.execute(
@@ -397,7 +397,7 @@ _lines = (
 @given(lines=st.lists(_lines, max_size=12), batch_size=st.integers(1, 5))
 def test_fuzz_every_line_gets_one_result_and_a_row_or_a_dead_letter(
         lines: list[bytes], batch_size: int) -> None:
-    from trinity.agents import detector
+    from trinity.agents.witness.text import event_text
 
     root = Path(tempfile.mkdtemp(prefix="tf", dir="/tmp"))
     try:
@@ -424,7 +424,7 @@ def test_fuzz_every_line_gets_one_result_and_a_row_or_a_dead_letter(
                 assert event == {**json.loads(raw), "event_id": r.event_id}
                 assert r.line not in letters
                 # What emit accepts, WITNESS reads without ignoring a known field.
-                notes = detector.event_text(event).notes
+                notes = event_text(event).notes
                 assert not [n for n in notes if "ignored" in n], notes
             elif r.status == "duplicate":
                 assert r.event_id in accepted_ids and r.line not in letters

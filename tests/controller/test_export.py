@@ -20,25 +20,29 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from trinity import records
-from trinity.agents.detector import Detection
-from trinity.agents.embedding import load_embedder
-from trinity.agents.patterns import PatternStore
+from trinity.agents.witness.embedding import load_embedder
+from trinity.agents.witness.model import Detection
+from trinity.agents.witness.store import PatternStore
 from trinity.bus.journal import Journal
+from trinity.cli.reports import export as export_command
 from trinity.clock import now_ms
-from trinity.controller import criteria, runner, runs, snapshots
-from trinity.controller.alerts import AlertLog, make_alert, read_alerts
-from trinity.controller.export import (
+from trinity.contract import Alert
+from trinity.controller.ops import run as runner
+from trinity.controller.process import snapshots
+from trinity.controller.process.metrics import MetricsSampler
+from trinity.controller.reports import criteria
+from trinity.controller.reports.export import (
     CALL_COLUMNS,
     EVENT_COLUMNS,
     METRIC_COLUMNS,
     OUTCOME_COLUMNS,
-    export_command,
     export_run,
 )
-from trinity.controller.metrics import MetricsSampler
-from trinity.costs import CallRecord, CostLedger
 from trinity.settings import Settings
+from trinity.stores import run_logs, runs
+from trinity.stores import runs as records
+from trinity.stores.costs import CallRecord, CostLedger
+from trinity.stores.run_logs import AlertLog, read_alerts
 
 FILES = ("events.csv", "outcomes.csv", "llm_calls.csv", "alerts.csv", "metrics.csv")
 SECRET_KEY = "sk-proj-abcdefghijklmnop0123456789"
@@ -102,8 +106,8 @@ def _metrics(settings: Settings, journal: Journal, run: runs.Run, count: int) ->
             "telemetry_stream": idx, "improvement_queue": 0, "execution_queue": 1, "alerts": 0},
             databases={p.name: p for p in (settings.messages_db, settings.patterns_db,
                                            settings.costs_db)})
-        path = snapshots.snapshot_path(settings.log_dir, "metrics", at)
-        snapshots.write_json(path, {**snapshots.header(run.run_id, at, at), **sample})
+        path = run_logs.snapshot_path(settings.log_dir, "metrics", at)
+        run_logs.write_json(path, {**snapshots.header(run.run_id, at, at), **sample})
         with journal.transaction() as tx:
             tx.conn.execute("INSERT INTO snapshots(run_id, kind, idx, sim_elapsed_s, path,"
                             " written_ms) VALUES (?, 'metrics', ?, ?, ?, ?)",
@@ -111,7 +115,7 @@ def _metrics(settings: Settings, journal: Journal, run: runs.Run, count: int) ->
 
 
 def _alert(log: AlertLog, kind: str, run_id: str | None, ts_ms: int | None = None) -> None:
-    alert = make_alert(kind, "warning", f"{kind} happened", agent="witness", pending=3)
+    alert = Alert.of(kind, "warning", f"{kind} happened", agent="witness", pending=3).payload()
     if run_id is not None:
         alert["run_id"] = run_id
     if ts_ms is not None:

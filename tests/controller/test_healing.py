@@ -25,15 +25,15 @@ from tests.controller.test_storage_faults import (
     assert_each_event_handled_once,
     start_run,
 )
-from trinity.controller.healing import (
+from trinity.controller.process.healing import (
     ASLEEP_ALLOWANCE_S,
     CHECK_EVERY_S,
     Healer,
     RestartIntensity,
 )
-from trinity.controller.heartbeats import HeartbeatMonitor
-from trinity.controller.rules import Alert
-from trinity.controller.supervision import SupervisorClient
+from trinity.controller.process.heartbeats import HeartbeatMonitor
+from trinity.controller.process.rules import Alert
+from trinity.controller.supervision.supervisord import SupervisorClient
 from trinity.errors import ConfigError
 from trinity.settings import Settings
 
@@ -105,7 +105,7 @@ def test_escalation_holds_until_rearmed() -> None:
 def test_intensity_zero_never_restarts(processes: Processes,
                                        caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeSupervisord(processes)
-    with caplog.at_level(logging.WARNING, logger="trinity.controller.healing"):
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.process.healing"):
         watch = Watch(fake, intensity=0)
     assert "self-healing is off: TRINITY_RESTART_INTENSITY=0" in caplog.text
     pid = processes.hung()
@@ -303,10 +303,10 @@ def test_the_controller_restarts_a_stopped_agent_that_holds_the_journal_lock(
     controller's own writes fail after the 10 s busy timeout, and then it restarts the
     stopped process (here a stand-in holding the lock), which frees the journal."""
     from trinity.bus.journal import Journal
-    from trinity.bus.topology import ALERTS
-    from trinity.controller import runs
-    from trinity.controller.controller import Controller
+    from trinity.contract import ALERTS
+    from trinity.controller.process.controller import Controller
     from trinity.errors import JournalError
+    from trinity.stores import runs
 
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
                                   "TRINITY_METRICS_PORT": "0"})
@@ -363,7 +363,7 @@ def test_supervisord_unreachable_is_logged_and_retried(
     watch.beat_all({"witness": pid})
     fake.set("witness", pid)
     fake.unreachable = True
-    with caplog.at_level(logging.ERROR, logger="trinity.controller.healing"):
+    with caplog.at_level(logging.ERROR, logger="trinity.controller.process.healing"):
         assert watch.until(5.0) == []
     assert "connection refused" in caplog.text
     fake.unreachable = False
@@ -439,7 +439,7 @@ def test_without_supervisord_healing_is_off_and_says_so_once(
     monkeypatch.delenv("SUPERVISOR_SERVER_URL", raising=False)
     assert SupervisorClient.from_env({}) is None
     assert SupervisorClient.from_env({"SUPERVISOR_SERVER_URL": "unix:///x/s.sock"}) is not None
-    with caplog.at_level(logging.WARNING, logger="trinity.controller.healing"):
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.process.healing"):
         healer = Healer.from_settings(Settings.from_env({"TRINITY_DATA_DIR": "/tmp"}))
         monitor = HeartbeatMonitor(AGENTS, DEADLINE_S, 0.0)
         monitor.beat("witness", {"pid": processes.hung()}, 0.0)

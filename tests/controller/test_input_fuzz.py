@@ -71,9 +71,9 @@ from tests.bus.test_fuzz import json_values, malformed
 from tests.controller.test_emit import _events, _good, _lines
 from trinity.bus.journal import DEAD_LETTER_RAW_LIMIT, Journal, message_id
 from trinity.bus.message import Message
-from trinity.bus.topology import ALERTS, HEARTBEATS, TELEMETRY
-from trinity.controller import runs
-from trinity.controller.controller import AGENTS
+from trinity.contract import ALERTS, HEARTBEATS, TELEMETRY
+from trinity.controller.process.controller import AGENTS
+from trinity.stores import runs
 
 pytestmark = pytest.mark.slow
 

@@ -30,20 +30,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from tests.conftest import Project, emit_every_event, wait_for
-from trinity.agents.detector import Detection
-from trinity.agents.embedding import load_embedder
-from trinity.agents.patterns import PatternStore
+from trinity.agents.witness.embedding import load_embedder
+from trinity.agents.witness.model import Detection
+from trinity.agents.witness.store import PatternStore
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message, encode_payload
-from trinity.bus.topology import HEARTBEATS
 from trinity.clock import ManualClock, now_ms
-from trinity.controller import runs
-from trinity.controller.controller import Controller
-from trinity.controller.prometheus import MetricsExporter, StoreCollector, start_exporter
-from trinity.controller.supervision import PROGRAMS
-from trinity.costs import CallRecord, CostLedger, summarize
+from trinity.contract import HEARTBEATS
+from trinity.contract import PROCESSES as PROGRAMS
+from trinity.controller.process.controller import Controller
+from trinity.controller.process.prometheus import MetricsExporter, StoreCollector, start_exporter
 from trinity.errors import ConfigError
 from trinity.settings import DEFAULT_METRICS_PORT, Settings
+from trinity.stores import runs
+from trinity.stores.costs import CallRecord, CostLedger, summarize
 
 # The plan's five patterns, and "none" for an event WITNESS found no pattern in.
 PATTERNS = ("critical_error", "constitution_violation", "feature_request", "duplication",
@@ -431,7 +431,7 @@ def test_the_exporter_serves_on_loopback_and_closes(stores: Stores) -> None:
 
 def test_missing_and_corrupt_stores_are_reported_not_raised(
         short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="trinity.controller.prometheus")
+    caplog.set_level(logging.INFO, logger="trinity.controller.process.prometheus")
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir)})
     collector = StoreCollector(settings)
     registry = CollectorRegistry(auto_describe=False)
@@ -470,7 +470,7 @@ def test_port_in_use_is_logged_and_the_controller_goes_on(
         port = blocker.getsockname()[1]
         settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
                                       "TRINITY_METRICS_PORT": str(port)})
-        with caplog.at_level(logging.ERROR, logger="trinity.controller.prometheus"):
+        with caplog.at_level(logging.ERROR, logger="trinity.controller.process.prometheus"):
             assert start_exporter(settings) is None
     [record] = caplog.records
     assert f"127.0.0.1:{port}" in record.getMessage()

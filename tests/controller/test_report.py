@@ -3,7 +3,7 @@ charts that are real PNGs drawn from the run's data, FAILED reports naming the f
 criterion, and one-line errors for bad input.
 
 Fast tests build a small run through the project's own writers (Journal and runs,
-CostLedger, snapshots.write_json with cost_snapshot/pattern_stats, AlertLog); the slow
+CostLedger, run_logs.write_json with cost_snapshot/pattern_stats, AlertLog); the slow
 ones read the session's compressed 24-hour run and a real run with a killed agent.
 """
 
@@ -27,15 +27,22 @@ from click.testing import CliRunner, Result
 from matplotlib.image import imread
 
 from tests.conftest import Project, wait_for
-from trinity.agents.patterns import PatternStore
+from trinity import measures
 from trinity.bus.journal import Journal
+from trinity.cli.reports import report as report_command
 from trinity.clock import now_ms
-from trinity.controller import criteria, report, runs, snapshots
-from trinity.controller.alerts import AlertLog, make_alert, read_alerts
-from trinity.controller.charts import PNG_SIGNATURE
-from trinity.controller.scenario import CATEGORIES, NOISE
-from trinity.costs import CallRecord, CostLedger, summarize
+from trinity.contract import NONE as NOISE
+from trinity.contract import PATTERNS as CATEGORIES
+from trinity.contract import Alert
+from trinity.controller.process import snapshots
+from trinity.controller.reports import criteria, report
+from trinity.controller.reports.charts import PNG_SIGNATURE
+from trinity.db import open_readonly
 from trinity.settings import Settings
+from trinity.stores import patterns as pattern_store
+from trinity.stores import run_logs, runs
+from trinity.stores.costs import CallRecord, CostLedger, summarize
+from trinity.stores.run_logs import AlertLog, read_alerts
 
 CYCLES = 10  # five simulated hours at one event per 30 minutes
 
@@ -181,7 +188,7 @@ def check_report_against_records(root: Path, log_dir: Path, out_dir: Path) -> st
 
 def invoke(root: Path, *args: str) -> Result:
     env = {"TRINITY_DATA_DIR": str(root), "TRINITY_LOG_DIR": None}
-    return CliRunner().invoke(report.report_command, list(args), env=env)
+    return CliRunner().invoke(report_command, list(args), env=env)
 
 
 # -- a small run written through the project's own writers ------------------------------
@@ -234,8 +241,7 @@ def build_run(settings: Settings, plan: Plan) -> runs.Run:  # noqa: C901 - one s
     settings.log_dir.mkdir(parents=True)
     (settings.log_dir / "test_config.json").write_text(json.dumps({"run_id": run.run_id}))
     store = sqlite3.connect(settings.patterns_db)
-    for ddl in PatternStore.SCHEMA:
-        store.execute(ddl)
+    pattern_store.ensure_schema(store)
     ledger = CostLedger(settings.costs_db)
     alerts = AlertLog(settings.log_dir / "alerts.log")
     calls: list[dict[str, Any]] = []
@@ -243,20 +249,20 @@ def build_run(settings: Settings, plan: Plan) -> runs.Run:  # noqa: C901 - one s
     for cycle in range(1, CYCLES + 1):
         sim = (cycle - 1) * 1800.0
         if sim % 3600 == 0:  # the hourly snapshots, then the 30-minute metrics sample
-            snapshots.write_json(snapshots.snapshot_path(settings.log_dir, "costs", sim), {
+            run_logs.write_json(run_logs.snapshot_path(settings.log_dir, "costs", sim), {
                 **snapshots.header(run.run_id, sim, sim),
                 **snapshots.cost_snapshot(summarize(calls), sum(
                     c["cost_usd"] for c in calls if c["sim_elapsed_s"] > sim - 3600), 1.0)})
             store.commit()
-            conn = snapshots.open_readonly(settings.patterns_db)
+            conn = open_readonly(settings.patterns_db)
             try:
-                stats = snapshots.pattern_stats(journal.conn, conn, run.run_id, sim, 3600.0)
+                stats = measures.pattern_stats(journal.conn, conn, run.run_id, sim, 3600.0)
             finally:
                 conn.close()
-            snapshots.write_json(snapshots.snapshot_path(settings.log_dir, "patterns", sim),
+            run_logs.write_json(run_logs.snapshot_path(settings.log_dir, "patterns", sim),
                                  {**snapshots.header(run.run_id, sim, sim), **stats})
         rss = plan.peak_rss_mb if cycle == 6 else 250.0 + cycle
-        snapshots.write_json(snapshots.snapshot_path(settings.log_dir, "metrics", sim),
+        run_logs.write_json(run_logs.snapshot_path(settings.log_dir, "metrics", sim),
                              _metrics_sample(run.run_id, sim, rss))
         truth = CATEGORIES[(cycle - 1) % len(CATEGORIES)]
         for noise, category in ((0, truth), (1, NOISE)):
@@ -296,14 +302,15 @@ def build_run(settings: Settings, plan: Plan) -> runs.Run:  # noqa: C901 - one s
                     ledger.record(record)
                     calls.append(asdict(record))
         if cycle == 4:
-            alert = make_alert("queue_backlog", "warning", plan.alert_message,
-                               alert_id=f"backlog/{run.run_id}")
+            alert = Alert.of("queue_backlog", "warning", plan.alert_message,
+                               alert_id=f"backlog/{run.run_id}").payload()
             alerts.write_alert({**alert, "run_id": run.run_id, "sim_elapsed_s": sim},
                                source="controller")
         if cycle == 5 and plan.crash:
-            alerts.write_alert(make_alert("agent_crashed", "critical",
-                                          "witness exited unexpectedly (pid 4242, from RUNNING)",
-                                          agent="witness", pid="4242"), source="crashwatch")
+            crash = Alert.of("agent_crashed", "critical",
+                             "witness exited unexpectedly (pid 4242, from RUNNING)",
+                             agent="witness", pid="4242")
+            alerts.write_alert(crash.payload(), source="crashwatch")
     with journal.transaction() as tx:
         for cycle in range(1, CYCLES + 1):
             tx.conn.execute("INSERT INTO snapshots VALUES (?, 'metrics', ?, ?, 'p', 0)",
@@ -434,9 +441,9 @@ def test_default_output_is_dated_by_the_run_start_and_paths_are_printed(
 def test_percentile_is_nearest_rank() -> None:
     values = [0.5, 0.1, 0.9, 0.3]
     for pct in (1, 25, 50, 75, 95, 100):
-        assert report.percentile(values, pct) == np.percentile(values, pct,
+        assert measures.percentile(values, pct) == np.percentile(values, pct,
                                                                method="inverted_cdf")
-    assert report.percentile([], 95) is None
+    assert measures.percentile([], 95) is None
 
 
 # -- bad input: one clear line, never a traceback -----------------------------------------

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from trinity.controller import scenario
-from trinity.controller.scenario import (
-    CATEGORIES,
-    NOISE,
+from trinity.contract import NONE as NOISE
+from trinity.contract import PATTERNS as CATEGORIES
+from trinity.controller.process import scenario
+from trinity.controller.process.scenario import (
     ScenarioDataError,
     event_for_cycle,
     load_variants,
@@ -166,7 +166,7 @@ def test_deterministic_and_seed_dependent() -> None:
 
 def test_same_events_in_another_process() -> None:
     """String seeds, not the salted hash(): a fresh interpreter picks the same events."""
-    code = ("import json; from trinity.controller.scenario import event_for_cycle as e, "
+    code = ("import json; from trinity.controller.process.scenario import event_for_cycle as e, "
             "noise_for_cycle as n; print(json.dumps([[e(c, 5) for c in range(1, 13)], "
             "n(9, 5, 4)]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,

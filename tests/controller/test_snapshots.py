@@ -9,14 +9,20 @@ from typing import Any
 
 import pytest
 
+from trinity import measures
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message
 from trinity.clock import now_ms
-from trinity.controller import criteria, persistence, runner, runs, snapshots
-from trinity.controller.alerts import AlertLog, read_alerts
-from trinity.controller.rules import BACKLOG_LIMIT, COST_SPIKE_USD_PER_HOUR, Rules
-from trinity.costs import CallRecord, CostLedger
+from trinity.controller.ops import run as runner
+from trinity.controller.process import snapshots
+from trinity.controller.process.alerts import alert_of
+from trinity.controller.process.rules import BACKLOG_LIMIT, COST_SPIKE_USD_PER_HOUR, Rules
+from trinity.controller.reports import criteria, persistence
+from trinity.db import open_readonly
 from trinity.settings import Settings
+from trinity.stores import run_logs, runs
+from trinity.stores.costs import CallRecord, CostLedger
+from trinity.stores.run_logs import AlertLog, read_alerts
 
 
 @pytest.fixture
@@ -79,18 +85,18 @@ def _patterns_db(settings: Settings, run_id: str, detected: dict[str, str | None
 
 
 def test_snapshot_names_are_elapsed_simulated_time() -> None:
-    assert snapshots.hhmmss(0) == "000000"
-    assert snapshots.hhmmss(5 * 60) == "000500"
-    assert snapshots.hhmmss(12 * 3600 + 35 * 60 + 22) == "123522"
-    assert snapshots.hhmmss(30 * 3600) == "300000"  # runs longer than a day keep counting
-    path = snapshots.snapshot_path(Path("/logs"), "costs", 3600)
+    assert run_logs.hhmmss(0) == "000000"
+    assert run_logs.hhmmss(5 * 60) == "000500"
+    assert run_logs.hhmmss(12 * 3600 + 35 * 60 + 22) == "123522"
+    assert run_logs.hhmmss(30 * 3600) == "300000"  # runs longer than a day keep counting
+    path = run_logs.snapshot_path(Path("/logs"), "costs", 3600)
     assert path == Path("/logs/costs/cost_snapshot_010000.json")
 
 
 def test_write_json_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "metrics" / "system_metrics_000500.json"
-    snapshots.write_json(path, {"a": 1})
-    snapshots.write_json(path, {"a": 2})
+    run_logs.write_json(path, {"a": 1})
+    run_logs.write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
 
@@ -115,9 +121,9 @@ def test_pattern_stats_score_against_the_ground_truth(settings: Settings) -> Non
     ids = [f"{run.run_id}/c{c:03d}" for c in range(1, 5)]
     _patterns_db(settings, run.run_id, {ids[0]: "critical_error", ids[1]: "duplication",
                                         ids[2]: None})
-    conn = snapshots.open_readonly(settings.patterns_db)
+    conn = open_readonly(settings.patterns_db)
     try:
-        stats = snapshots.pattern_stats(journal.conn, conn, run.run_id, 3600.0, 3600.0)
+        stats = measures.pattern_stats(journal.conn, conn, run.run_id, 3600.0, 3600.0)
     finally:
         conn.close()
         journal.close()
@@ -191,8 +197,8 @@ def test_alerts_without_a_usable_id_are_each_written(tmp_path: Path, alert_id: A
     for n in (1, 2):
         body = json.dumps({"alert_id": alert_id, "kind": "x", "message": f"alert {n}"})
         msg = Message("alerts", n, f"m{n}", "test", now_ms(), body.encode())
-        assert log.write(msg) is not None
-        assert log.write(msg) is None  # the same message again: once
+        assert log.write_alert(alert_of(msg), source=msg.source)
+        assert not log.write_alert(alert_of(msg), source=msg.source)  # again: once
     assert [a["message"] for a in read_alerts(tmp_path / "alerts.log")] == ["alert 1", "alert 2"]
 
 
@@ -202,11 +208,11 @@ def test_archive_moves_the_previous_run_out_of_the_log_dir(tmp_path: Path) -> No
     (logs / "costs" / "cost_snapshot_000000.json").write_text("{}")
     (logs / "test_config.json").write_text(json.dumps({"run_id": "old-run"}))
     (logs / "notes.txt").write_text("the user's own file stays")
-    target = runner.archive_logs(logs)
+    target = run_logs.archive(logs)
     assert target == tmp_path / "logs" / "archive" / "old-run"
     assert (target / "costs" / "cost_snapshot_000000.json").exists()
     assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"]
-    assert runner.archive_logs(logs) is None
+    assert run_logs.archive(logs) is None
 
 
 def test_test_config_redacts_secrets(settings: Settings, monkeypatch: pytest.MonkeyPatch,
@@ -242,7 +248,7 @@ def test_criteria_fail_without_metrics_and_pass_the_recorded_ones(settings: Sett
     assert not criteria.mandatory_passed(found)
     sample = {"run_id": run.run_id, "memory_max_process_rss_mb": 612.0,
               "queues": {"telemetry_stream": 2}}
-    snapshots.write_json(snapshots.snapshot_path(settings.log_dir, "metrics", 0), sample)
+    run_logs.write_json(run_logs.snapshot_path(settings.log_dir, "metrics", 0), sample)
     _, found = criteria.evaluate(settings, run.run_id)
     by_name = {c.name: c for c in found}
     assert not by_name["Memory Stability"].passed and by_name["Memory Stability"].value == 612

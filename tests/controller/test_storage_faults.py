@@ -35,11 +35,11 @@ import pytest
 from tests.agents.servers import OK, Fault, FaultServer
 from tests.conftest import BIN, Project, wait_for
 from tests.controller.test_alert_rules import _wait_for_agents
-from trinity.agents.base import STARTUP_RETRY_S
 from trinity.bus.journal import Journal
-from trinity.controller import runs
-from trinity.controller.alerts import read_alerts
+from trinity.process import STARTUP_RETRY_S
 from trinity.settings import Settings
+from trinity.stores import runs
+from trinity.stores.run_logs import read_alerts
 
 GARBAGE = bytes(range(256)) * 64  # 16 KiB that are not a database
 
@@ -398,8 +398,8 @@ def test_crashwatch_writes_alerts_log_itself_when_the_journal_cannot_take_the_al
     """A crash while the journal is corrupt is not lost: crashwatch appends its alert to
     alerts.log directly; with the journal back it journals again (the controller writes
     alerts.log from there)."""
-    from trinity.bus.topology import ALERTS
-    from trinity.controller import crashwatch
+    from trinity.contract import ALERTS
+    from trinity.controller.supervision import crashwatch
 
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir)})
     log = settings.log_dir / "alerts.log"
@@ -407,12 +407,12 @@ def test_crashwatch_writes_alerts_log_itself_when_the_journal_cannot_take_the_al
     crash = crashwatch.alert_for("PROCESS_STATE_EXITED", {
         "processname": "witness", "pid": "4242", "expected": "0", "from_state": "RUNNING"})
     assert crash is not None
-    with caplog.at_level("ERROR", logger="trinity.controller.crashwatch"):
+    with caplog.at_level("ERROR", logger="trinity.controller.supervision.crashwatch"):
         assert crashwatch.record(settings, None, crash) is None
-    assert f"cannot journal alert {crash['alert_id']}" in caplog.text
+    assert f"cannot journal alert {crash.alert_id}" in caplog.text
     (written,) = read_alerts(log)
     assert written["kind"] == "agent_crashed" and written["source"] == "crashwatch"
-    assert written["alert_id"] == crash["alert_id"] and written["details"]["pid"] == "4242"
+    assert written["alert_id"] == crash.alert_id and written["details"]["pid"] == "4242"
 
     settings.messages_db.unlink()  # moved away: a fresh journal
     again = crashwatch.alert_for("PROCESS_STATE_FATAL", {"processname": "architect"})
@@ -421,7 +421,7 @@ def test_crashwatch_writes_alerts_log_itself_when_the_journal_cannot_take_the_al
     assert journal is not None
     try:
         (msg,) = journal.read_after(ALERTS, 0, 10)
-        assert json.loads(msg.payload)["alert_id"] == again["alert_id"]
+        assert json.loads(msg.payload)["alert_id"] == again.alert_id
     finally:
         journal.close()
-    assert [a["alert_id"] for a in read_alerts(log)] == [crash["alert_id"]]
+    assert [a["alert_id"] for a in read_alerts(log)] == [crash.alert_id]

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from tests.conftest import Project, wait_for
-from trinity.controller.alerts import read_alerts
-from trinity.controller.supervision import PROGRAMS
+from trinity.contract import PROCESSES as PROGRAMS
+from trinity.stores.run_logs import read_alerts
 
 pytestmark = pytest.mark.slow
 

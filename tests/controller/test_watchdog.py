@@ -22,7 +22,7 @@ from tests.conftest import Project, wait_for
 from tests.controller.conftest import FakeSupervisord, Processes
 from tests.controller.test_healing import _alerts, _gone, _pid
 from tests.controller.test_storage_faults import assert_each_event_handled_once, start_run
-from trinity.controller.watchdog import AliveFile, ControllerWatch, alive_path
+from trinity.controller.supervision.watchdog import AliveFile, ControllerWatch, alive_path
 from trinity.errors import ConfigError
 from trinity.settings import Settings
 
@@ -58,11 +58,11 @@ def test_a_stale_alive_file_restarts_a_stopped_controller(
     fake.set("controller", pid)
     _age(watch.path, DEADLINE_S + 5)
     alert = watch.check()
-    assert alert is not None and alert["kind"] == "agent_restarted"
-    assert alert["agent"] == "controller" and alert["severity"] == "warning"
-    assert alert["details"]["pid"] == pid and alert["details"]["process_status"] == "stopped"
-    assert alert["details"]["new_pid"] == fake.info["controller"]["pid"] != pid
-    assert DEADLINE_S < alert["details"]["silent_s"] < DEADLINE_S + 10
+    assert alert is not None and alert.kind == "agent_restarted"
+    assert alert.agent == "controller" and alert.severity == "warning"
+    assert alert.details["pid"] == pid and alert.details["process_status"] == "stopped"
+    assert alert.details["new_pid"] == fake.info["controller"]["pid"] != pid
+    assert DEADLINE_S < alert.details["silent_s"] < DEADLINE_S + 10
     assert fake.restarted == [("controller", pid)]
 
 
@@ -78,8 +78,8 @@ def test_an_asleep_controller_is_hung_once_its_main_thread_did_not_wake_between_
     assert watch.check() is None
     time.sleep(0.2)
     alert = watch.check()
-    assert alert is not None and alert["kind"] == "agent_restarted"
-    assert alert["details"]["pid"] == pid and alert["details"]["process_status"] == "sleeping"
+    assert alert is not None and alert.kind == "agent_restarted"
+    assert alert.details["pid"] == pid and alert.details["process_status"] == "sleeping"
 
 
 def test_a_controller_waiting_on_a_lock_is_slow_not_hung(
@@ -102,7 +102,7 @@ def test_a_controller_waiting_on_a_lock_is_slow_not_hung(
     wait_for(lambda: psutil.Process(waiting.pid).status() == psutil.STATUS_STOPPED, 5,
              "SIGSTOP")
     alert = watch.check()
-    assert alert is not None and alert["details"]["process_status"] == "stopped"
+    assert alert is not None and alert.details["process_status"] == "stopped"
 
 
 def test_a_fresh_alive_file_or_a_young_process_is_left_alone(
@@ -144,14 +144,14 @@ def test_restarts_past_the_intensity_escalate_once_until_the_loop_runs_again(
     fake.set("controller", processes.hung())
     _age(watch.path, 3600)
     first = watch.check()
-    assert first is not None and first["kind"] == "agent_restarted"
-    new = first["details"]["new_pid"]
+    assert first is not None and first.kind == "agent_restarted"
+    new = first.details["new_pid"]
     os.kill(new, signal.SIGSTOP)  # the new controller hangs too
     wait_for(lambda: psutil.Process(new).status() == psutil.STATUS_STOPPED, 5, "SIGSTOP")
     fake.set("controller", new)  # an hour old, never touched the file
     limit = watch.check()
-    assert limit is not None and limit["kind"] == "restart_intensity_exceeded"
-    assert limit["severity"] == "critical" and limit["details"]["pid"] == new
+    assert limit is not None and limit.kind == "restart_intensity_exceeded"
+    assert limit.severity == "critical" and limit.details["pid"] == new
     assert watch.check() is None and len(fake.restarted) == 1  # alerted once, no restart
     os.kill(new, signal.SIGCONT)
     watch.path.touch()  # its loop runs again

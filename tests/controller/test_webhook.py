@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
-from trinity.controller.alerts import make_alert
-from trinity.controller.webhook import WebhookNotifier, redact_url, validate_webhook_url
+from trinity.contract import Alert
+from trinity.controller.process.webhook import WebhookNotifier
 from trinity.errors import ConfigError
+from trinity.urls import redact_url, validate_webhook_url
 
 FAST = {"timeout_s": 1.0, "backoff_s": 0.01}
 
@@ -186,7 +187,7 @@ def refusing_url() -> Iterator[str]:
 
 
 def _alert(i: int) -> dict[str, Any]:
-    return make_alert("test_alert", "warning", f"alert {i}", agent="executor", n=i)
+    return Alert.of("test_alert", "warning", f"alert {i}", agent="executor", n=i).payload()
 
 
 # -- delivery -----------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_submit_sends_a_snapshot_and_stringifies_non_json_values(serve, notifier
     hook = serve(200)
     notifier = notifiers(hook.url(), **FAST)
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    alert = make_alert("disk", "error", "disk full", path=Path("/var/x"), when=when)
+    alert = Alert.of("disk", "error", "disk full", path=Path("/var/x"), when=when).payload()
     assert notifier.submit(alert)
     alert["message"] = "changed after submit"  # AlertLog.write_alert mutates alerts
     alert["source"] = "controller"
@@ -237,7 +238,7 @@ def test_5xx_forever_fails_after_max_attempts_and_the_worker_goes_on(
         serve, notifiers, caplog: pytest.LogCaptureFixture) -> None:
     hook = serve(500)
     notifier = notifiers(hook.url(), max_attempts=3, **FAST)
-    with caplog.at_level(logging.WARNING, logger="trinity.controller.webhook"):
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.process.webhook"):
         notifier.submit(_alert(1))
         wait_until(settled(notifier, 1), 10, "the first alert to fail")
         assert hook.count() == 3
@@ -375,7 +376,7 @@ def test_full_queue_drops_the_oldest_and_counts_it(
     wait_until(lambda: hook.count() == 1, 5, "alert 0 to be in flight")
     assert [notifier.submit(_alert(i)) for i in range(1, 6)] == [True, True, True, False, False]
     assert notifier.counters() == {"delivered": 0, "failed": 0, "dropped": 2, "queued": 4}
-    with caplog.at_level(logging.WARNING, logger="trinity.controller.webhook"):
+    with caplog.at_level(logging.WARNING, logger="trinity.controller.process.webhook"):
         hook.release.set()
         wait_until(settled(notifier, 6), 10, "the queue to drain")
     assert notifier.counters() == {"delivered": 4, "failed": 0, "dropped": 2, "queued": 0}
@@ -402,7 +403,7 @@ def test_failure_logs_show_only_the_redacted_url(
     hook = serve(500)
     secret_url = hook.url("/hook/T0k3nPath?key=K3yQuery", auth="alice:S3cretPw@")
     refused = refusing_url.replace("http://", "http://bob:S3cretPw@") + "/T0k3nPath?key=K3yQuery"
-    with caplog.at_level(logging.DEBUG, logger="trinity.controller.webhook"):
+    with caplog.at_level(logging.DEBUG, logger="trinity.controller.process.webhook"):
         for url in (secret_url, refused):
             notifier = notifiers(url, max_attempts=2, **FAST)
             notifier.submit(_alert(1))

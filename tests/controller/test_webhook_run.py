@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Project, wait_for
 from tests.controller.test_webhook import Hook
-from trinity.controller.alerts import read_alerts
+from trinity.stores.run_logs import read_alerts
 
 pytestmark = pytest.mark.slow
 

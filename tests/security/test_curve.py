@@ -37,11 +37,14 @@ from tests.bus._common import (
     record_applied,
 )
 from trinity.bus import curve
+from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message
 from trinity.bus.node import BusNode
-from trinity.bus.topology import DEFAULT_TOPOLOGY, TELEMETRY
+from trinity.cli.keys import keys as keys_command
 from trinity.clock import now_ms
+from trinity.contract import TELEMETRY
+from trinity.contract import TOPOLOGY as TRINITY_TOPOLOGY
 from trinity.errors import ConfigError
 from trinity.settings import CURVE_DIR_NAME, Settings
 
@@ -75,7 +78,7 @@ def _public_keys(directory: Path) -> dict[str, bytes]:
 
 def test_keys_generate_writes_one_private_pair_per_process(tmp_path: Path) -> None:
     target = tmp_path / "k"
-    result = CliRunner().invoke(curve.keys_command, ["generate", "--dir", str(target)])
+    result = CliRunner().invoke(keys_command, ["generate", "--dir", str(target)])
     assert result.exit_code == 0, result.output
     assert f"wrote 4 key pairs to {target}" in result.output
     public, private = target / curve.PUBLIC_DIR, target / curve.PRIVATE_DIR
@@ -93,13 +96,13 @@ def test_keys_generate_writes_one_private_pair_per_process(tmp_path: Path) -> No
 def test_keys_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     target = tmp_path / "k"
     runner = CliRunner()
-    assert runner.invoke(curve.keys_command, ["generate", "--dir", str(target)]).exit_code == 0
+    assert runner.invoke(keys_command, ["generate", "--dir", str(target)]).exit_code == 0
     before = _public_keys(target)
-    again = runner.invoke(curve.keys_command, ["generate", "--dir", str(target)])
+    again = runner.invoke(keys_command, ["generate", "--dir", str(target)])
     assert again.exit_code == 1
     assert "already holds CURVE keys; --force replaces them" in again.output
     assert _public_keys(target) == before
-    forced = runner.invoke(curve.keys_command, ["generate", "--dir", str(target), "--force"])
+    forced = runner.invoke(keys_command, ["generate", "--dir", str(target), "--force"])
     assert forced.exit_code == 0, forced.output
     after = _public_keys(target)
     assert sorted(after) == sorted(before)
@@ -107,7 +110,7 @@ def test_keys_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> Non
 
 
 def test_keys_generate_defaults_to_the_data_dir_and_settings_find_them(tmp_path: Path) -> None:
-    result = CliRunner().invoke(curve.keys_command, ["generate"], env=_env(tmp_path))
+    result = CliRunner().invoke(keys_command, ["generate"], env=_env(tmp_path))
     assert result.exit_code == 0, result.output
     assert (tmp_path / CURVE_DIR_NAME / curve.PRIVATE_DIR / "witness.key_secret").is_file()
     assert Settings.from_env(_env(tmp_path)).curve_dir == tmp_path / CURVE_DIR_NAME
@@ -171,16 +174,18 @@ def test_a_named_key_folder_without_keys_is_a_config_error(tmp_path: Path) -> No
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in (empty, tmp_path / "missing"):
+        settings = Settings.from_env(_env(tmp_path, TRINITY_CURVE_DIR=str(folder)))
         with pytest.raises(ConfigError, match=f"CURVE key folder {folder} holds no public keys"
                            r".*; run `trinity keys generate --dir "):
-            Settings.from_env(_env(tmp_path, TRINITY_CURVE_DIR=str(folder)))
+            BusConfig.of(settings).check()  # what `trinity run` asks before it starts
 
 
 def test_secret_keys_readable_by_others_are_a_config_error(tmp_path: Path,
                                                            keys_dir: Path) -> None:
     (keys_dir / curve.PRIVATE_DIR).chmod(0o750)
+    settings = Settings.from_env(_env(tmp_path, TRINITY_CURVE_DIR=str(keys_dir)))
     with pytest.raises(ConfigError, match="is readable by others .*chmod 700"):
-        Settings.from_env(_env(tmp_path, TRINITY_CURVE_DIR=str(keys_dir)))
+        BusConfig.of(settings).check()
 
 
 def test_a_process_without_its_secret_key_does_not_start(
@@ -192,7 +197,7 @@ def test_a_process_without_its_secret_key_does_not_start(
     journal = Journal(settings.messages_db, source="test")
     try:
         with pytest.raises(ConfigError, match="no CURVE secret key for 'witness'"):
-            BusNode("witness", settings, journal, DEFAULT_TOPOLOGY)
+            BusNode("witness", BusConfig.of(settings), journal, TRINITY_TOPOLOGY)
     finally:
         journal.close()
 
@@ -214,7 +219,7 @@ def test_a_node_in_code_refuses_an_endpoint_off_loopback_without_keys(
     journal = Journal(settings.messages_db, source="test")
     try:
         with pytest.raises(ConfigError, match="endpoint consumer=tcp://10.1.0.2:5551 is not"):
-            BusNode(CONSUMER, settings, journal,
+            BusNode(CONSUMER, BusConfig.of(settings), journal,
                     TOPOLOGY.with_endpoints({CONSUMER: "tcp://10.1.0.2:5551"}))
     finally:
         journal.close()
@@ -236,8 +241,8 @@ def test_processes_listen_where_trinity_endpoints_says(
                                       TRINITY_ENDPOINTS=f"witness={where}",
                                       TRINITY_CURVE_DIR=str(keys_dir)))
     journal = Journal(settings.messages_db, source="test")
-    witness = BusNode("witness", settings, journal, DEFAULT_TOPOLOGY, publishes=())
-    controller = BusNode("controller", settings, journal, DEFAULT_TOPOLOGY,
+    witness = BusNode("witness", BusConfig.of(settings), journal, TRINITY_TOPOLOGY, publishes=())
+    controller = BusNode("controller", BusConfig.of(settings), journal, TRINITY_TOPOLOGY,
                          publishes=(TELEMETRY,))
     try:
         assert witness.endpoint == where
@@ -314,11 +319,11 @@ def test_only_authenticated_clients_reach_a_curve_node(
     topology = TOPOLOGY if bind == "ipc" else TOPOLOGY.with_endpoints({CONSUMER: bind})
     consumer_ctx: zmq.Context[Any] = zmq.Context()
     publisher_ctx: zmq.Context[Any] = zmq.Context()  # another process, as far as ZeroMQ goes
-    consumer = BusNode(CONSUMER, settings, journal, topology, context=consumer_ctx)
+    consumer = BusNode(CONSUMER, BusConfig.of(settings), journal, topology, context=consumer_ctx)
     bound = topology.with_endpoints({CONSUMER: consumer.endpoint})
     pub_journal = Journal(settings.messages_db, source="publisher")
-    publisher = BusNode(PUBLISHER, settings, pub_journal, bound, publishes=(ALPHA, BEATS),
-                        context=publisher_ctx)
+    publisher = BusNode(PUBLISHER, BusConfig.of(settings), pub_journal, bound,
+                        publishes=(ALPHA, BEATS), context=publisher_ctx)
     rogue_ctx: zmq.Context[Any] = zmq.Context()
     plain, unknown = _rogues(rogue_ctx, consumer.endpoint, keys_dir, stranger)
     total = 40
@@ -373,7 +378,7 @@ def test_without_keys_the_same_forgeries_do_reach_the_node(
     settings = make_settings(tmp_path, short_run_dir)
     journal = Journal(settings.messages_db, source="consumer")
     ctx: zmq.Context[Any] = zmq.Context()
-    consumer = BusNode(CONSUMER, settings, journal,
+    consumer = BusNode(CONSUMER, BusConfig.of(settings), journal,
                        TOPOLOGY.with_endpoints({CONSUMER: "tcp://127.0.0.1:*"}), context=ctx)
     plain = _Watched(ctx)
     plain.sock.connect(consumer.endpoint)
@@ -400,8 +405,8 @@ def test_the_zap_handler_is_one_thread_per_context_and_stops_with_its_last_node(
     journal = Journal(settings.messages_db, source="test")
     ctx: zmq.Context[Any] = zmq.Context()
     before = threading.active_count()
-    witness = BusNode("witness", settings, journal, DEFAULT_TOPOLOGY, context=ctx)
-    architect = BusNode("architect", settings, journal, DEFAULT_TOPOLOGY, context=ctx)
+    witness = BusNode("witness", BusConfig.of(settings), journal, TRINITY_TOPOLOGY, context=ctx)
+    architect = BusNode("architect", BusConfig.of(settings), journal, TRINITY_TOPOLOGY, context=ctx)
     try:
         assert threading.active_count() == before + 1
     finally:

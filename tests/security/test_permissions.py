@@ -22,12 +22,12 @@ from click.testing import CliRunner
 
 from tests.agents.conftest import embedder  # noqa: F401 - the agents' session fixture
 from tests.conftest import BIN, Project, wait_for
-from trinity.agents.embedding import Embedder
-from trinity.agents.patterns import PatternStore
-from trinity.bus.curve import keys_command
+from trinity.agents.witness.embedding import Embedder
+from trinity.agents.witness.store import PatternStore
 from trinity.bus.journal import Journal
-from trinity.costs import CostLedger
+from trinity.cli.keys import keys as keys_command
 from trinity.db import connect
+from trinity.stores.costs import CostLedger
 
 STORES = ("trinity_messages.db", "trinity_costs.db", "trinity_patterns.db")
 

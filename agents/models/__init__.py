@@ -1,0 +1,1 @@
+"""Model calls: the routing policy, the router and the providers it routes between."""

@@ -1,0 +1,263 @@
+"""The router: picks the provider for each model call and records every attempt.
+
+A request is tried along its route (from the policy): up to ``max_attempts`` per
+provider with backoff, then the next provider (a fallback). Providers without key or
+host, cooling down after repeated failures, or paid while the budget forbids it, are
+skipped. Each attempt — answer, error, timeout, invalid output — is one row in the
+cost ledger, written before the next attempt starts. A request that was already
+answered (a message replayed after a crash) reuses the stored answer: no new call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from trinity.agents.models.policy import RoutingPolicy
+from trinity.agents.models.providers.base import ChatRequest, Completion, Provider, TokenUsage
+from trinity.clock import now_ms
+from trinity.errors import AllModelsFailed, ModelError, ModelTimeout
+from trinity.stores.costs import (
+    ERROR,
+    FALLBACK,
+    PRIMARY,
+    RETRY,
+    SUCCESS,
+    TIMEOUT,
+    CallRecord,
+    CostLedger,
+    price_usd,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Runs one provider call; BaseProcess supplies one that keeps heartbeats going.
+Waiter = Callable[[Callable[[], Completion], float, threading.Event], Completion]
+
+
+def run_inline(
+    fn: Callable[[], Completion], timeout_s: float, cancel: threading.Event
+) -> Completion:
+    return fn()
+
+
+@dataclass
+class ProviderHealth:
+    consecutive_failures: int = 0
+    cooldown_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a request serves: written to every ledger row of its attempts."""
+
+    agent: str
+    request_id: str
+    run_id: str | None = None
+    event_id: str | None = None
+    task_id: str | None = None
+    pattern: str | None = None
+    severity: str | None = None
+    sim_elapsed_s: float | None = None
+
+
+@dataclass
+class Routed(Generic[T]):
+    value: T
+    provider: str
+    model: str
+    attempts: list[CallRecord] = field(default_factory=list)
+    reused: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        providers: dict[str, Provider],
+        ledger: CostLedger,
+        *,
+        budget_usd: float,
+        budget_mode: str = "warn",
+        waiter: Waiter = run_inline,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.providers = providers
+        self.ledger = ledger
+        self.budget_usd = budget_usd
+        self.budget_mode = budget_mode
+        self.waiter = waiter
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.health = {name: ProviderHealth() for name in providers}
+        # Attempts made (and perhaps paid) whose ledger write failed (a locked ledger, a
+        # full disk), by request: written before anything else is done for the request
+        # again, so its retry reuses the answer instead of paying for a second call.
+        self._unrecorded: dict[str, list[tuple[CallRecord, str | None]]] = {}
+        # An unknown price is a config error, now; a provider that cannot be used (no
+        # key, no host) is not priced, nor is the price table loaded for it (17 MB).
+        for provider in providers.values():
+            if provider.price_model and provider.unavailable_reason() is None:
+                price_usd(provider.price_model, provider.price_provider,
+                          input_tokens=1, output_tokens=1)
+
+    # -- choosing -----------------------------------------------------------
+
+    def plan_route(self, ctx: CallContext) -> tuple[list[Provider], dict[str, str]]:
+        """The providers to try, in order, and why the others were skipped."""
+        route = self.policy.route_for(ctx.agent, ctx.pattern, ctx.severity)
+        over_budget: bool | None = None
+        usable: list[Provider] = []
+        skipped: dict[str, str] = {}
+        now = self.monotonic()
+        for name in route.chain:
+            provider = self.providers[name]
+            reason = provider.unavailable_reason()
+            if reason is None and self.health[name].cooldown_until > now:
+                reason = f"cooling down for {self.health[name].cooldown_until - now:.0f} s"
+            if reason is None and provider.price_model and (
+                    route.within_budget or self.budget_mode == "enforce"):
+                if over_budget is None:
+                    over_budget = self.ledger.spent_usd(ctx.run_id) >= self.budget_usd
+                if over_budget:
+                    reason = f"budget ${self.budget_usd:.2f} spent"
+            if reason is None:
+                usable.append(provider)
+            else:
+                skipped[name] = reason
+        return usable, skipped
+
+    # -- calling ------------------------------------------------------------
+
+    def call(
+        self,
+        request: ChatRequest,
+        ctx: CallContext,
+        parse: Callable[[Completion], T],
+    ) -> Routed[T]:
+        """Answer ``request`` along its route; ``parse`` turns an answer into the result
+        (raising InvalidModelOutput for one that is unusable, which counts as a failed
+        attempt). Raises AllModelsFailed when no provider produced a usable answer, and
+        the ledger's error when an attempt cannot be recorded (the attempt is kept and
+        recorded first when the request comes again)."""
+        self._record_unrecorded(ctx.request_id)
+        stored = self.ledger.answer_for(ctx.request_id)
+        if stored is not None:
+            answered_by, model, content = stored
+            value = parse(Completion(content, TokenUsage(0, 0), model))
+            return Routed(value, answered_by, model, reused=True)
+        usable, skipped = self.plan_route(ctx)
+        attempts: list[CallRecord] = []
+        errors: list[str] = []
+        for index, provider in enumerate(usable):
+            for attempt in range(1, self.policy.call.max_attempts + 1):
+                if attempt > 1:
+                    self.sleep(self.policy.call.backoff(attempt - 1))
+                route = PRIMARY if index == 0 and attempt == 1 else (
+                    RETRY if attempt > 1 else FALLBACK)
+                # A retry samples afresh: the same seed would give the same bad answer.
+                tried = request if attempt == 1 else dataclasses.replace(
+                    request, seed=request.seed + attempt - 1)
+                outcome = self._attempt(provider, tried, ctx, route, len(attempts) + 1, parse)
+                attempts.append(outcome[0])
+                if outcome[1] is not None:
+                    return Routed(outcome[1][0], provider.name, outcome[0].model, attempts,
+                                  skipped=skipped)
+                errors.append(f"{provider.name}: {outcome[0].error}")
+                if self.health[provider.name].cooldown_until > self.monotonic():
+                    break  # cooling down now: straight to the next provider
+        detail = "; ".join(errors) or "no usable provider (" + ", ".join(
+            f"{k}: {v}" for k, v in skipped.items()) + ")"
+        raise AllModelsFailed(
+            f"{ctx.agent} request {ctx.request_id}: every provider failed: {detail}", attempts)
+
+    def _record_unrecorded(self, request_id: str) -> None:
+        """Write the attempts of ``request_id`` whose ledger write failed, oldest first
+        (raises the ledger's error again if it still cannot take them)."""
+        pending = self._unrecorded.get(request_id)
+        while pending:
+            record, answer = pending[0]
+            self.ledger.record(record, answer=answer)
+            pending.pop(0)
+        self._unrecorded.pop(request_id, None)
+
+    def _attempt(
+        self,
+        provider: Provider,
+        request: ChatRequest,
+        ctx: CallContext,
+        route: str,
+        number: int,
+        parse: Callable[[Completion], T],
+    ) -> tuple[CallRecord, tuple[T] | None]:
+        cancel = threading.Event()
+        timeout_s = self.policy.call.timeout_s
+        started = time.perf_counter()
+        ts = now_ms()
+        completion: Completion | None = None
+        parsed: tuple[T] | None = None
+        error: ModelError | None = None
+        try:
+            completion = self.waiter(
+                lambda: provider.complete(request, timeout_s=timeout_s, cancel=cancel),
+                timeout_s, cancel)
+            parsed = (parse(completion),)
+        except ModelError as exc:
+            error = exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        usage = completion.usage if completion is not None else TokenUsage(0, 0, estimated=True)
+        cost = 0.0
+        if provider.price_model and completion is not None:
+            cost = float(price_usd(provider.price_model, provider.price_provider,
+                                   input_tokens=usage.input_tokens,
+                                   output_tokens=usage.output_tokens,
+                                   cached_tokens=usage.cached_tokens))
+        status = SUCCESS if error is None else (TIMEOUT if isinstance(error, ModelTimeout)
+                                                else ERROR)
+        record = CallRecord(
+            call_id=uuid.uuid4().hex, request_id=ctx.request_id, attempt=number, route=route,
+            ts_ms=ts, sim_elapsed_s=ctx.sim_elapsed_s, run_id=ctx.run_id, agent=ctx.agent,
+            provider=provider.name, provider_kind=provider.kind,
+            model=completion.model if completion is not None else provider.model,
+            local=provider.local, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens, tokens_estimated=usage.estimated,
+            cost_usd=cost, latency_ms=round(latency_ms, 3), status=status,
+            error_class=error.error_class if error is not None else None,
+            error=str(error)[:500] if error is not None else None,
+            event_id=ctx.event_id, task_id=ctx.task_id,
+        )
+        answer = completion.content if error is None and completion else None
+        try:
+            self.ledger.record(record, answer=answer)
+        except sqlite3.Error:
+            self._unrecorded.setdefault(ctx.request_id, []).append((record, answer))
+            raise
+        health = self.health[provider.name]
+        if error is None:
+            health.consecutive_failures = 0
+        else:
+            log.warning("model call failed (%s, attempt %d, %s): %s", provider.name, number,
+                        route, error)
+            health.consecutive_failures += 1
+            if health.consecutive_failures >= self.policy.call.cooldown_after:
+                health.cooldown_until = self.monotonic() + self.policy.call.cooldown_s
+                health.consecutive_failures = 0
+                log.warning("provider %s cooling down for %.0f s", provider.name,
+                            self.policy.call.cooldown_s)
+        return record, parsed
+
+    def close(self) -> None:
+        for provider in self.providers.values():
+            provider.close()

@@ -1,0 +1,1 @@
+"""WITNESS: pattern detection that learns (the process, its detector and its store)."""

@@ -1,0 +1,142 @@
+"""WITNESS: classifies each event on telemetry_stream and learns from what it sees.
+
+For each event it asks the detector (static embeddings + learned classifier +
+nearest exemplars from the pattern store) for a pattern and a calibrated
+confidence. A detection is published to improvement_queue as a signal and becomes
+an exemplar in the store; an abstention is recorded as the event's outcome
+("no_pattern"), so every event ends recorded exactly once either way. WITNESS runs
+locally and costs nothing.
+
+The store is a separate database, so its writes cannot share the journal
+transaction; they are keyed by event id instead, and a message re-applied after a
+crash reuses the detection already stored rather than classifying again. So the
+classification is prepared outside the journal transaction (which then holds the
+journal's write lock only for the outcome or the signal), and quick ones are
+committed many to a transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from trinity.bus.journal import Transaction
+from trinity.bus.message import Message, encode_payload
+from trinity.bus.process import BusProcess
+from trinity.clock import now_ms
+from trinity.contract import (
+    ALERTS,
+    HEARTBEATS,
+    IMPROVEMENT,
+    NO_PATTERN,
+    TOPOLOGY,
+    WITNESS,
+    no_pattern_id,
+)
+from trinity.errors import InvalidPayload, MalformedMessage
+from trinity.stores import runs
+
+if TYPE_CHECKING:
+    from trinity.agents.witness.knowledge import Knowledge
+
+log = logging.getLogger(__name__)
+
+
+SIGNAL_CONTEXT = ("file", "line", "error_type", "test_name", "files", "failure_rate", "source",
+                  "labels")
+
+
+def _plain(value: Any) -> bool:
+    """A short scalar or list of strings: safe to pass on in a signal."""
+    if isinstance(value, str):
+        return 0 < len(value) <= 300
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    return isinstance(value, list) and 0 < len(value) <= 20 and all(
+        isinstance(v, str) and len(v) <= 200 for v in value)
+
+
+class Witness(BusProcess):
+    topology = TOPOLOGY
+    name: ClassVar[str] = WITNESS
+    publishes: ClassVar[tuple[str, ...]] = (IMPROVEMENT, ALERTS, HEARTBEATS)
+    # Store writes are idempotent by event id and happen in ``prepare``; the commits
+    # only write inside the transaction, so a batch may be re-run.
+    isolate_each_message: ClassVar[bool] = False
+    prepares: ClassVar[bool] = True
+
+    def initialize(self) -> None:
+        # Imported here, not at the top: the detector's scikit-learn, SciPy and FAISS
+        # cost ~75 MB private (~115 MB RSS), which a process that imports this module
+        # without running WITNESS (a tool, a test) should not pay.
+        from trinity.agents.witness.knowledge import Knowledge
+
+        super().initialize()
+        runs.ensure_schema(self.journal.conn)
+        self.knowledge: Knowledge = Knowledge.open(self.settings)
+
+    def shutdown(self) -> None:
+        self.knowledge.close()
+        super().shutdown()
+
+    def heartbeat(self) -> dict[str, Any]:
+        beat = super().heartbeat()
+        replica = self.knowledge.store.replica if hasattr(self, "knowledge") else None
+        problem = replica.problem() if replica is not None else None
+        if problem and "database_error" not in beat:
+            # Detections are safe in the local outbox meanwhile; the controller alerts.
+            beat["database_error"] = {"error": problem, "error_type": "FirestoreUnavailable",
+                                      "database": "firestore", "ts_ms": now_ms()}
+        return beat
+
+    def prepare(self, msg: Message) -> Callable[[Transaction], None]:
+        try:
+            event = msg.json()
+        except MalformedMessage as exc:
+            raise InvalidPayload(exc.reason) from None
+        event_id = event.get("event_id")
+        if not isinstance(event_id, str) or not event_id.strip():
+            event_id = msg.msg_id
+        run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
+        started = time.perf_counter()
+        try:
+            outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
+                                             started=started)
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError and not isinstance(
+                    exc, sqlite3.OperationalError):
+                raise
+            # Name the file: the event waits for a retry and the alert says which store.
+            raise type(exc)(f"{self.settings.patterns_db.name}: {exc}") from exc
+        if outcome.pattern is None:
+            reason = outcome.reason
+
+            def record_none(tx: Transaction) -> None:
+                runs.record_outcome(tx.conn, task_id=no_pattern_id(event_id), event_id=event_id,
+                                    run_id=run_id, delegate=WITNESS, status=NO_PATTERN,
+                                    product=reason)
+            return record_none
+        signal: dict[str, Any] = {
+            "signal_id": event_id,
+            "event_id": event_id,
+            "run_id": run_id,
+            "cycle": event.get("cycle"),
+            "pattern": outcome.pattern,
+            "confidence": round(outcome.confidence, 4),
+            "severity": event.get("severity") if isinstance(event.get("severity"), str) else None,
+            "detector": WITNESS,
+            "message": event["message"][:2000],
+            # What ARCHITECT's and EXECUTOR's prompts show besides the message.
+            **{k: event[k] for k in SIGNAL_CONTEXT if _plain(event.get(k))},
+        }
+        payload = encode_payload(signal)
+
+        def publish(tx: Transaction) -> None:
+            # Keyed by the event: re-applying after a crash cannot publish it twice.
+            tx.publish(IMPROVEMENT, payload, key=event_id)
+        return publish

@@ -1,0 +1,334 @@
+"""WITNESS's pattern store: the SQLite record with a FAISS index over its exemplars.
+
+SQLite (``trinity_patterns.db``, its tables and queries are ``trinity.stores.patterns``)
+is the record: exemplars with their vectors, every detection, and per-pattern counts,
+first/last seen and confidence sums.
+FAISS (``trinity_patterns.faiss``) is a derived index for nearest-exemplar search.
+On every open the index is checked against SQLite (same ids, same count, built
+from the same embedding table) and rebuilt from the stored vectors when it is not,
+so a stale index cannot survive a restart. The index is saved on close and every
+``SAVE_EVERY`` additions; a crash in between only costs a rebuild.
+
+Each process that opens the store starts a *session*; a detection whose nearest
+exemplar was stored by an earlier session is a cross-session match, which is how
+learning across restarts is measured.
+
+Writes are idempotent by event id, so a message re-applied after a crash neither
+counts nor learns twice.
+
+With a Firestore replica (``TRINITY_PATTERN_BACKEND=firestore``, see
+``trinity.stores.patterns.firestore``) Firestore is the record: the store takes what
+Firestore has on open, before its index is checked, and every write also queues its
+records in an ``outbox`` table (same SQLite transaction) that a thread sends to Firestore.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from trinity.agents.witness.embedding import Embedder
+from trinity.agents.witness.exemplars import Neighbour
+from trinity.agents.witness.model import Detection
+from trinity.clock import now_ms
+from trinity.contract import LABELS
+from trinity.db import connect, immediate, make_private
+from trinity.errors import JournalError
+from trinity.stores import patterns as store
+from trinity.stores.patterns.firestore import FirestoreReplica, outbox_add
+
+SAVE_EVERY = 200
+# A detection counts as a match against an exemplar when they are this similar. In the
+# joint MiniLM + WordLlama space, 60 % of dev-set events have a neighbour this close from
+# another repository, and 96 % of those neighbours share the event's label.
+MATCH_SIMILARITY = 0.65
+
+
+def _storable(text: str) -> str:
+    """Text SQLite can store: lone surrogates (from undecodable bytes) become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class StoredDetection:
+    event_id: str
+    pattern: str | None
+    confidence: float
+
+
+class PatternStore:
+    def __init__(self, path: Path, embedder: Embedder,
+                 replica: FirestoreReplica | None = None) -> None:
+        self.path = path
+        self.replica = replica
+        self.index_path = path.with_suffix(".faiss")
+        self.embedder = embedder
+        self.session_id = uuid.uuid4().hex
+        self._unsaved = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = connect(path, timeout_s=10)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self._write() as conn:
+                store.ensure_schema(conn)
+                store.start_session(conn, self.session_id, now_ms())
+                self._queue(conn, "session", [self.session_id])
+            if replica is not None:
+                replica.sync(self.conn)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open pattern store {path}: {exc}") from exc
+        self._labels: dict[int, tuple[str, str]] = {}  # exemplar id -> (label, session)
+        self.index = self._load_index()
+        if replica is not None:
+            replica.start(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        return connect(self.path, timeout_s=10, check_same_thread=False)
+
+    def _queue(self, conn: sqlite3.Connection, kind: str, keys: Sequence[Any]) -> None:
+        """Records for Firestore, in the writer's transaction (no replica: nothing)."""
+        if self.replica is not None and keys:
+            outbox_add(conn, kind, keys)
+
+    # -- storage ------------------------------------------------------------
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self.conn)
+
+    def _load_index(self) -> Any:
+        """Load the FAISS index if it matches SQLite exactly; otherwise rebuild it."""
+        fingerprint = self.embedder.fingerprint
+        reembedded = store.meta(self.conn, "embedding") not in (None, fingerprint)
+        if reembedded:
+            self._reembed()
+        with self._write() as conn:
+            store.set_meta(conn, "embedding", fingerprint)
+        self._labels = {i: (label, session)
+                        for i, label, session in store.exemplar_labels(self.conn)}
+        index = None
+        # After a re-embedding the saved index holds the old vectors under the same ids.
+        if (self.index_path.exists() and not reembedded
+                and store.meta(self.conn, "index_fingerprint") == fingerprint):
+            try:
+                index = faiss.read_index(str(self.index_path))
+            except RuntimeError:
+                index = None
+        if index is not None and self._agrees(index):
+            self.rebuilt = False
+            return index
+        self.rebuilt = True
+        return self._rebuild()
+
+    def _agrees(self, index: Any) -> bool:
+        if index.ntotal != len(self._labels) or index.d != self.embedder.dim:
+            return False
+        ids = faiss.vector_to_array(index.id_map)
+        return bool(np.array_equal(np.sort(ids), np.array(sorted(self._labels), dtype=np.int64)))
+
+    def _rebuild(self) -> faiss.IndexIDMap2:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+        ids, vectors = [], []
+        for exemplar_id, blob in store.exemplar_vectors(self.conn):
+            ids.append(exemplar_id)
+            vectors.append(np.frombuffer(blob, dtype=np.float16))
+        if ids:
+            index.add_with_ids(np.stack(vectors).astype(np.float32), np.array(ids, dtype=np.int64))
+        self.index = index
+        self.save_index()
+        return index
+
+    def _reembed(self) -> None:
+        """The embedding table changed: stored vectors are from another space."""
+        rows = store.exemplar_texts(self.conn)
+        with self._write() as conn:
+            for lo in range(0, len(rows), 1000):
+                chunk = rows[lo:lo + 1000]
+                vectors = self.embedder.embed([text for _, text in chunk])
+                store.set_vectors(conn, [
+                    (vec.astype(np.float16).tobytes(), exemplar_id)
+                    for (exemplar_id, _), vec in zip(chunk, vectors, strict=True)])
+                self._queue(conn, "exemplar", [exemplar_id for exemplar_id, _ in chunk])
+
+    def save_index(self) -> None:
+        tmp = self.index_path.with_suffix(f".faiss.{os.getpid()}.tmp")
+        make_private(tmp)  # faiss keeps the mode of the file it overwrites
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, self.index_path)
+        with self._write() as conn:
+            store.set_meta(conn, "index_fingerprint", self.embedder.fingerprint)
+        self._unsaved = 0
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.replica.stop()
+        if self._unsaved:
+            self.save_index()
+        self.conn.close()
+
+    # -- exemplars ------------------------------------------------------------
+
+    def exemplar_count(self) -> int:
+        return len(self._labels)
+
+    def add_exemplars(
+        self,
+        items: Sequence[tuple[str, str, str | None]],
+        *,
+        source: str,
+        vectors: np.ndarray | None = None,
+    ) -> list[int]:
+        """Store (text, label, origin) exemplars; returns their ids."""
+        if not items:
+            return []
+        if vectors is None:
+            vectors = self.embedder.embed([text for text, _, _ in items])
+        ts = now_ms()
+        ids = []
+        with self._write() as conn:
+            for (text, label, origin), vec in zip(items, vectors, strict=True):
+                ids.append(store.add_exemplar(
+                    conn, label=label, text=_storable(text), source=source, origin=origin,
+                    session_id=self.session_id, created_ms=ts,
+                    vector=vec.astype(np.float16).tobytes()))
+            self._queue(conn, "exemplar", ids)
+        self._index_add(ids, vectors, [label for _, label, _ in items])
+        self._wake()
+        return ids
+
+    def _index_add(self, ids: list[int], vectors: np.ndarray, labels: list[str]) -> None:
+        stored = np.asarray(vectors, dtype=np.float16).astype(np.float32).reshape(len(ids), -1)
+        self.index.add_with_ids(stored, np.array(ids, dtype=np.int64))
+        for exemplar_id, label in zip(ids, labels, strict=True):
+            self._labels[exemplar_id] = (label, self.session_id)
+        self._unsaved += len(ids)
+        if self._unsaved >= SAVE_EVERY:
+            self.save_index()
+
+    def seed(self, examples: Iterable[tuple[str, str, str]]) -> int:
+        """Load the shipped labelled examples once (a fresh store); returns how many."""
+        if store.is_seeded(self.conn):
+            return 0
+        return len(self.add_exemplars(list(examples), source=store.SEED))
+
+    def search(self, vector: np.ndarray, k: int) -> list[Neighbour]:
+        """Nearest exemplars, best first (the detector's NeighbourSearch)."""
+        if self.index.ntotal == 0:
+            return []
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        sims, ids = self.index.search(query, min(k, self.index.ntotal))
+        found = []
+        for sim, exemplar_id in zip(sims[0], ids[0], strict=True):
+            if exemplar_id < 0:
+                continue
+            label, session = self._labels[int(exemplar_id)]
+            found.append(Neighbour(int(exemplar_id), float(sim), label, session))
+        return found
+
+    # -- detections -----------------------------------------------------------
+
+    def detection(self, event_id: str) -> StoredDetection | None:
+        event_id = _storable(event_id)
+        found = store.decision(self.conn, event_id)
+        return StoredDetection(event_id, *found) if found else None
+
+    def record(
+        self,
+        detection: Detection,
+        *,
+        event_id: str,
+        text: str,
+        run_id: str | None = None,
+        learn: bool = True,
+        latency_ms: float | None = None,
+    ) -> bool:
+        """Record a detection once; with ``learn``, a detected pattern becomes an exemplar.
+
+        Returns False when this event was recorded before (nothing changes).
+        """
+        event_id = _storable(event_id)
+        nearest = detection.neighbours[0] if detection.neighbours else None
+        cross = (detection.pattern is not None and nearest is not None
+                 and nearest.session_id != self.session_id
+                 and nearest.similarity >= MATCH_SIMILARITY
+                 and nearest.label == detection.pattern)
+        ts = now_ms()
+        new_id: int | None = None
+        with self._write() as conn:
+            if not store.record_decision(
+                    conn, event_id=event_id, run_id=run_id, session_id=self.session_id,
+                    pattern=detection.pattern, label=detection.label,
+                    confidence=detection.confidence, detected_ms=ts,
+                    nearest_id=nearest.exemplar_id if nearest else None,
+                    nearest_similarity=nearest.similarity if nearest else None,
+                    cross_session=cross, latency_ms=latency_ms):
+                return False
+            self._queue(conn, "detection", [event_id])
+            if detection.pattern is not None and learn:
+                new_id = store.add_exemplar(
+                    conn, label=detection.pattern, text=_storable(text), source=store.DETECTED,
+                    origin=None, event_id=event_id, confidence=detection.confidence,
+                    session_id=self.session_id, created_ms=ts,
+                    vector=detection.vector.astype(np.float16).tobytes())
+                self._queue(conn, "exemplar", [new_id])
+        if new_id is not None and detection.pattern is not None:
+            self._index_add([new_id], detection.vector.reshape(1, -1), [detection.pattern])
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        if self.replica is not None:
+            self.replica.wake()
+
+    def correct(self, event_id: str, label: str, text: str) -> int:
+        """A human (or test) says what an event really was: it becomes an exemplar."""
+        if label not in LABELS:
+            raise ValueError(f"unknown label {label!r}")
+        return self.add_exemplars([(text, label, f"correction:{event_id}")],
+                                  source=store.CORRECTION)[0]
+
+    # -- statistics -----------------------------------------------------------
+
+    def stats(self, since_ms: int | None = None) -> dict[str, Any]:
+        """Per-pattern counts, first/last seen, average confidence and its trend."""
+        by_pattern: dict[str, dict[str, Any]] = {}
+        for c in store.pattern_counts(self.conn):
+            n = c.detections
+            by_pattern[c.pattern] = {
+                "detections": n, "average_confidence": c.confidence_sum / n if n else 0.0,
+                "first_seen_ms": c.first_seen_ms, "last_seen_ms": c.last_seen_ms,
+                "cross_session_matches": c.cross_session_matches,
+                "confidence_trend": self.confidence_trend(c.pattern),
+            }
+        events, detected, average, cross = store.decision_totals(self.conn)
+        exemplars = store.exemplars_by_source(self.conn)
+        new = store.learned_since(self.conn, since_ms) if since_ms is not None else 0
+        return {
+            "events": events,
+            "detections": detected,
+            "average_confidence": average,
+            "cross_session_matches": cross,
+            "confidence_trend": self.confidence_trend(None),
+            "exemplars": exemplars,
+            "total_patterns": sum(exemplars.values()),
+            "new_exemplars_since": new,
+            "by_pattern": by_pattern,
+        }
+
+    def confidence_trend(self, pattern: str | None) -> float:
+        """Mean confidence of the later half of detections minus that of the earlier half."""
+        values = store.confidences(self.conn, pattern=pattern)
+        if len(values) < 2:
+            return 0.0
+        half = len(values) // 2
+        return float(np.mean(values[half:]) - np.mean(values[:half]))
+

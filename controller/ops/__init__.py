@@ -1,0 +1,1 @@
+"""Operator commands: start, follow and resume a run, emit events, chaos, audit."""

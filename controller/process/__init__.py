@@ -1,0 +1,1 @@
+"""The controller process: events on a compressible clock, heartbeats, alerts, snapshots."""

@@ -1,0 +1,1 @@
+"""supervisord glue: its XML-RPC API, the crash listener and the controller's watchdog."""
