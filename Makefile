@@ -13,7 +13,7 @@ DEMO_TIME_SCALE ?= 2880
 LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h bench bench-pipeline chaos firestore-emulator clean
+.PHONY: help install demo smoke test lint schema start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h bench bench-pipeline chaos firestore-emulator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -111,7 +111,12 @@ firestore-emulator: $(FIRESTORE_DEPS) ## Run the Firestore emulator in the foreg
 clean: stop ## Remove databases, logs and reports of earlier runs (keeps .venv)
 	rm -rf trinity_*.db trinity_*.db-* trinity_*.faiss logs/24h_test logs/archive logs/supervisor reports .run chaos
 
-lint: install ## ruff, and mypy --strict on the installed package layout
+lint: install ## ruff, the layers' import contracts, the stores' generated schema, mypy --strict
 	ruff check trinity bus agents controller tests benchmarks
 	rm -rf build/typecheck && pip install --quiet --no-deps --target build/typecheck .
+	cd build && PYTHONPATH=typecheck lint-imports ../pyproject.toml
+	python -m trinity.stores.schema --check
 	cd build && MYPYPATH=typecheck mypy --config-file ../setup.cfg -p trinity
+
+schema: install ## Regenerate the stores' DDL blocks from their SQLAlchemy declarations
+	python -m trinity.stores.schema

@@ -245,10 +245,10 @@ class _Scrape:
             totals[0] += cost
             totals[1] += tokens_in
             totals[2] += tokens_out
-        for (agent, model), (cost, tokens_in, tokens_out) in by_model.items():
-            self.found["cost"].add_metric([agent, model], cost)
-            self.found["tokens"].add_metric([agent, model, "input"], tokens_in)
-            self.found["tokens"].add_metric([agent, model, "output"], tokens_out)
+        for (agent, model), (spent, used_in, used_out) in by_model.items():
+            self.found["cost"].add_metric([agent, model], spent)
+            self.found["tokens"].add_metric([agent, model, "input"], used_in)
+            self.found["tokens"].add_metric([agent, model, "output"], used_out)
         budget = runs.budget_usd(self.run, self.settings.budget_usd)
         self.found["budget"].add_metric([], budget)
         self.found["remaining"].add_metric([], budget - sum(t[0] for t in by_model.values()))

@@ -160,9 +160,9 @@ def firestore_state(settings: Settings, run_id: str,
             problems.append(f"Firestore counts {remote_counters.get(pattern)} {pattern} "
                             f"detections, the local store {count}")
     by_pattern: dict[str, int] = {}
-    for pattern in remote.values():
-        if pattern:
-            by_pattern[pattern] = by_pattern.get(pattern, 0) + 1
+    for decided in remote.values():
+        if decided:
+            by_pattern[decided] = by_pattern.get(decided, 0) + 1
     return {"project": project, "run_detections": len(remote),
             "run_detections_by_pattern": by_pattern, "patterns": remote_counters}, problems
 

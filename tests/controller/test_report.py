@@ -37,6 +37,7 @@ from trinity.contract import Alert
 from trinity.controller.process import snapshots
 from trinity.controller.reports import criteria, report
 from trinity.controller.reports.charts import PNG_SIGNATURE
+from trinity.controller.reports.report import recommend
 from trinity.db import open_readonly
 from trinity.settings import Settings
 from trinity.stores import patterns as pattern_store
@@ -158,11 +159,11 @@ def check_report_against_records(root: Path, log_dir: Path, out_dir: Path) -> st
     assert f"Pattern confidence: {want.confidence_mean:.3f} average" in text
     assert f"peak {want.memory_peak_mb:.0f} MB RSS" in text
     assert f"{want.crash_alerts} unexpected exits" in text
-    assert f"Total cost: {report._usd(want.cost_total)} /" in text
+    assert f"Total cost: {recommend._usd(want.cost_total)} /" in text
     if want.local_share is not None:
         assert f"Cost efficiency: {want.local_share:.1%} of model calls local" in text
     for agent, (calls, usd, local) in want.cost_by_agent.items():
-        assert f"| {agent.upper()} | {calls} | {report._usd(usd)} | {local:.1%} |" in text
+        assert f"| {agent.upper()} | {calls} | {recommend._usd(usd)} | {local:.1%} |" in text
     # the charts: real PNGs, linked from the Markdown, drawn from the same records
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(root)})
     data = report.build_report_data(settings, log_dir, run_id)

@@ -32,7 +32,8 @@ def config_option(func: F) -> F:
                         help="supervisord config file.")(func)
 
 
-def setting_option(flag: str, name: str, kind: type | click.ParamType) -> Callable[[F], F]:
+def setting_option(flag: str, name: str,
+                   kind: type | click.ParamType[Any]) -> Callable[[F], F]:
     """A flag that overrides the setting ``name``; its help (text, variable, default) is
     the setting's own."""
     return click.option(flag, name, type=kind, help=Settings.option_help(name))
