@@ -16,6 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trinity.agents.models.providers.base import Completion
+from trinity.contract import (
+    CONSTITUTION_VIOLATION,
+    CRITICAL_ERROR,
+    DUPLICATION,
+    FEATURE_REQUEST,
+    FLAKY_TEST,
+)
 from trinity.errors import InvalidModelOutput
 
 Short = Annotated[str, Field(min_length=3, max_length=48)]
@@ -107,23 +114,23 @@ class Delegate:
 
 # What each pattern is delegated to; critical errors get an emergency fix.
 _DELEGATES: dict[str, Delegate] = {
-    "constitution_violation": Delegate(
+    CONSTITUTION_VIOLATION: Delegate(
         QUALITY_ENFORCER, ProposedChange,
         "You are QualityEnforcer. Propose the smallest code change that makes the code "
         "comply with the project's rules (typing, linting, style)."),
-    "critical_error": Delegate(
+    CRITICAL_ERROR: Delegate(
         AGENCY_CODE_AGENT, ProposedChange,
         "You are AgencyCodeAgent on an emergency fix. Propose the smallest safe code "
         "change that stops the failure."),
-    "duplication": Delegate(
+    DUPLICATION: Delegate(
         AGENCY_CODE_AGENT, RefactoringPlan,
         "You are AgencyCodeAgent. Plan a refactoring that merges the duplicated code "
         "into one shared place."),
-    "flaky_test": Delegate(
+    FLAKY_TEST: Delegate(
         TEST_GENERATOR, TestPlan,
         "You are TestGenerator. Find the likely cause of the flaky test and list tests "
         "that pin it down."),
-    "feature_request": Delegate(
+    FEATURE_REQUEST: Delegate(
         PLANNER, ImplementationPlan,
         "You are the Planner. Break the requested feature into implementation "
         "milestones."),

@@ -44,78 +44,22 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold  # type: ignore[import-untyped,unused-ignore]
 
-from trinity.agents.witness.dataset import load_devset, load_labelled
+from trinity.agents.witness.dataset import load_devset, load_labelled, load_plan_events
 from trinity.agents.witness.embedding import Embedder, load_embedder
 from trinity.agents.witness.exemplars import InMemoryExemplars
 from trinity.agents.witness.model import Detector
 from trinity.agents.witness.text import event_text
 from trinity.agents.witness.train import train
 from trinity.contract import LABELS, NONE
+from trinity.plan import LONG_RUN_ACCURACY
 
-TARGET_ACCURACY = 0.95
+TARGET_ACCURACY = LONG_RUN_ACCURACY  # the plan's detection accuracy over time
 TARGET_NONE_FP = 0.05
 TARGET_ECE = 0.05
 ECE_BINS = 15
 
-PLAN_EVENTS: tuple[tuple[dict[str, Any], str, float], ...] = (
-    (
-        {
-            "message": "Fatal error: NoneType in production payment processing",
-            "severity": "critical",
-            "file": "payments/stripe.py",
-            "line": 142,
-            "error_type": "AttributeError",
-            "stack_trace": "...",
-            "timestamp": "2025-10-01T12:30:45Z",
-        },
-        "critical_error",
-        0.9,
-    ),
-    (
-        {
-            "message": "Type safety violation: Dict[Any, Any] in user model",
-            "file": "models/user.py",
-            "line": 23,
-            "severity": "high",
-            "violation_type": "strict_typing",
-            "keywords": ["type_safety", "constitution"],
-        },
-        "constitution_violation",
-        0.85,
-    ),
-    (
-        {
-            "message": "User requests dark mode toggle in settings",
-            "source": "personal_context_stream",
-            "priority": "NORMAL",
-            "user_intent": "feature_request",
-            "complexity": "medium",
-        },
-        "feature_request",
-        0.7,
-    ),
-    (
-        {
-            "message": "Duplicate validation logic found in 3 files",
-            "files": ["auth.py", "api.py", "utils.py"],
-            "duplication_ratio": 0.85,
-            "pattern": "refactoring_opportunity",
-        },
-        "duplication",
-        0.8,
-    ),
-    (
-        {
-            "message": "Test test_concurrent_transactions fails 40% of the time",
-            "test_file": "tests/test_payments.py",
-            "test_name": "test_concurrent_transactions",
-            "failure_rate": "40%",
-            "last_10_runs": [False, True, False, False, True, True, False, True, False, True],
-        },
-        "flaky_test",
-        0.75,
-    ),
-)
+# The test plan's own example events and the confidence the plan expects for each.
+PLAN_EVENTS = load_plan_events()
 
 SANITY_NEGATIVES = (
     "hello world",
@@ -373,7 +317,7 @@ def _print_report(
     per_class_s = (
         ", ".join(f"{lab} {t:.2f}" for lab, t in zip(LABELS, per_class_t, strict=False))
         if per_class_t
-        else "none"
+        else "-"
     )
     print(
         f"threshold {plan['threshold']:.2f} (per pattern: {per_class_s}), "

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import psutil
 
-from trinity.contract import Alert
+from trinity.contract import CONTROLLER, Alert
 from trinity.controller.process.healing import ProcessControl, RestartIntensity, main_thread_wakeups
 from trinity.controller.supervision.supervisord import SupervisorError
 from trinity.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONTROLLER = "controller"
 ALIVE_FILE = "controller.alive"
 TOUCH_EVERY_S = 1.0
 

@@ -18,10 +18,12 @@ import importlib
 
 import click
 
+from trinity.contract import CONTROLLER, CRASHWATCH, WITNESS
+
 COMMANDS: dict[str, str] = {
     "agent": "processes:agent",
-    "controller": "processes:controller",
-    "crashwatch": "processes:crashwatch",
+    CONTROLLER: "processes:controller",
+    CRASHWATCH: "processes:crashwatch",
     "run": "run:run",
     "stop": "run:stop",
     "status": "run:status",
@@ -30,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "emit": "events:emit",
     "classify": "events:classify",
     "dead-letters": "events:dead_letters",
-    "witness": "witness:witness",
+    WITNESS: "witness:witness",
     "report": "reports:report",
     "export": "reports:export",
     "dashboard": "reports:dashboard",
