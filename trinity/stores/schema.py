@@ -17,6 +17,10 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
 
 # The stores whose tables are declared, by module.
 STORES = ("trinity.stores.journal", "trinity.stores.runs", "trinity.stores.costs",
@@ -26,7 +30,7 @@ END = "# -- end of generated schema --"
 _WIDTH = 92
 
 
-def metadata_of(store: ModuleType):  # type: ignore[no-untyped-def]
+def metadata_of(store: ModuleType) -> MetaData:
     """The store's declared tables as a SQLAlchemy ``MetaData``."""
     from sqlalchemy import MetaData
 
