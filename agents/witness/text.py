@@ -9,16 +9,15 @@ trivia of that text (numbers, ids, paths, ...) for the hashed n-gram features
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trinity.contract.event import MAX_MESSAGE_CHARS, Event, EventError
 from trinity.errors import InvalidPayload
 
-MAX_MESSAGE_CHARS = 4000
 MAX_FIELD_CHARS = 300
 MAX_STACK_CHARS = 1000
 MAX_LIST_ITEMS = 20
@@ -47,147 +46,87 @@ def _clean(text: str) -> tuple[str, bool]:
     return out.replace("\r\n", "\n").replace("\r", "\n"), changed or out != fixed
 
 
-def _type_name(value: object) -> str:
-    return type(value).__name__
-
-
-def _field_str(event: Mapping[str, Any], key: str, notes: list[str]) -> str | None:
-    value = event.get(key)
+def _text(value: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """A field's text on one line (control characters blanked), or None if empty."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        notes.append(f"field {key!r} ignored: expected str, got {_type_name(value)}")
-        return None
-    cleaned, _ = _clean(value[:MAX_FIELD_CHARS])
-    cleaned = " ".join(cleaned.split())
+    cleaned = " ".join(_clean(value[:limit])[0].split())
     return cleaned or None
 
 
-def _field_int(event: Mapping[str, Any], key: str, notes: list[str]) -> int | None:
-    value = event.get(key)
-    if value is None:
+def _texts(key: str, values: list[str] | None, notes: list[str]) -> list[str] | None:
+    if values is None:
         return None
-    # bool is an int subclass, but "line": true is not a line number
-    if isinstance(value, bool) or not isinstance(value, int):
-        notes.append(f"field {key!r} ignored: expected int, got {_type_name(value)}")
-        return None
-    return value
-
-
-def _field_str_list(event: Mapping[str, Any], key: str, notes: list[str]) -> list[str] | None:
-    value = event.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        notes.append(f"field {key!r} ignored: expected list of str, got {_type_name(value)}")
-        return None
-    items = [" ".join(_clean(v[:MAX_FIELD_CHARS])[0].split()) for v in value[:MAX_LIST_ITEMS]]
-    items = [v for v in items if v]
-    if len(value) > MAX_LIST_ITEMS:
+    items = [item for item in (_text(v) for v in values[:MAX_LIST_ITEMS]) if item]
+    if len(values) > MAX_LIST_ITEMS:
         notes.append(f"field {key!r} truncated to {MAX_LIST_ITEMS} items")
     return items or None
 
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
-
-
-def _field_rate(event: Mapping[str, Any], notes: list[str]) -> float | None:
-    """A failure rate as a fraction; accepts 0.4, 40 (percent) and "40%"."""
-    value = event.get("failure_rate")
-    if value is None:
-        return None
-    rate: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        rate = float(value)
-    elif isinstance(value, str):
-        m = _RATE.match(value[:50])
-        if m:
-            rate = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
-    if rate is not None and rate > 1.0:
-        rate /= 100.0
-    if rate is None or not math.isfinite(rate) or not 0.0 <= rate <= 1.0:
-        notes.append(
-            f"field 'failure_rate' ignored: expected a rate in [0, 1] or a percentage, "
-            f"got {_type_name(value)}"
-        )
-        return None
-    return rate
-
-
-def _render_fields(event: Mapping[str, Any], notes: list[str]) -> list[str]:
+def _render_fields(event: Event, notes: list[str]) -> list[str]:
     lines: list[str] = []
-    severity = _field_str(event, "severity", notes)
+    severity = _text(event.severity)
     if severity:
         lines.append(f"severity: {severity.lower()}")
-    error_type = _field_str(event, "error_type", notes)
+    error_type = _text(event.error_type)
     if error_type:
         lines.append(f"error type: {error_type}")
-    file = _field_str(event, "file", notes)
-    line = _field_int(event, "line", notes)
+    file = _text(event.file)
     if file:
-        lines.append(f"file: {file}" + (f" line {line}" if line is not None else ""))
-    test_name = _field_str(event, "test_name", notes)
-    test_file = _field_str(event, "test_file", notes)
+        lines.append(f"file: {file}" + (f" line {event.line}" if event.line is not None else ""))
+    test_name, test_file = _text(event.test_name), _text(event.test_file)
     if test_name or test_file:
         where = f" in {test_file}" if test_file else ""
         lines.append(f"test: {test_name or ''}{where}".replace("test:  in", "test in"))
-    rate = _field_rate(event, notes)
+    rate = event.rate
     if rate is not None:
         lines.append(f"failure rate: {round(rate * 100)}%")
-    files = _field_str_list(event, "files", notes)
+    files = _texts("files", event.files, notes)
     if files:
         lines.append(f"files ({len(files)}): " + ", ".join(files))
-    labels = _field_str_list(event, "labels", notes)
+    labels = _texts("labels", event.labels, notes)
     if labels:
         lines.append("labels: " + ", ".join(labels))
-    source = _field_str(event, "source", notes)
+    source = _text(event.source)
     if source:
         lines.append(f"source: {source}")
-    trace = event.get("stack_trace")
-    if trace is not None:
-        if isinstance(trace, str):
-            cleaned = _clean(trace[:MAX_STACK_CHARS])[0].strip()
-            if cleaned:
-                lines.append(f"stack trace: {cleaned}")
-        else:
-            notes.append(f"field 'stack_trace' ignored: expected str, got {_type_name(trace)}")
+    if event.stack_trace is not None:
+        cleaned = _clean(event.stack_trace[:MAX_STACK_CHARS])[0].strip()
+        if cleaned:
+            lines.append(f"stack trace: {cleaned}")
     return lines
 
 
 def event_text(event: Mapping[str, Any]) -> EventText:
     """The text an event is classified by, with notes on what was ignored or cut.
 
-    Raises ``InvalidPayload`` when there is nothing to classify (no usable message) and
-    never anything else: this sits on the bus boundary, where any other exception would be
-    a crash loop on one poisoned message.
+    The event is read through the contract's model (``Event.lenient``): an optional field
+    of the wrong type is left out with a note. Raises ``InvalidPayload`` when there is
+    nothing to classify (no usable message) and never anything else: this sits on the bus
+    boundary, where any other exception would be a crash loop on one poisoned message.
     """
     try:
         return _event_text(event)
     except InvalidPayload:
         raise
     except Exception as exc:  # noqa: BLE001 - boundary: every failure becomes a rejection
-        raise InvalidPayload(f"unreadable event: {_type_name(exc)}") from None
+        raise InvalidPayload(f"unreadable event: {type(exc).__name__}") from None
 
 
-def _event_text(event: Mapping[str, Any]) -> EventText:
-    if not isinstance(event, Mapping):
-        raise InvalidPayload(f"event must be a JSON object, got {_type_name(event)}")
-    if "message" not in event:
-        raise InvalidPayload("missing field 'message'")
-    message = event["message"]
-    if not isinstance(message, str):
-        raise InvalidPayload(f"field 'message' must be str, got {_type_name(message)}")
-    notes: list[str] = []
+def _event_text(raw: Mapping[str, Any]) -> EventText:
+    try:
+        event, ignored = Event.lenient(raw)
+    except EventError as exc:
+        raise InvalidPayload(exc.reason) from None
+    notes = list(ignored)
+    message = event.message
     if len(message) > MAX_MESSAGE_CHARS:
         notes.append(f"message truncated from {len(message)} to {MAX_MESSAGE_CHARS} chars")
         message = message[:MAX_MESSAGE_CHARS]
     message, replaced = _clean(message)
     if replaced:
         notes.append("invalid unicode or control characters replaced in message")
-    message = message.strip()
-    if not message:
-        raise InvalidPayload("field 'message' is empty")
-    lines = [message, *_render_fields(event, notes)]
+    lines = [message.strip(), *_render_fields(event, notes)]
     return EventText("\n".join(lines), tuple(notes))
 
 

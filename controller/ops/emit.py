@@ -44,38 +44,25 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from trinity.bus.journal import Journal, message_id
-from trinity.bus.message import MAX_ID_LEN, encode_payload
+from trinity.bus.message import encode_payload
 from trinity.contract import TELEMETRY, TOPOLOGY
+from trinity.contract.event import MAX_DEPTH, Event, EventError, json_type, shown
 from trinity.settings import Settings
 from trinity.stores import runs
 
 SOURCE = "emit"
 DEFAULT_BATCH_SIZE = 100
-MAX_EVENT_ID_LEN = MAX_ID_LEN
-# Far beyond any real event (WITNESS reads top-level fields only) and far below the
-# depth where json.loads hits Python's recursion limit in any consumer.
-MAX_DEPTH = 64
-# WITNESS classifies the first this-many characters of the message (detector.py
-# MAX_MESSAGE_CHARS; a test keeps the two equal): they must hold some text.
-MESSAGE_CHARS_READ = 4000
-RESERVED = ("run_id", "cycle")
 DUPLICATE = "duplicate event_id, already journaled"
 
 _BOM = b"\xef\xbb\xbf"
 _JSON_WS = b" \t\r\n"
-_STR_FIELDS = ("severity", "file", "error_type", "test_name", "test_file", "source",
-               "stack_trace")
-_INT_FIELDS = ("line",)
-_STR_LIST_FIELDS = ("files", "labels")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 
 Status = Literal["accepted", "duplicate", "rejected"]
 
@@ -160,30 +147,6 @@ class _Line:
     reason: str | None
 
 
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _shown(text: str, limit: int = 60) -> str:
-    """A user's string inside a reason: ASCII-escaped (never a lone surrogate), bounded."""
-    shown = ascii(text[:limit])
-    return shown + "..." if len(text) > limit else shown
-
-
 def _no_constants(name: str) -> Any:
     raise _Reject(f"{name} is not valid JSON (use null or a string)")
 
@@ -191,7 +154,7 @@ def _no_constants(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _Reject(f"number {_shown(text, 30)} is out of range for a double")
+        raise _Reject(f"number {shown(text, 30)} is out of range for a double")
     return value
 
 
@@ -201,7 +164,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Reject(f"duplicate key {_shown(key)} in a JSON object")
+                raise _Reject(f"duplicate key {shown(key)} in a JSON object")
             seen.add(key)
     return obj
 
@@ -237,90 +200,6 @@ def _depth_ok(value: Any) -> bool:
     return True
 
 
-def _has_text(message: str) -> bool:
-    """What WITNESS keeps of the message (control characters blanked, stripped) is not empty."""
-    return any(not ch.isspace() and unicodedata.category(ch)[0] != "C"
-               for ch in message[:MESSAGE_CHARS_READ])
-
-
-def _check_message(event: dict[str, Any]) -> None:
-    if "message" not in event:
-        raise _Reject("missing required field 'message'")
-    message = event["message"]
-    if not isinstance(message, str):
-        raise _Reject(f"field 'message' must be a string, got {_json_type(message)}")
-    if not _has_text(message):
-        raise _Reject("field 'message' is empty (no printable text)")
-
-
-def _check_event_id(event: dict[str, Any]) -> str | None:
-    """The line's own event_id; None if it has none (null counts as none)."""
-    value = event.get("event_id")
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _Reject(f"field 'event_id' must be a string, got {_json_type(value)}")
-    if not 0 < len(value) <= MAX_EVENT_ID_LEN:
-        raise _Reject(f"field 'event_id' must be 1..{MAX_EVENT_ID_LEN} characters,"
-                      f" got {len(value)}")
-    if not value.isprintable() or not value.strip():
-        raise _Reject("field 'event_id' must be printable text (no control characters,"
-                      " not blank)")
-    return value
-
-
-def _rate_ok(value: Any) -> bool:
-    """Same reading as WITNESS: 0.4, 40 (percent) or "40%"; must land in [0, 1]."""
-    rate: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        rate = float(value)
-    elif isinstance(value, str):
-        match = _RATE.match(value[:50])
-        if match:
-            rate = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
-    if rate is not None and rate > 1.0:
-        rate /= 100.0
-    return rate is not None and math.isfinite(rate) and 0.0 <= rate <= 1.0
-
-
-def _str_list_problem(value: Any) -> str | None:
-    if not isinstance(value, list):
-        return _json_type(value)
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            return f"{_json_type(item)} at index {index}"
-    return None
-
-
-def _check_known_fields(event: dict[str, Any]) -> None:
-    for key in RESERVED:
-        if key in event:
-            raise _Reject(f"field {key!r} is reserved: the controller sets it for its own"
-                          f" events (rename it, e.g. 'ci_{key}')")
-    for key in _STR_FIELDS:
-        value = event.get(key)
-        if value is not None and not isinstance(value, str):
-            raise _Reject(f"field {key!r} must be a string, got {_json_type(value)}")
-    for key in _INT_FIELDS:
-        value = event.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise _Reject(f"field {key!r} must be an integer, got {_json_type(value)}")
-    for key in _STR_LIST_FIELDS:
-        value = event.get(key)
-        problem = None if value is None else _str_list_problem(value)
-        if problem is not None:
-            raise _Reject(f"field {key!r} must be an array of strings, got {problem}")
-    rate = event.get("failure_rate")
-    if rate is not None and not _rate_ok(rate):
-        got = _json_type(rate)
-        if isinstance(rate, str):
-            got += f" {_shown(rate, 30)}"
-        elif isinstance(rate, int | float) and not isinstance(rate, bool):
-            got += f" {rate:.6g}"
-        raise _Reject("field 'failure_rate' must be a rate in [0, 1], a percentage up to 100"
-                      f" or a string like \"40%\", got {got}")
-
-
 def _encode(event: dict[str, Any], limit: int, own_id: str | None) -> bytes:
     try:
         return _encode_checked(event, limit)
@@ -341,7 +220,7 @@ def _check_unicode(event: dict[str, Any]) -> None:
         try:
             encode_payload({key: value})
         except UnicodeEncodeError:
-            where = f"field {_shown(key)}"
+            where = f"field {shown(key)}"
             break
     raise _Reject(f"{where} contains an unpaired surrogate escape (\\ud800..\\udfff):"
                   " not valid Unicode")
@@ -366,18 +245,17 @@ def _validate(raw: bytes, limit: int) -> tuple[str, bytes]:
         raise _Reject(f"line is not valid UTF-8 (byte {exc.start})") from None
     event = _parse(text)
     if not isinstance(event, dict):
-        raise _Reject(f"expected a JSON object, got {_json_type(event)}")
+        raise _Reject(f"expected a JSON object, got {json_type(event)}")
     if not _depth_ok(event):
         raise _Reject(f"JSON nested more than {MAX_DEPTH} levels deep")
     if _SURROGATE_ESCAPE.search(text):  # only then can a string hold a lone surrogate
         _check_unicode(event)
-    own_id = _check_event_id(event)
     try:
-        _check_message(event)
-        _check_known_fields(event)
-    except _Reject as exc:
-        exc.event_id = own_id
-        raise
+        own_id = Event.strict(event).event_id
+    except EventError as exc:
+        rejected = _Reject(exc.reason)
+        rejected.event_id = exc.event_id
+        raise rejected from None
     if own_id is not None:
         return own_id, _encode(event, limit, own_id)
     event_id = f"ext/{uuid.uuid4().hex}"

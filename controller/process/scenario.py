@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.resources
-import json
+import itertools
 import random
 from pathlib import Path
 from typing import Any
+
+import jsonlines
 
 from trinity.contract import (
     CONSTITUTION_VIOLATION,
@@ -74,14 +76,18 @@ def parse_variants(text: str, source: str = DATA_FILE) -> dict[str, list[dict[st
     """Variants by category (the five and ``none``), each ``{"category", "fields",
     "origin"}``; raises ``ScenarioDataError`` naming the first bad line."""
     variants: dict[str, list[dict[str, Any]]] = {name: [] for name in _REQUIRED}
-    for number, line in enumerate(text.splitlines(), start=1):
+    reader = jsonlines.Reader(text.splitlines())
+    for number in itertools.count(1):
         where = f"{source} line {number}"
-        if not line.strip():
-            raise ScenarioDataError(f"{where}: empty line")
         try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ScenarioDataError(f"{where}: not valid JSON ({exc})") from None
+            record = reader.read(allow_none=True)
+        except EOFError:
+            break
+        except jsonlines.InvalidLineError as exc:
+            if not exc.line.strip():
+                raise ScenarioDataError(f"{where}: empty line") from None
+            raise ScenarioDataError(f"{where}: not valid JSON ({exc.__cause__ or exc})"
+                                    ) from None
         category, record = _check_record(record, where)
         variants[category].append(record)
     empty = [name for name, records in variants.items() if not records]

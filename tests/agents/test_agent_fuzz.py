@@ -550,7 +550,7 @@ PAYLOAD_CASES = {
     "witness": PayloadCase(
         invalid=[
             (_j({"message": 42}), ["'message'", "must be str", "got int"]),
-            (_j({"msg": "disk full"}), ["missing field 'message'"]),
+            (_j({"msg": "disk full"}), ["missing required field 'message'"]),
             (_j({"message": "  \n\t"}), ["'message'", "empty"]),
             (_j({"message": None}), ["'message'", "got NoneType"]),
             (_j({"message": ["disk", "full"]}), ["'message'", "got list"]),

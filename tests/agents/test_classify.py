@@ -40,10 +40,10 @@ def test_every_line_gets_one_result_in_order(short_dir: Path) -> None:
     assert out[0] == {"id": "a", "pattern": "critical_error", "confidence": out[0]["confidence"]}
     assert isinstance(out[0]["confidence"], float) and out[0]["confidence"] > 0.5
     assert "not valid JSON" in str(out[1]["error"])
-    assert "expected a JSON object, got list" in str(out[2]["error"])
-    assert out[3]["id"] == "d" and "missing field 'message'" in str(out[3]["error"])
+    assert "expected a JSON object, got array" in str(out[2]["error"])
+    assert out[3]["id"] == "d" and "missing required field 'message'" in str(out[3]["error"])
     assert out[4]["id"] == "e" and "empty" in str(out[4]["error"])
-    assert out[5]["id"] == "f" and "must be str" in str(out[5]["error"])
+    assert out[5]["id"] == "f" and "must be a string, got integer" in str(out[5]["error"])
     assert out[6]["id"] == "g" and "confidence" in out[6]  # truncated, still classified
     assert out[7]["id"] == "h" and out[7]["pattern"] is None and "reason" in out[7]
     assert "empty line" in str(out[8]["error"])

@@ -351,7 +351,7 @@ def test_odd_unicode_classifies_or_is_invalid(detector: Detector, message: str) 
         det = detector.classify({"message": message})
     except InvalidPayload as exc:
         # only when nothing visible is left (zero-width and format characters)
-        assert exc.reason == "field 'message' is empty"
+        assert exc.reason == "field 'message' is empty (no printable text)"
         return
     check_invariants(det)
 

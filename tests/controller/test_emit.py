@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from tests.conftest import wait_for
 from trinity.bus.journal import DEAD_LETTER_RAW_LIMIT, Journal, message_id
 from trinity.contract import IMPROVEMENT, TELEMETRY
-from trinity.controller.ops import emit
 from trinity.controller.ops.emit import DUPLICATE, EmitResult, emit_lines, summarize
 from trinity.errors import InvalidPayload
 from trinity.settings import Settings
@@ -242,7 +241,6 @@ def test_the_limit_applies_to_the_payload_with_its_generated_event_id(
 def test_witness_reads_the_same_message_chars(cfg: Settings) -> None:
     from trinity.agents.witness import text
 
-    assert emit.MESSAGE_CHARS_READ == text.MAX_MESSAGE_CHARS
     blank_head = json.dumps({"message": " " * text.MAX_MESSAGE_CHARS + "late text"})
     (result,) = emit_all(cfg, [blank_head])
     assert result.reason == "field 'message' is empty (no printable text)"
