@@ -296,6 +296,8 @@ class Embedder(Protocol):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
+    def release_pages(self) -> None: ...
+
 
 class JointEmbedder:
     """Several embedders side by side; each part's unit row is kept and the whole row is

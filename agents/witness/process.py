@@ -69,6 +69,10 @@ class Witness(BusProcess):
     # only write inside the transaction, so a batch may be re-run.
     isolate_each_message: ClassVar[bool] = False
     prepares: ClassVar[bool] = True
+    # The embedding tables' pages that classifying touched are given back at most this
+    # often (a few hundred minor page faults to read them again): resident, they grow
+    # towards the whole tables (16 MB) over a day of events.
+    RELEASE_PAGES_EVERY_S: ClassVar[float] = 2.0
 
     def initialize(self) -> None:
         # Imported here, not at the top: the detector's scikit-learn, SciPy and FAISS
@@ -79,6 +83,15 @@ class Witness(BusProcess):
         super().initialize()
         runs.ensure_schema(self.journal.conn)
         self.knowledge: Knowledge = Knowledge.open(self.settings)
+        self._classified = 0
+        self._release_at = self.clock.monotonic() + self.RELEASE_PAGES_EVERY_S
+
+    def tick(self) -> None:
+        now = self.clock.monotonic()
+        if self._classified and now >= self._release_at:
+            self._classified = 0
+            self._release_at = now + self.RELEASE_PAGES_EVERY_S
+            self.knowledge.embedder.release_pages()
 
     def shutdown(self) -> None:
         self.knowledge.close()
@@ -107,6 +120,7 @@ class Witness(BusProcess):
         try:
             outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
                                              started=started)
+            self._classified += outcome.new
         except sqlite3.DatabaseError as exc:
             if type(exc) is not sqlite3.DatabaseError and not isinstance(
                     exc, sqlite3.OperationalError):
