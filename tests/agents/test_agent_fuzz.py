@@ -549,11 +549,11 @@ _TASK = {"pattern": "critical_error", "delegate": "AgencyCodeAgent",
 PAYLOAD_CASES = {
     "witness": PayloadCase(
         invalid=[
-            (_j({"message": 42}), ["'message'", "must be str", "got int"]),
+            (_j({"message": 42}), ["'message'", "must be a string", "got integer"]),
             (_j({"msg": "disk full"}), ["missing required field 'message'"]),
             (_j({"message": "  \n\t"}), ["'message'", "empty"]),
-            (_j({"message": None}), ["'message'", "got NoneType"]),
-            (_j({"message": ["disk", "full"]}), ["'message'", "got list"]),
+            (_j({"message": None}), ["'message'", "got null"]),
+            (_j({"message": ["disk", "full"]}), ["'message'", "got array"]),
             (_j(["message", "disk full"]), ["must be a JSON object", "got list"]),
             (b'{"message": "disk', ["not valid JSON"]),
             (b'{"message": "\xff\xfe"}', ["not valid UTF-8"]),

@@ -609,7 +609,7 @@ def test_a_pattern_store_without_its_tables_yet_is_no_database_error(short_dir: 
         for _ in range(3):  # the hour-0 pattern snapshot, then samples and their rules
             time.sleep(0.01)
             controller.tick()
-        assert controller._next_snapshot["metrics"] > 1
+        assert controller.driver is not None and controller.driver.next_snapshot["metrics"] > 1
         assert database_errors() == []
         settings.patterns_db.write_bytes(b"not a database" * 512)
         for suffix in ("-wal", "-shm"):
