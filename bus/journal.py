@@ -26,7 +26,7 @@ from pathlib import Path
 
 from trinity.bus.message import MAX_ID_LEN, Message
 from trinity.clock import now_ms
-from trinity.db import connect
+from trinity.db import connect, create_schema
 from trinity.errors import InvalidPayload, JournalError
 from trinity.stores import journal as store
 from trinity.stores.journal import Backlog, DeadLetter
@@ -222,8 +222,7 @@ class Journal:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self._write() as conn:
-                for ddl in store.DDL:
-                    conn.execute(ddl)
+                create_schema(conn, store.DDL, store.COLUMNS)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
 

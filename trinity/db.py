@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -41,6 +41,21 @@ def connect(path: Path, *, timeout_s: float, check_same_thread: bool = True) -> 
     make_private(path)
     return sqlite3.connect(path, isolation_level=None, timeout=timeout_s,
                            check_same_thread=check_same_thread)
+
+
+def create_schema(conn: sqlite3.Connection, ddl: Iterable[str],
+                  columns: Mapping[str, Iterable[str]]) -> None:
+    """A store's tables and indexes, created if missing, and the columns a table made by
+    earlier code lacks, added (in the caller's write transaction). A column SQLite cannot
+    add to a table that has rows (NOT NULL without a default, a key) is refused with
+    sqlite3.OperationalError naming it."""
+    for statement in ddl:
+        conn.execute(statement)
+    for table, definitions in columns.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for definition in definitions:
+            if definition.split(" ", 1)[0].strip('"') not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
 
 @contextmanager

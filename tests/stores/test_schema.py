@@ -8,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,42 @@ def test_the_processes_never_import_sqlalchemy() -> None:
                            timeout=120)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "False"
+
+
+def test_a_store_made_before_a_column_existed_gets_it_on_open(tmp_path: Path) -> None:
+    """The ledger as an earlier version would have made it, without two nullable columns:
+    opening adds them, its rows keep their values, new rows fill them."""
+    from trinity.stores.costs import COLUMNS, DDL, CallRecord, CostLedger
+
+    path = tmp_path / "trinity_costs.db"
+    older = sqlite3.connect(path)
+    calls = next(d for d in DDL if d.startswith("CREATE TABLE IF NOT EXISTS calls"))
+    kept = [c for c in COLUMNS["calls"] if c.split()[0] not in ("error", "task_id")]
+    older.execute(f"CREATE TABLE calls ({', '.join(kept)}, PRIMARY KEY (call_id))")
+    assert "task_id TEXT" in calls and "error TEXT" in calls  # declared today
+    names = [c.split()[0] for c in kept]
+    older.execute(f"INSERT INTO calls ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                  ["c0", "r0", 1, "primary", 1, None, "run", "executor", "embedded",
+                   "embedded", "m", 1, 3, 4, 0, 0, 0, 0.0, 5.0, "success", None, "e0"])
+    older.commit()
+    older.close()
+    ledger = CostLedger(path)
+    try:
+        old_row, = ledger.calls()
+        assert old_row["call_id"] == "c0" and old_row["task_id"] is None
+        ledger.record(CallRecord("c1", "r1", 1, "primary", 2, None, "run", "executor",
+                                 "embedded", "embedded", "m", True, 3, 4, 0, 0, False, 0.0,
+                                 5.0, "error", "timeout", "slow", "e1", "e1/t1"))
+        assert [c["task_id"] for c in ledger.calls()] == [None, "e1/t1"]
+    finally:
+        ledger.close()
+
+
+def test_a_column_sqlite_cannot_add_is_refused_by_name(tmp_path: Path) -> None:
+    from trinity.db import create_schema
+
+    conn = sqlite3.connect(tmp_path / "x.db")
+    conn.execute("CREATE TABLE t (a TEXT)")
+    conn.execute("INSERT INTO t VALUES ('row')")
+    with pytest.raises(sqlite3.OperationalError, match="NOT NULL"):
+        create_schema(conn, (), {"t": ("a TEXT", "b INTEGER NOT NULL")})

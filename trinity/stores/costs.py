@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trinity.db import connect, immediate
+from trinity.db import connect, create_schema, immediate
 from trinity.errors import ConfigError
 from trinity.plan import BUDGET_THRESHOLDS_PCT
 
@@ -142,6 +142,42 @@ DDL = (
     "NULL, provider TEXT NOT NULL, model TEXT NOT NULL, content TEXT NOT NULL, PRIMARY "
     "KEY (request_id))",
 )
+# Each table's columns: a store made before one existed gets it on open.
+COLUMNS = {
+    "calls": (
+        "call_id TEXT NOT NULL",
+        "request_id TEXT NOT NULL",
+        "attempt INTEGER NOT NULL",
+        "route TEXT NOT NULL",
+        "ts_ms INTEGER NOT NULL",
+        "sim_elapsed_s FLOAT",
+        "run_id TEXT",
+        "agent TEXT NOT NULL",
+        "provider TEXT NOT NULL",
+        "provider_kind TEXT NOT NULL",
+        "model TEXT NOT NULL",
+        "local INTEGER NOT NULL",
+        "input_tokens INTEGER NOT NULL",
+        "output_tokens INTEGER NOT NULL",
+        "cached_tokens INTEGER NOT NULL",
+        "reasoning_tokens INTEGER NOT NULL",
+        "tokens_estimated INTEGER NOT NULL",
+        "cost_usd FLOAT NOT NULL",
+        "latency_ms FLOAT NOT NULL",
+        "status TEXT NOT NULL",
+        "error_class TEXT",
+        "error TEXT",
+        "event_id TEXT",
+        "task_id TEXT",
+    ),
+    "answers": (
+        "request_id TEXT NOT NULL",
+        "call_id TEXT NOT NULL",
+        "provider TEXT NOT NULL",
+        "model TEXT NOT NULL",
+        "content TEXT NOT NULL",
+    ),
+}
 # -- end of generated schema --
 
 
@@ -184,8 +220,7 @@ class CostLedger:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         with self._write() as conn:
-            for ddl in DDL:
-                conn.execute(ddl)
+            create_schema(conn, DDL, COLUMNS)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -67,6 +67,37 @@ DDL = (
     "NOT NULL, consumer TEXT NOT NULL, stream TEXT, msg_id TEXT, reason TEXT NOT NULL, "
     "size INTEGER NOT NULL, raw BLOB, PRIMARY KEY (id))",
 )
+# Each table's columns: a store made before one existed gets it on open.
+COLUMNS = {
+    "streams": (
+        "stream TEXT NOT NULL",
+        "head INTEGER DEFAULT 0 NOT NULL",
+    ),
+    "messages": (
+        "stream TEXT NOT NULL",
+        "seq INTEGER NOT NULL",
+        "msg_id TEXT NOT NULL",
+        "source TEXT NOT NULL",
+        "created_ms INTEGER NOT NULL",
+        "payload BLOB NOT NULL",
+    ),
+    "cursors": (
+        "consumer TEXT NOT NULL",
+        "stream TEXT NOT NULL",
+        "seq INTEGER DEFAULT 0 NOT NULL",
+        "updated_ms INTEGER NOT NULL",
+    ),
+    "dead_letters": (
+        "id INTEGER NOT NULL",
+        "created_ms INTEGER NOT NULL",
+        "consumer TEXT NOT NULL",
+        "stream TEXT",
+        "msg_id TEXT",
+        "reason TEXT NOT NULL",
+        "size INTEGER NOT NULL",
+        "raw BLOB",
+    ),
+}
 # -- end of generated schema --
 
 

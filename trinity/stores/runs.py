@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from trinity.clock import now_ms
-from trinity.db import immediate
+from trinity.db import create_schema, immediate
 from trinity.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -123,13 +123,61 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS emitted_events (event_id TEXT NOT NULL, msg_id TEXT NOT "
     "NULL, emitted_ms INTEGER NOT NULL, PRIMARY KEY (event_id)) WITHOUT ROWID",
 )
+# Each table's columns: a store made before one existed gets it on open.
+COLUMNS = {
+    "runs": (
+        "run_id TEXT NOT NULL",
+        "started_ms INTEGER NOT NULL",
+        "ended_ms INTEGER",
+        "status TEXT NOT NULL",
+        "config TEXT NOT NULL",
+        "sim_elapsed_s FLOAT DEFAULT 0 NOT NULL",
+    ),
+    "events": (
+        "event_id TEXT NOT NULL",
+        "run_id TEXT NOT NULL",
+        "cycle INTEGER NOT NULL",
+        "noise INTEGER DEFAULT 0 NOT NULL",
+        "category TEXT NOT NULL",
+        "emitted_ms INTEGER NOT NULL",
+        "sim_elapsed_s FLOAT NOT NULL",
+    ),
+    "outcomes": (
+        "task_id TEXT NOT NULL",
+        "event_id TEXT NOT NULL",
+        "run_id TEXT",
+        "delegate TEXT NOT NULL",
+        "status TEXT NOT NULL",
+        "recorded_ms INTEGER NOT NULL",
+        "product TEXT",
+    ),
+    "snapshots": (
+        "run_id TEXT NOT NULL",
+        "kind TEXT NOT NULL",
+        "idx INTEGER NOT NULL",
+        "sim_elapsed_s FLOAT NOT NULL",
+        "path TEXT NOT NULL",
+        "written_ms INTEGER NOT NULL",
+    ),
+    "agents": (
+        "name TEXT NOT NULL",
+        "pid INTEGER",
+        "last_heartbeat_ms INTEGER NOT NULL",
+        "heartbeat TEXT NOT NULL",
+    ),
+    "emitted_events": (
+        "event_id TEXT NOT NULL",
+        "msg_id TEXT NOT NULL",
+        "emitted_ms INTEGER NOT NULL",
+    ),
+}
 # -- end of generated schema --
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create what is missing: tables, indexes, columns a store made earlier lacks."""
     with immediate(conn):
-        for ddl in DDL:
-            conn.execute(ddl)
+        create_schema(conn, DDL, COLUMNS)
 
 
 def has_schema(conn: sqlite3.Connection, table: str = "runs") -> bool:

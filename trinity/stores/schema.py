@@ -1,12 +1,14 @@
 """The stores' DDL, generated from their SQLAlchemy declarations.
 
 Each store module declares its tables once, with SQLAlchemy Core (its ``declare``), and
-carries the DDL compiled from that declaration for SQLite in a generated block (its
-``DDL``). The processes create and open their stores with that DDL and never import
-SQLAlchemy: its import costs ~19 MB of private memory in every process, and four
-long-lived processes are held to 400 MB together (``make bench-24h``). This module is
-the generator (``make schema``, or ``python -m trinity.stores.schema [--check]``), and
-the test suite fails when a block differs from what its declaration compiles to.
+carries what that declaration compiles to for SQLite in a generated block: ``DDL``, and
+each table's column definitions, ``COLUMNS``, from which a store made before a column
+was declared gets it added on open (``trinity.db.create_schema``). The processes create
+and open their stores with those and never import SQLAlchemy: its import costs ~19 MB of
+private memory in every process, and four long-lived processes are held to 400 MB
+together (``make bench-24h``). This module is the generator (``make schema``, or
+``python -m trinity.stores.schema [--check]``), and the test suite fails when a block
+differs from what its declaration compiles to.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def compile_ddl(store: ModuleType) -> tuple[str, ...]:
                  for statement in found)
 
 
+def compile_columns(store: ModuleType) -> dict[str, tuple[str, ...]]:
+    """Each table's column definitions (``name TYPE [NOT NULL] [DEFAULT ...]``), in order:
+    what ``trinity.db.create_schema`` adds to a store made before a column existed."""
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateColumn
+
+    dialect = sqlite.dialect()
+    return {table.name: tuple(" ".join(str(CreateColumn(column).compile(dialect=dialect)).split())
+                              for column in table.columns)
+            for table in metadata_of(store).tables.values()}
+
+
 def _literal(statement: str) -> list[str]:
     """A statement as Python string literals of at most ~_WIDTH characters, split at spaces."""
     pieces: list[str] = []
@@ -70,14 +84,20 @@ def _literal(statement: str) -> list[str]:
     return [json.dumps(piece) for piece in pieces]
 
 
-def render_block(ddl: tuple[str, ...]) -> str:
+def render_block(ddl: tuple[str, ...], columns: dict[str, tuple[str, ...]]) -> str:
     lines = [BEGIN, "DDL = ("]
     for statement in ddl:
         literals = _literal(statement)
         lines.append(f"    {literals[0]}")
         lines += [f"    {lit}" for lit in literals[1:]]
         lines[-1] += ","
-    lines += [")", END]
+    lines += [")", "# Each table's columns: a store made before one existed gets it on open.",
+              "COLUMNS = {"]
+    for table, definitions in columns.items():
+        lines.append(f"    {json.dumps(table)}: (")
+        lines += [f"        {json.dumps(definition)}," for definition in definitions]
+        lines.append("    ),")
+    lines += ["}", END]
     return "\n".join(lines)
 
 
@@ -90,7 +110,8 @@ def source_with_block(store: ModuleType) -> tuple[Path, str, str]:
     text = path.read_text(encoding="utf-8")
     if not _BLOCK.search(text):
         raise SystemExit(f"{path}: no generated schema block ({BEGIN!r} ... {END!r})")
-    return path, text, _BLOCK.sub(lambda _: render_block(compile_ddl(store)), text, count=1)
+    block = render_block(compile_ddl(store), compile_columns(store))
+    return path, text, _BLOCK.sub(lambda _: block, text, count=1)
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trinity.db import create_schema
+
 if TYPE_CHECKING:
     from sqlalchemy import MetaData
 
@@ -99,13 +101,62 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER NOT NULL, kind TEXT NOT NULL, \"key\" "
     "TEXT NOT NULL, PRIMARY KEY (seq))",
 )
+# Each table's columns: a store made before one existed gets it on open.
+COLUMNS = {
+    "meta": (
+        "\"key\" TEXT NOT NULL",
+        "value TEXT NOT NULL",
+    ),
+    "sessions": (
+        "session_id TEXT NOT NULL",
+        "started_ms INTEGER NOT NULL",
+    ),
+    "exemplars": (
+        "id INTEGER NOT NULL",
+        "label TEXT NOT NULL",
+        "text TEXT NOT NULL",
+        "source TEXT NOT NULL",
+        "origin TEXT",
+        "event_id TEXT",
+        "confidence FLOAT",
+        "session_id TEXT NOT NULL",
+        "created_ms INTEGER NOT NULL",
+        "vector BLOB NOT NULL",
+    ),
+    "detections": (
+        "event_id TEXT NOT NULL",
+        "run_id TEXT",
+        "session_id TEXT NOT NULL",
+        "pattern TEXT",
+        "label TEXT NOT NULL",
+        "confidence FLOAT NOT NULL",
+        "detected_ms INTEGER NOT NULL",
+        "nearest_id INTEGER",
+        "nearest_similarity FLOAT",
+        "cross_session INTEGER NOT NULL",
+        "latency_ms FLOAT",
+    ),
+    "patterns": (
+        "pattern TEXT NOT NULL",
+        "detections INTEGER DEFAULT 0 NOT NULL",
+        "confidence_sum FLOAT DEFAULT 0 NOT NULL",
+        "first_seen_ms INTEGER",
+        "last_seen_ms INTEGER",
+        "cross_session_matches INTEGER DEFAULT 0 NOT NULL",
+    ),
+    "outbox": (
+        "seq INTEGER NOT NULL",
+        "kind TEXT NOT NULL",
+        "\"key\" TEXT NOT NULL",
+    ),
+}
 # -- end of generated schema --
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create what is missing (in the caller's write transaction)."""
-    for ddl in DDL:
-        conn.execute(ddl)
+    """Create what is missing: tables, indexes, columns a store made earlier lacks (in
+    the caller's write transaction)."""
+    create_schema(conn, DDL, COLUMNS)
 
 
 def has_schema(conn: sqlite3.Connection) -> bool:
