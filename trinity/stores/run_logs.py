@@ -22,6 +22,7 @@ killed while appending) is skipped, every other line is an alert.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,10 @@ def read_alerts(path: Path) -> list[dict[str, Any]]:
     return list(_alert_lines(path))
 
 
+# One alert a line, ASCII-escaped; what JSON cannot hold (a Path) is written as its text.
+_ALERT_JSON = functools.partial(json.dumps, default=str)
+
+
 class AlertLog:
     """``alerts.log``: one JSON object per line, each alert once even across restarts."""
 
@@ -172,7 +177,7 @@ class AlertLog:
             return False
         alert["alert_id"] = alert_id
         alert["source"] = source
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(alert, default=str) + "\n")
+        with jsonlines.open(self.path, mode="a", dumps=_ALERT_JSON) as log:
+            log.write(alert)
         self._written.add(alert_id)
         return True
