@@ -72,7 +72,7 @@ validate-persistence: install ## Check patterns, costs, cycle position and queue
 	trinity validate-persistence
 
 burst: install ## 100 events at once through the three agents: one outcome each, bounded messages
-	TRINITY_BURST_EVENTS=$${TRINITY_BURST_EVENTS:-100} pytest -q tests/agents/test_pipeline.py -k burst
+	TRINITY_BURST_EVENTS=$${TRINITY_BURST_EVENTS:-100} pytest -q tests/system/test_pipeline.py -k burst
 
 bench-bus: install ## Benchmark: journaled bus vs raw pyzmq PUB/SUB (exit 1 if target missed)
 	python benchmarks/bench_bus.py

@@ -1,4 +1,6 @@
-"""Shared fixtures: short temporary project folders and a real supervisord.
+"""Fixtures shared by every test folder: short temporary project folders, a project
+with the repo's supervisor.conf (and its supervisord stopped afterwards), a Firestore
+emulator.
 
 Unix socket paths are limited to ~107 bytes, so project folders live directly
 under /tmp rather than under pytest's (long) tmp_path. In CI (``CI=true``) a
@@ -7,8 +9,10 @@ missing resource fails the test instead of skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.firestore_emulator import FirestoreEmulator, need_emulator
@@ -94,6 +99,31 @@ class Project:
     def supervisor(self) -> Supervisor:
         return Supervisor(self.config)
 
+    def kill(self) -> None:
+        """After the test: kill -9 supervisord, then each of its processes, at once (a
+        graceful stop waits out each agent's model call in flight, and what a stop does is
+        tested by the tests that stop); then any other process of the project left over."""
+        try:
+            supervisor = self.supervisor()
+            if supervisor.is_running():  # so its pid file is its own, not a stale one
+                pids = [int(info["pid"]) for info in supervisor.process_info() if info["pid"]]
+                pids.insert(0, int(supervisor.call("getPID")))
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                # Dead once a zombie (reaped when the system gets to it) or gone.
+                wait_for(lambda: not any(_alive(pid) for pid in pids), 10,
+                         "the project's processes to die")
+        finally:
+            cleanup_orphans(self.root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
 
 def root_db(root: Path) -> Path:
     return root / "trinity_messages.db"
@@ -103,30 +133,7 @@ def root_db(root: Path) -> Path:
 def project(short_dir: Path) -> Iterator[Project]:
     proj = Project(short_dir)
     yield proj
-    try:
-        proj.supervisor().stop()
-    finally:
-        cleanup_orphans(short_dir)
-
-
-@pytest.fixture(scope="session")
-def compressed_24h_run() -> Iterator[tuple[Project, subprocess.CompletedProcess[str]]]:
-    """One finished compressed 24-hour run (time scale 2880, the hour-12 kill-and-resume
-    included) shared by every test that reads a whole run's records: its project (the
-    stores, ``logs/24h_test``) and the ``trinity run`` result. Runs once per session
-    (~2 minutes), on first use; the folder is removed at the end of the session."""
-    root = Path(tempfile.mkdtemp(prefix="t24", dir="/tmp"))
-    proj = Project(root)
-    try:
-        result = proj.trinity("run", "--duration", "24", "--time-scale", "2880",
-                              "--restart-at", "12", timeout=540)
-        yield proj, result
-    finally:
-        try:
-            proj.supervisor().stop()
-        finally:
-            cleanup_orphans(root)
-            shutil.rmtree(root, ignore_errors=True)
+    proj.kill()
 
 
 @pytest.fixture(scope="session")

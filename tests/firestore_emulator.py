@@ -201,3 +201,16 @@ class FirestoreEmulator:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def trinity_collections(project_id: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """What the emulator holds of a pattern store in ``project_id`` (FIRESTORE_EMULATOR_HOST
+    set): each ``trinity_*`` collection, its documents by id."""
+    from google.cloud import firestore
+
+    client = firestore.Client(project=project_id)
+    try:
+        return {name: {d.id: d.to_dict() for d in client.collection(f"trinity_{name}").stream()}
+                for name in ("sessions", "exemplars", "detections", "patterns")}
+    finally:
+        client.close()

@@ -30,7 +30,7 @@ EMBED_WEIGHT = 1.5
 # reproduced here so that classifying imports neither scikit-learn nor SciPy (~85 MB of
 # a WITNESS process's own memory): n-grams as sklearn builds them, MurmurHash3 (x86, 32-bit, seed 0,
 # signed) of their UTF-8 bytes, column ``abs(hash) % 2**18``, each distinct column 1,
-# the row scaled to unit length. tests/agents/test_detector.py checks equality with
+# the row scaled to unit length. tests/agents/witness/test_detector.py checks equality with
 # sklearn on arbitrary text.
 _WORD_TOKENS = re.compile(r"(?u)\b\w+\b|[^\w\s]")  # word 1-2-grams of words and symbols
 _PIECE_TOKENS = re.compile(r"\S+")  # word 1-2-grams of WordPiece tokens

@@ -46,6 +46,7 @@ class Chart:
     # label -> (x, y) as read back from the figure; empty when there was nothing to draw
     plotted: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
     note: str = ""
+    y_range: tuple[float, float] | None = None  # the left axis' limits, as saved
 
 
 def _plot(ax: Axes, lines: Sequence[Line]) -> None:
@@ -119,7 +120,9 @@ def draw(key: str, title: str, ylabel: str, lines: Sequence[Line], path: Path, *
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    return Chart(key, title, path, plotted, "" if has_data else empty_note)
+    bottom, top = ax.get_ylim()
+    return Chart(key, title, path, plotted, "" if has_data else empty_note,
+                 (float(bottom), float(top)) if has_data else None)
 
 
 def cost_chart(cost_lines: Sequence[Line], call_lines: Sequence[Line], path: Path) -> Chart:

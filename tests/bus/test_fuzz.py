@@ -252,7 +252,6 @@ def harness(
         journal.close()
 
 
-@pytest.mark.slow
 def test_malformed_frames_are_dead_lettered_one_row_each(harness: Harness) -> None:
     node = harness.node
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.controller.test_webhook import Hook
+from tests.controller.process.test_webhook import Hook
 from trinity.controller.supervision.supervisord import SupervisorError
 
 

@@ -6,6 +6,9 @@
                 outcomes, snapshots written, agents' last heartbeats, emitted events
 - ``costs``     the cost ledger (``trinity_costs.db``): one row per model call attempt
 - ``patterns``  the pattern store (``trinity_patterns.db``): exemplars, detections,
-                per-pattern counts
-- ``firestore`` the pattern store's record in Firestore (``TRINITY_PATTERN_BACKEND``)
+                per-pattern counts; ``patterns.firestore`` keeps the same record in
+                Firestore (``TRINITY_PATTERN_BACKEND``)
+- ``run_logs``  the per-process run logs a run writes under ``logs/``
+- ``schema``    the generator: renders each store's SQLAlchemy declaration to the DDL
+                and column list the store carries (``make schema``)
 """
