@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 
 from trinity.agents.witness.embedding import Embedder
-from trinity.agents.witness.exemplars import Neighbour
+from trinity.agents.witness.exemplars import Neighbour, vector_index
 from trinity.agents.witness.model import Detection
 from trinity.clock import now_ms
 from trinity.contract import LABELS
@@ -132,11 +132,15 @@ class PatternStore:
     def _agrees(self, index: Any) -> bool:
         if index.ntotal != len(self._labels) or index.d != self.embedder.dim:
             return False
+        # an index of another kind (a store written on another machine, or before the
+        # kind was chosen per build) is rebuilt from the stored vectors: same values
+        if type(faiss.downcast_index(index.index)) is not type(vector_index(1)):
+            return False
         ids = faiss.vector_to_array(index.id_map)
         return bool(np.array_equal(np.sort(ids), np.array(sorted(self._labels), dtype=np.int64)))
 
     def _rebuild(self) -> faiss.IndexIDMap2:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+        index = faiss.IndexIDMap2(vector_index(self.embedder.dim))
         ids, vectors = [], []
         for exemplar_id, blob in store.exemplar_vectors(self.conn):
             ids.append(exemplar_id)

@@ -35,14 +35,21 @@ class EventText:
     notes: tuple[str, ...]
 
 
+# ASCII's control characters (its only category-C ones) but tab, newline and return
+_ASCII_CONTROLS = {c: " " for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t\r"}
+
+
 def _clean(text: str) -> tuple[str, bool]:
     """Valid UTF-8 without control characters; says whether anything was replaced."""
     fixed = text.encode("utf-8", "replace").decode("utf-8")
     changed = fixed != text
-    out = "".join(
-        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" or ch == "\r" else " "
-        for ch in fixed
-    )
+    if fixed.isascii():  # the usual case, without a Python step per character
+        out = fixed.translate(_ASCII_CONTROLS)
+    else:
+        out = "".join(
+            ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" or ch == "\r" else " "
+            for ch in fixed
+        )
     return out.replace("\r\n", "\n").replace("\r", "\n"), changed or out != fixed
 
 

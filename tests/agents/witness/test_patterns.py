@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from trinity.agents.witness.embedding import Embedder
-from trinity.agents.witness.exemplars import Neighbour
+from trinity.agents.witness.exemplars import Neighbour, vector_index
 from trinity.agents.witness.knowledge import Knowledge
 from trinity.agents.witness.model import Detection
 from trinity.agents.witness.store import PatternStore
@@ -251,3 +251,37 @@ def test_neighbour_type_is_the_detectors(store: PatternStore, embedder: Embedder
     found = store.search(embedder.embed(["dark mode please"])[0], 3)
     assert found and all(isinstance(n, Neighbour) for n in found)
     assert found[0].label == "feature_request"
+
+
+def test_an_index_of_another_kind_is_rebuilt_and_finds_the_same_neighbours(
+    store_path: Path, embedder: Embedder
+) -> None:
+    """A store whose saved index is the exact float32 kind (written before the kind was
+    chosen per faiss build, or on another machine) opens with the kind this machine's
+    build searches fastest, holding the same stored values: the same neighbours and
+    similarities as an exact float32 search."""
+    import faiss
+
+    first = PatternStore(store_path, embedder)
+    first.seed(SEED)
+    ids = np.array(sorted(first._labels), dtype=np.int64)
+    vectors = np.stack([first.index.reconstruct(int(i)) for i in ids])
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(embedder.dim))
+    flat.add_with_ids(vectors, ids)
+    first.index = flat
+    first.save_index()
+    first.close()
+    queries = embedder.embed(["nil pointer dereference panic in handler",
+                              "test times out now and then on CI", "please add dark mode"])
+    second = PatternStore(store_path, embedder)
+    try:
+        chosen = type(faiss.downcast_index(second.index.index))
+        assert chosen is type(vector_index(embedder.dim))
+        assert second.rebuilt is (chosen is not faiss.IndexFlatIP)
+        for query in queries:
+            sims, found = flat.search(query.reshape(1, -1), 4)
+            assert [n.exemplar_id for n in second.search(query, 4)] == found[0].tolist()
+            assert np.allclose([n.similarity for n in second.search(query, 4)], sims[0],
+                               atol=1e-5)
+    finally:
+        second.close()
