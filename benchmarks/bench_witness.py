@@ -7,10 +7,11 @@ For each size a fresh process builds a pattern store holding that many exemplars
 dev-set texts, so the index holds realistic, distinct vectors), then times the
 full classification path used by the WITNESS process (event text, embedding,
 classifier, nearest exemplars) on the dev-set events, one at a time, in three rounds,
-and reports p50/p99 of the quietest round and the process's resident memory. Targets: p99 <= 5 ms at 10k and
-<= 20 ms at 100k exemplars (the test plan asks < 2 s on average). Exits 1 when a
-target is missed; writes reports/bench_witness.json. Its rows compare each size with the
-smallest one measured in the same run (how each cost grows with the store).
+and reports p50/p99 of the quietest round and the process's resident memory. Targets:
+p99 <= 5 ms at 10k and <= 20 ms at 100k exemplars (the test plan asks < 2 s on
+average). Exits 1 when a target is missed; writes reports/bench_witness.json. Its rows
+compare each size with the smallest one measured in the same run (how each cost grows
+with the store).
 """
 
 from __future__ import annotations
