@@ -70,12 +70,29 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
     return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
+def corrections_summary(counts: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """People's corrections in the store: how many, and per label how many made it the
+    answer (``to``) and took it away (``from``)."""
+    return {"total": sum(c["to"] for c in counts.values()),
+            "by_label": {label: dict(c) for label, c in counts.items()}}
+
+
+def corrections_line(summary: Mapping[str, Any]) -> str:
+    """The corrections in one line: "3 (none: 3 to it; duplication: 2 from it)"."""
+    parts = []
+    for label, c in summary["by_label"].items():
+        said = [f"{c['to']} to it" if c["to"] else "", f"{c['from']} from it" if c["from"] else ""]
+        parts.append(f"{label}: {', '.join(x for x in said if x)}")
+    return f"{summary['total']:,}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def empty_pattern_stats(events: Mapping[str, tuple[str, float]]) -> dict[str, Any]:
     """The pattern snapshot's figures before WITNESS has written anything."""
     return {"detections": {"total": 0, "by_type": dict.fromkeys(PATTERNS, 0),
                            "average_confidence": None, "average_confidence_by_type": {}},
             "learning": {"total_patterns": 0, "new_patterns_this_hour": 0,
-                         "confidence_trend": 0.0, "cross_session_matches": 0},
+                         "confidence_trend": 0.0, "cross_session_matches": 0,
+                         "corrections": corrections_summary({})},
             "scoring": detection_scores(events, {})}
 
 
@@ -104,6 +121,7 @@ def pattern_stats(journal: sqlite3.Connection, patterns: sqlite3.Connection, run
             "new_patterns_this_hour": pattern_store.learned_from(patterns, this_interval),
             "confidence_trend": confidence_trend(patterns),
             "cross_session_matches": pattern_store.cross_session_matches(patterns),
+            "corrections": corrections_summary(pattern_store.correction_counts(patterns)),
         },
         "scoring": detection_scores(events, decided),
     }

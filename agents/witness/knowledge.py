@@ -15,13 +15,15 @@ import pickle
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from trinity.agents.witness.dataset import DATA_DIR, load_devset
 from trinity.agents.witness.embedding import Embedder, default_table_path, load_embedder
-from trinity.agents.witness.model import Detector, TrainedModel
+from trinity.agents.witness.model import Detection, Detector, TrainedModel
 from trinity.agents.witness.store import PatternStore
 from trinity.agents.witness.text import event_text
 from trinity.agents.witness.train import train
@@ -122,12 +124,7 @@ class Knowledge:
     @classmethod
     def open(cls, settings: Settings) -> Knowledge:
         embedder = load_embedder()
-        replica = None
-        if settings.pattern_backend == "firestore":
-            from trinity.stores.patterns.firestore import FirestoreReplica
-
-            replica = FirestoreReplica(settings.firestore_project)
-        store = PatternStore(settings.patterns_db, embedder, replica)
+        store = _pattern_store(settings, embedder)
         devset = load_devset()
         seeded = store.seed([(event_text(event).text, label, origin)
                              for event, label, origin in devset])
@@ -150,7 +147,7 @@ class Knowledge:
             return Observation(stored.pattern, stored.pattern or NONE, stored.confidence,
                                "recorded before", new=False)
         started = time.perf_counter() if started is None else started
-        detection = self.detector.classify(event)
+        detection = self.decide(event)
         latency_ms = (time.perf_counter() - started) * 1000
         if learn:
             self.store.record(detection, event_id=event_id, text=detection.text,
@@ -162,8 +159,38 @@ class Knowledge:
         return Observation(detection.pattern, detection.label, detection.confidence, reason,
                            new=True)
 
+    def decide(self, event: dict[str, Any]) -> Detection:
+        """The detector's decision, unless a person corrected this text (or one nearly
+        identical): then theirs, with confidence 1."""
+        detection = self.detector.classify(event)
+        label = self.store.correction_for(detection.text, detection.neighbours)
+        if label is None:
+            return detection
+        return replace(detection, pattern=None if label == NONE else label, label=label,
+                       confidence=1.0,
+                       notes=(*detection.notes, f"decided by a correction: {label}"))
+
     def close(self) -> None:
         self.store.close()
+
+
+def _pattern_store(settings: Settings, embedder: Embedder) -> PatternStore:
+    replica = None
+    if settings.pattern_backend == "firestore":
+        from trinity.stores.patterns.firestore import FirestoreReplica
+
+        replica = FirestoreReplica(settings.firestore_project)
+    return PatternStore(settings.patterns_db, embedder, replica)
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[PatternStore]:
+    """The pattern store alone (no model): for the operator's tools."""
+    store = _pattern_store(settings, load_embedder())
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def warm(cache_dir: Path | None = None) -> None:

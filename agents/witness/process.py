@@ -73,6 +73,8 @@ class Witness(BusProcess):
     # often (a few hundred minor page faults to read them again): resident, they grow
     # towards the whole tables (16 MB) over a day of events.
     RELEASE_PAGES_EVERY_S: ClassVar[float] = 2.0
+    # How often the store is asked for corrections recorded by ``trinity witness correct``.
+    CORRECTIONS_EVERY_S: ClassVar[float] = 1.0
 
     def initialize(self) -> None:
         # Imported here, not at the top: the detector's scikit-learn, SciPy and FAISS
@@ -85,9 +87,13 @@ class Witness(BusProcess):
         self.knowledge: Knowledge = Knowledge.open(self.settings)
         self._classified = 0
         self._release_at = self.clock.monotonic() + self.RELEASE_PAGES_EVERY_S
+        self._corrections_at = self.clock.monotonic() + self.CORRECTIONS_EVERY_S
 
     def tick(self) -> None:
         now = self.clock.monotonic()
+        if now >= self._corrections_at:  # corrections another process recorded
+            self._corrections_at = now + self.CORRECTIONS_EVERY_S
+            self.knowledge.store.refresh_corrections()
         if self._classified and now >= self._release_at:
             self._classified = 0
             self._release_at = now + self.RELEASE_PAGES_EVERY_S

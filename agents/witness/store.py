@@ -16,6 +16,13 @@ learning across restarts is measured.
 Writes are idempotent by event id, so a message re-applied after a crash neither
 counts nor learns twice.
 
+A *correction* (``trinity witness correct``) is a person's label for an event's text:
+it relabels what WITNESS learned from that event, adds the text as an exemplar of the
+right label, and from then on an event with the same normalised text, or whose nearest
+exemplar is the correction's and nearly identical (``NEAR_IDENTICAL``), is decided as
+corrected. Corrections live in the store, so they hold across restarts; a running
+WITNESS picks up those another process recorded (``refresh_corrections``).
+
 With a Firestore replica (``TRINITY_PATTERN_BACKEND=firestore``, see
 ``trinity.stores.patterns.firestore``) Firestore is the record: the store takes what
 Firestore has on open, before its index is checked, and every write also queues its
@@ -24,6 +31,7 @@ records in an ``outbox`` table (same SQLite transaction) that a thread sends to 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import uuid
@@ -39,6 +47,7 @@ import numpy as np
 from trinity.agents.witness.embedding import Embedder
 from trinity.agents.witness.exemplars import Neighbour, vector_index
 from trinity.agents.witness.model import Detection
+from trinity.agents.witness.text import normalise
 from trinity.clock import now_ms
 from trinity.contract import LABELS
 from trinity.db import connect, immediate, make_private
@@ -51,6 +60,15 @@ SAVE_EVERY = 200
 # joint MiniLM + WordLlama space, 60 % of dev-set events have a neighbour this close from
 # another repository, and 96 % of those neighbours share the event's label.
 MATCH_SIMILARITY = 0.65
+# An event this similar to a correction's text is decided as corrected: the same text
+# with another id, path, number or a word changed (a different sentence on the same
+# topic sits near 0.8).
+NEAR_IDENTICAL = 0.95
+
+
+def text_key(text: str) -> str:
+    """A correction's key: the text normalised (numbers, ids, paths, times masked)."""
+    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:32]
 
 
 def _storable(text: str) -> str:
@@ -89,6 +107,10 @@ class PatternStore:
             raise JournalError(f"cannot open pattern store {path}: {exc}") from exc
         self._labels: dict[int, tuple[str, str]] = {}  # exemplar id -> (label, session)
         self.index = self._load_index()
+        self._corrected: dict[str, str] = {}  # text key -> label
+        self._correction_exemplars: set[int] = set()
+        self._corrections_seen: tuple[int, int] | None = None
+        self.refresh_corrections()
         if replica is not None:
             replica.start(self._connect)
 
@@ -274,7 +296,7 @@ class PatternStore:
                     confidence=detection.confidence, detected_ms=ts,
                     nearest_id=nearest.exemplar_id if nearest else None,
                     nearest_similarity=nearest.similarity if nearest else None,
-                    cross_session=cross, latency_ms=latency_ms):
+                    cross_session=cross, latency_ms=latency_ms, text=_storable(text)):
                 return False
             self._queue(conn, "detection", [event_id])
             if detection.pattern is not None and learn:
@@ -293,12 +315,100 @@ class PatternStore:
         if self.replica is not None:
             self.replica.wake()
 
-    def correct(self, event_id: str, label: str, text: str) -> int:
-        """A human (or test) says what an event really was: it becomes an exemplar."""
+    # -- corrections ------------------------------------------------------------
+
+    def correct(self, event_id: str | None, label: str, text: str | None = None, *,
+                source: str = "cli") -> store.Correction:
+        """Record a person's ``label`` for the event ``event_id`` (its text as classified,
+        or ``text`` when given or when the store has none): the event's learned exemplar
+        is relabelled, the text becomes (or its earlier correction's exemplar becomes) an
+        exemplar of ``label``, and the next event with the same or a nearly identical text
+        is decided as ``label``. Raises ValueError for an unknown label or no text."""
         if label not in LABELS:
-            raise ValueError(f"unknown label {label!r}")
-        return self.add_exemplars([(text, label, f"correction:{event_id}")],
-                                  source=store.CORRECTION)[0]
+            raise ValueError(f"unknown label {label!r}: one of {', '.join(LABELS)}")
+        event_id = _storable(event_id) if event_id else None
+        decided = store.decided_text(self.conn, event_id) if event_id else None
+        was = decided[0] if decided else None
+        if text is None:
+            text = decided[1] if decided else None
+        if not text or not text.strip():
+            where = ("was never classified here" if decided is None
+                     else "was classified before texts were kept")
+            raise ValueError(f"event {event_id!r} {where}: give its text (--message)"
+                             if event_id else "a correction needs a text")
+        text = _storable(text)
+        key = text_key(text)
+        previous = store.correction_of(self.conn, key)
+        vector = self.embedder.embed([text])[0]
+        ts = now_ms()
+        added = False
+        with self._write() as conn:
+            learned = store.learned_exemplar(conn, event_id) if event_id else None
+            relabelled = learned[0] if learned else None
+            if relabelled is not None:
+                store.relabel_exemplar(conn, relabelled, label)
+            if previous is not None and previous.exemplar_id is not None:
+                exemplar_id = previous.exemplar_id
+                store.relabel_exemplar(conn, exemplar_id, label)
+            else:
+                exemplar_id = store.add_exemplar(
+                    conn, label=label, text=text, source=store.CORRECTION,
+                    origin=f"correction:{event_id}" if event_id else "correction",
+                    session_id=self.session_id, created_ms=ts,
+                    vector=vector.astype(np.float16).tobytes())
+                added = True
+            store.record_correction(conn, text_key=key, event_id=event_id, label=label,
+                                    was=was, text=text, source=source, corrected_ms=ts,
+                                    exemplar_id=exemplar_id, relabelled_id=relabelled)
+            self._queue(conn, "exemplar", [i for i in (exemplar_id, relabelled) if i])
+        if added:
+            self._index_add([exemplar_id], vector.reshape(1, -1), [label])
+        self._wake()
+        self.refresh_corrections()
+        found = store.correction_of(self.conn, key)
+        assert found is not None
+        return found
+
+    def refresh_corrections(self) -> bool:
+        """Take the corrections recorded since the last look (by any process): their
+        labels, and their exemplars into the index. True when something changed."""
+        version = store.corrections_version(self.conn)
+        if version == self._corrections_seen:
+            return False
+        self._corrections_seen = version
+        found = store.corrections(self.conn)
+        self._corrected = {c.text_key: c.label for c in found}
+        self._correction_exemplars = {c.exemplar_id for c in found if c.exemplar_id}
+        ids = sorted({i for c in found for i in (c.exemplar_id, c.relabelled_id) if i})
+        missing = []
+        for exemplar_id, label, session, blob in store.exemplar_rows(self.conn, ids):
+            if exemplar_id not in self._labels:
+                missing.append((exemplar_id, np.frombuffer(blob, dtype=np.float16)))
+            self._labels[exemplar_id] = (label, session)
+        if missing:
+            self.index.add_with_ids(
+                np.stack([v for _, v in missing]).astype(np.float32),
+                np.array([i for i, _ in missing], dtype=np.int64))
+            self._unsaved += len(missing)
+        return True
+
+    def correction_for(self, text: str, neighbours: Sequence[Neighbour]) -> str | None:
+        """The corrected label for ``text``: its normalised text was corrected, or its
+        nearest correction is nearly identical; None when no correction applies."""
+        if not self._corrected:
+            return None
+        label = self._corrected.get(text_key(text))
+        if label is not None:
+            return label
+        for n in neighbours:
+            if n.similarity < NEAR_IDENTICAL:
+                break
+            if n.exemplar_id in self._correction_exemplars:
+                return self._labels[n.exemplar_id][0]
+        return None
+
+    def correction_counts(self) -> dict[str, dict[str, int]]:
+        return store.correction_counts(self.conn)
 
     # -- statistics -----------------------------------------------------------
 

@@ -435,6 +435,9 @@ def render_patterns(view: PatternView) -> RenderableType:
     sheet.row("New in the last hour:", f"{learning['new_patterns_this_hour']:,}", 24)
     sheet.row("Cross-session matches:", f"{learning['cross_session_matches']:,}", 24)
     sheet.row("Confidence trending:", f"{trend:+.3f} ({word})", 24)
+    corrections = learning.get("corrections")  # absent from snapshots made before them
+    if corrections is not None:
+        sheet.row("Corrections:", measures.corrections_line(corrections), 24)
     return sheet.group()
 
 

@@ -1,16 +1,19 @@
-"""WITNESS's tools: ``trinity witness eval``."""
+"""WITNESS's tools: ``trinity witness eval`` and ``trinity witness correct``."""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
+
+from trinity.cli.common import load_settings
 
 
 @click.group()
 def witness() -> None:
-    """WITNESS tools: evaluation on the labelled dev set."""
+    """WITNESS tools: evaluation on the labelled dev set, corrections."""
 
 
 @witness.command("eval")
@@ -35,3 +38,39 @@ def witness_eval(folds: int, seed: int, repeats: int, errors: bool, no_holdout: 
     else:
         evaluate.print_results(result, errors=errors, holdout_errors=holdout_errors)
     sys.exit(0 if result.passed else 1)
+
+
+@witness.command("correct")
+@click.argument("event_id", required=False)
+@click.argument("label", required=False)
+@click.option("--message", help="The event's text, when the store never classified EVENT_ID.")
+@click.option("--file", "source", type=click.File("r", encoding="utf-8", errors="replace"),
+              help='JSON Lines of {"event_id", "label"[, "message"]} (- for stdin).')
+def witness_correct(event_id: str | None, label: str | None, message: str | None,
+                    source: Any) -> None:
+    """Record what EVENT_ID really was (LABEL: a pattern or none), or a file of such.
+
+    The event's learned exemplar is relabelled, its text becomes an exemplar of LABEL,
+    and from then on an event with the same or a nearly identical text is decided as
+    LABEL, by a running WITNESS too (within a second), and after restarts. Exit 1 when
+    any correction could not be applied (each is reported with its reason).
+    """
+    from trinity.agents.witness import corrections
+    from trinity.agents.witness.knowledge import open_store
+
+    if (source is None) == (label is None):
+        raise click.UsageError("give EVENT_ID LABEL, or --file")
+    if source is not None and (event_id or message):
+        raise click.UsageError("--file takes no EVENT_ID, LABEL or --message")
+    settings = load_settings()
+    with open_store(settings) as store:
+        if source is not None:
+            outcomes = list(corrections.apply_file(store, source, source.name))
+        else:
+            outcomes = [corrections.apply(store, event_id, str(label), message,
+                                          where=f"event {event_id}", source="cli")]
+    for outcome in outcomes:
+        click.echo(outcome.describe(), err=outcome.error is not None)
+    applied = sum(o.error is None for o in outcomes)
+    click.echo(f"{applied} of {len(outcomes)} corrections applied", err=True)
+    sys.exit(0 if applied == len(outcomes) else 1)

@@ -86,6 +86,9 @@ class ReportData:
     last_memory_growth_pct: float | None
     snapshot_counts: dict[str, int]
     gaps: tuple[str, ...] = field(default_factory=tuple)
+    # people's corrections in the pattern store (measures.corrections_summary)
+    corrections: dict[str, Any] = field(
+        default_factory=lambda: measures.corrections_summary({}))
 
     def criterion(self, name: str) -> Criterion:
         return next(c for c in self.criteria if c.name == name)
@@ -194,6 +197,14 @@ def _events(settings: Settings, run_id: str, gaps: list[str]) -> list[EventResul
             e.event_id, e.cycle, e.noise, e.category, e.sim_elapsed_s / 3600, True, d.pattern,
             d.label, d.confidence, (d.detected_ms - e.emitted_ms) / 1000, d.latency_ms))
     return found
+
+
+def _corrections(settings: Settings) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    if settings.patterns_db.exists():
+        with _reading(settings.patterns_db) as conn:
+            counts = pattern_store.correction_counts(conn)
+    return measures.corrections_summary(counts)
 
 
 def _calls(settings: Settings, run_id: str, gaps: list[str]) -> list[dict[str, Any]]:
@@ -340,4 +351,5 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
         memory_peak=_memory_peak(snaps["metrics"]),
         backlog_peak=_backlog_peak(snaps["metrics"]),
         last_memory_growth_pct=growth[-1] if growth else None,
-        snapshot_counts={k: len(v) for k, v in snaps.items()}, gaps=tuple(gaps))
+        snapshot_counts={k: len(v) for k, v in snaps.items()}, gaps=tuple(gaps),
+        corrections=_corrections(settings))

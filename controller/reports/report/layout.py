@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from trinity import measures
 from trinity.contract import NONE as NOISE
 from trinity.contract import PATTERNS
 from trinity.controller.reports import charts
@@ -117,6 +118,8 @@ def _performance(data: ReportData) -> list[Block]:
         f"{_pct(data.costs['local_share_tokens'])} of tokens",
         f"Learning improvement: {'-' if trend is None else f'{float(trend):+.3f}'} confidence "
         "trend (later half of the run's detections minus earlier half)",
+        f"Corrections by people (in the pattern store, all runs): "
+        f"{measures.corrections_line(data.corrections)}",
     ]), _h("By category", 3), _table(
         ("Category", "Events", "Classified", "Correct", "Accuracy", "Avg confidence"), rows)]
 

@@ -73,7 +73,7 @@ def _call(run_id: str, n: int, agent: str, sim: float, *, local: bool, cost: flo
 
 def _detect(store: sqlite3.Connection, run_id: str, event_id: str, pattern: str | None,
             label: str, confidence: float, detected_ms: int) -> None:
-    store.execute("INSERT INTO detections VALUES (?, ?, 's1', ?, ?, ?, ?, NULL, NULL, 0, ?)",
+    store.execute("INSERT INTO detections VALUES (?, ?, 's1', ?, ?, ?, ?, NULL, NULL, 0, ?, NULL)",
                   (event_id, run_id, pattern, label, confidence, detected_ms, 4.0))
     if pattern is not None:
         store.execute("INSERT INTO exemplars(label, text, source, event_id, session_id,"

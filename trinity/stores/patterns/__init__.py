@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trinity.contract import NONE
 from trinity.db import create_schema
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ def declare(metadata: MetaData) -> None:
                        Column("nearest_id", Integer),
                        Column("nearest_similarity", Float),
                        Column("cross_session", Integer, nullable=False),
-                       Column("latency_ms", Float))
+                       Column("latency_ms", Float),
+                       # the text classified (what a correction of this event is about)
+                       Column("text", Text))
     Index("detections_time", detections.c.detected_ms)
     Table("patterns", metadata,
           Column("pattern", Text, primary_key=True),
@@ -72,6 +75,22 @@ def declare(metadata: MetaData) -> None:
           Column("first_seen_ms", Integer),
           Column("last_seen_ms", Integer),
           Column("cross_session_matches", Integer, nullable=False, server_default=text("0")))
+    # A person's label for a text: the next event with the same normalised text (key), or
+    # one whose nearest exemplar is this correction's and nearly identical, is decided as
+    # corrected. ``was``: the decision corrected (a pattern, ``none``, or NULL when the
+    # event was never decided); ``exemplar_id``: the exemplar the correction added;
+    # ``relabelled_id``: the event's learned exemplar it relabelled.
+    Table("corrections", metadata,
+          Column("id", Integer, primary_key=True),
+          Column("text_key", Text, nullable=False, unique=True),
+          Column("event_id", Text),
+          Column("label", Text, nullable=False),
+          Column("was", Text),
+          Column("text", Text, nullable=False),
+          Column("source", Text, nullable=False),
+          Column("corrected_ms", Integer, nullable=False),
+          Column("exemplar_id", Integer),
+          Column("relabelled_id", Integer))
     # Records not yet acknowledged by Firestore (only with the Firestore backend).
     Table("outbox", metadata,
           Column("seq", Integer, primary_key=True),
@@ -92,12 +111,17 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS detections (event_id TEXT NOT NULL, run_id TEXT, "
     "session_id TEXT NOT NULL, pattern TEXT, label TEXT NOT NULL, confidence FLOAT NOT "
     "NULL, detected_ms INTEGER NOT NULL, nearest_id INTEGER, nearest_similarity FLOAT, "
-    "cross_session INTEGER NOT NULL, latency_ms FLOAT, PRIMARY KEY (event_id))",
+    "cross_session INTEGER NOT NULL, latency_ms FLOAT, text TEXT, PRIMARY KEY "
+    "(event_id))",
     "CREATE INDEX IF NOT EXISTS detections_time ON detections (detected_ms)",
     "CREATE TABLE IF NOT EXISTS patterns (pattern TEXT NOT NULL, detections INTEGER "
     "DEFAULT 0 NOT NULL, confidence_sum FLOAT DEFAULT 0 NOT NULL, first_seen_ms "
     "INTEGER, last_seen_ms INTEGER, cross_session_matches INTEGER DEFAULT 0 NOT NULL, "
     "PRIMARY KEY (pattern))",
+    "CREATE TABLE IF NOT EXISTS corrections (id INTEGER NOT NULL, text_key TEXT NOT "
+    "NULL, event_id TEXT, label TEXT NOT NULL, was TEXT, text TEXT NOT NULL, source "
+    "TEXT NOT NULL, corrected_ms INTEGER NOT NULL, exemplar_id INTEGER, relabelled_id "
+    "INTEGER, PRIMARY KEY (id), UNIQUE (text_key))",
     "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER NOT NULL, kind TEXT NOT NULL, \"key\" "
     "TEXT NOT NULL, PRIMARY KEY (seq))",
 )
@@ -135,6 +159,7 @@ COLUMNS = {
         "nearest_similarity FLOAT",
         "cross_session INTEGER NOT NULL",
         "latency_ms FLOAT",
+        "text TEXT",
     ),
     "patterns": (
         "pattern TEXT NOT NULL",
@@ -143,6 +168,18 @@ COLUMNS = {
         "first_seen_ms INTEGER",
         "last_seen_ms INTEGER",
         "cross_session_matches INTEGER DEFAULT 0 NOT NULL",
+    ),
+    "corrections": (
+        "id INTEGER NOT NULL",
+        "text_key TEXT NOT NULL",
+        "event_id TEXT",
+        "label TEXT NOT NULL",
+        "was TEXT",
+        "text TEXT NOT NULL",
+        "source TEXT NOT NULL",
+        "corrected_ms INTEGER NOT NULL",
+        "exemplar_id INTEGER",
+        "relabelled_id INTEGER",
     ),
     "outbox": (
         "seq INTEGER NOT NULL",
@@ -270,15 +307,15 @@ def record_decision(conn: sqlite3.Connection, *, event_id: str, run_id: str | No
                     session_id: str, pattern: str | None, label: str, confidence: float,
                     detected_ms: int, nearest_id: int | None,
                     nearest_similarity: float | None, cross_session: bool,
-                    latency_ms: float | None) -> bool:
+                    latency_ms: float | None, text: str | None = None) -> bool:
     """Record a decision once; False when the event was recorded before. A pattern's
     counts grow with it, in the same transaction."""
     cur = conn.execute(
         "INSERT OR IGNORE INTO detections(event_id, run_id, session_id, pattern, label,"
-        " confidence, detected_ms, nearest_id, nearest_similarity, cross_session, latency_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " confidence, detected_ms, nearest_id, nearest_similarity, cross_session, latency_ms,"
+        " text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (event_id, run_id, session_id, pattern, label, confidence, detected_ms, nearest_id,
-         nearest_similarity, int(cross_session), latency_ms))
+         nearest_similarity, int(cross_session), latency_ms, text))
     if cur.rowcount == 0:
         return False
     if pattern is not None:
@@ -291,6 +328,15 @@ def record_decision(conn: sqlite3.Connection, *, event_id: str, run_id: str | No
             " cross_session_matches=cross_session_matches+excluded.cross_session_matches",
             (pattern, confidence, detected_ms, detected_ms, int(cross_session)))
     return True
+
+
+def decided_text(conn: sqlite3.Connection, event_id: str) -> tuple[str, str | None] | None:
+    """(the decision: a pattern or none, the text classified) for ``event_id``, or None
+    when it was never decided here (the text is None for a decision recorded before
+    texts were kept)."""
+    row = conn.execute("SELECT coalesce(pattern, ?), text FROM detections WHERE event_id=?",
+                       (NONE, event_id)).fetchone()
+    return (str(row[0]), row[1]) if row else None
 
 
 def run_decisions(conn: sqlite3.Connection, run_id: str) -> dict[str, Decision]:
@@ -350,3 +396,92 @@ def pattern_counts(conn: sqlite3.Connection) -> list[PatternCounts]:
             for p, n, s, first, last, cross in conn.execute(
                 "SELECT pattern, detections, confidence_sum, first_seen_ms, last_seen_ms,"
                 " cross_session_matches FROM patterns ORDER BY pattern")]
+
+
+# -- corrections --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    id: int
+    text_key: str
+    event_id: str | None
+    label: str
+    was: str | None
+    exemplar_id: int | None
+    relabelled_id: int | None
+
+
+def learned_exemplar(conn: sqlite3.Connection, event_id: str) -> tuple[int, str] | None:
+    """(id, label) of the exemplar WITNESS learned from ``event_id``, if it learned one."""
+    row = conn.execute("SELECT id, label FROM exemplars WHERE event_id=? AND source=?",
+                       (event_id, DETECTED)).fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def relabel_exemplar(conn: sqlite3.Connection, exemplar_id: int, label: str) -> None:
+    conn.execute("UPDATE exemplars SET label=? WHERE id=?", (label, exemplar_id))
+
+
+def exemplar_rows(conn: sqlite3.Connection, ids: Sequence[int]
+                  ) -> list[tuple[int, str, str, bytes]]:
+    """(id, label, session, float16 vector bytes) of the exemplars ``ids``."""
+    found = []
+    for lo in range(0, len(ids), 900):
+        chunk = list(ids[lo:lo + 900])
+        found += [(int(i), label, session, bytes(blob)) for i, label, session, blob in
+                  conn.execute("SELECT id, label, session_id, vector FROM exemplars WHERE id IN"
+                               f" ({','.join('?' * len(chunk))})", chunk)]
+    return found
+
+
+def record_correction(conn: sqlite3.Connection, *, text_key: str, event_id: str | None,
+                      label: str, was: str | None, text: str, source: str, corrected_ms: int,
+                      exemplar_id: int | None, relabelled_id: int | None) -> int:
+    """Record a person's label for a text; a later correction of the same text replaces
+    it. Returns the correction's id."""
+    conn.execute(
+        "INSERT INTO corrections(text_key, event_id, label, was, text, source, corrected_ms,"
+        " exemplar_id, relabelled_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(text_key) DO UPDATE SET event_id=excluded.event_id,"
+        " label=excluded.label, was=excluded.was, text=excluded.text,"
+        " source=excluded.source, corrected_ms=excluded.corrected_ms,"
+        " exemplar_id=excluded.exemplar_id, relabelled_id=excluded.relabelled_id",
+        (text_key, event_id, label, was, text, source, corrected_ms, exemplar_id,
+         relabelled_id))
+    return int(conn.execute("SELECT id FROM corrections WHERE text_key=?",
+                            (text_key,)).fetchone()[0])
+
+
+def correction_of(conn: sqlite3.Connection, text_key: str) -> Correction | None:
+    row = conn.execute("SELECT id, text_key, event_id, label, was, exemplar_id, relabelled_id"
+                       " FROM corrections WHERE text_key=?", (text_key,)).fetchone()
+    return Correction(*row) if row else None
+
+
+def corrections(conn: sqlite3.Connection) -> list[Correction]:
+    """Every correction, oldest first."""
+    return [Correction(*row) for row in conn.execute(
+        "SELECT id, text_key, event_id, label, was, exemplar_id, relabelled_id"
+        " FROM corrections ORDER BY id")]
+
+
+def corrections_version(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Changes whenever a correction is recorded or replaced (a cheap poll)."""
+    n, last = conn.execute("SELECT count(*), coalesce(max(corrected_ms), 0) FROM corrections"
+                           ).fetchone()
+    return int(n), int(last)
+
+
+def correction_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Per label: corrections that made it the answer (``to``) and that took it away
+    (``from``: the decision they corrected)."""
+    counts: dict[str, dict[str, int]] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='corrections'"
+                    ).fetchone() is None:  # a store made before corrections were kept
+        return counts
+    for label, was, n in conn.execute(
+            "SELECT label, coalesce(was, ''), count(*) FROM corrections GROUP BY label, was"):
+        counts.setdefault(str(label), {"to": 0, "from": 0})["to"] += int(n)
+        if was:
+            counts.setdefault(str(was), {"to": 0, "from": 0})["from"] += int(n)
+    return dict(sorted(counts.items()))
