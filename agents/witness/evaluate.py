@@ -21,12 +21,12 @@ Reported, over all held-out predictions pooled:
   pattern, or of ``none`` when abstaining), ECE = sum_b (n_b / n) * |acc_b - conf_b|
   with acc_b the share of correct decisions in the bin.
 
-Then, once, the holdout (``agents/data/holdout_*.jsonl``: real events from repositories
-that appear nowhere in the dev set, collected before any tuning and never used for it) is
-scored by the full-dev-set model and exemplars, and the same metrics are printed beside
-the cross-validation ones under "holdout (never tuned on)". It is the estimate of how
-WITNESS does on events collected by others; the exit status stays driven by the
-cross-validation targets only.
+Then, once each, the holdouts (``agents/data/holdout_*.jsonl`` and the fresh
+``fresh_holdout.jsonl``: real events from sources that appear nowhere in the dev set,
+collected before any tuning and never used for it) are scored by the full-dev-set model
+and exemplars, and the same metrics are printed beside the cross-validation ones: the
+estimate of how WITNESS does on events collected by others. The exit status stays
+driven by the cross-validation targets only.
 
 Exit status 1 unless accuracy >= 0.95, FP on none <= 0.05 and ECE <= 0.05 (CV, the
 means over ``--repeats`` seeds, 5 by default).
@@ -68,7 +68,7 @@ SANITY_NEGATIVES = (
     "Added tests for error handling",
 )
 
-_REPO = re.compile(r"^github:([^/#\s]+/[^/#\s]+)")
+_REPO = re.compile(r"^github:([^/#:\s]+/[^/#:\s]+)")
 
 
 def repository(origin: str) -> str:
@@ -128,9 +128,14 @@ def summarise(
     }
 
 
-def load_holdout() -> list[tuple[dict[str, Any], str, str]]:
-    """(event, label, origin) for every holdout line (``holdout_*.jsonl``), like the dev set."""
-    return load_labelled("holdout_*.jsonl")
+# The holdouts, each scored once by the full-dev-set model: the first one collected
+# (``holdout_*.jsonl``) and the fresh one, frozen before the model changes it judges.
+HOLDOUTS = {"holdout": "holdout_*.jsonl", "fresh holdout": "fresh_holdout.jsonl"}
+
+
+def load_holdout(name: str = "holdout") -> list[tuple[dict[str, Any], str, str]]:
+    """(event, label, origin) for every line of the holdout ``name``, like the dev set."""
+    return load_labelled(HOLDOUTS[name])
 
 
 def _decide(
@@ -226,15 +231,18 @@ def cross_validate(
 _REPEAT_KEYS = ("accuracy", "macro_f1", "none_fp_rate", "ece")
 
 
-def holdout_results(detector: Detector) -> dict[str, Any] | None:
-    """The holdout scored once by ``detector`` (full dev set); None when there is none."""
-    items = load_holdout()
-    if not items:
-        return None
-    truth, decided, confidence, errors = _decide(detector, items)
-    repos = {repository(o) for _, _, o in items}
-    return {**summarise(truth, decided, confidence), "repositories": len(repos),
-            "errors": errors}
+def holdout_results(detector: Detector) -> dict[str, dict[str, Any]]:
+    """Each holdout scored once by ``detector`` (full dev set), by name (those present)."""
+    found = {}
+    for name in HOLDOUTS:
+        items = load_holdout(name)
+        if not items:
+            continue
+        truth, decided, confidence, errors = _decide(detector, items)
+        repos = {repository(o) for _, _, o in items}
+        found[name] = {**summarise(truth, decided, confidence), "repositories": len(repos),
+                       "errors": errors}
+    return found
 
 
 def full_detector(embedder: Embedder) -> tuple[Detector, float]:
@@ -282,7 +290,7 @@ def plan_results(detector: Detector, seconds: float) -> dict[str, Any]:
 def _print_report(
     cv: Mapping[str, Any],
     plan: Mapping[str, Any],
-    holdout: Mapping[str, Any] | None,
+    holdout: Mapping[str, Mapping[str, Any]] | None,
     show_errors: bool,
 ) -> None:
     repeats = cv["repeats"]
@@ -324,7 +332,7 @@ def _print_report(
         f"temperature {plan['temperature']:.2f} (full-dev-set model; a pattern is returned "
         "when p(pattern) / (p(pattern) + p(none)) reaches its threshold)"
     )
-    if holdout is not None:
+    if holdout:
         _print_holdout(cv, holdout)
     print("test-plan events (model and exemplars = full dev set):")
     for r in plan["plan"]:
@@ -349,25 +357,27 @@ def _print_report(
             )
 
 
-def _print_holdout(cv: Mapping[str, Any], ho: Mapping[str, Any]) -> None:
-    print(
-        f"holdout (never tuned on): n={ho['n']} from {ho['repositories']} repositories "
-        "absent from the dev set; full-dev-set model and exemplars, each event classified once"
-    )
-    print(f"{'':<24}{'CV':>10}{'holdout':>10}")
-    for key, name in (
+def _print_holdout(cv: Mapping[str, Any], holdouts: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, ho in holdouts.items():
+        print(f"{name} (never tuned on): n={ho['n']} from {ho['repositories']} sources "
+              "absent from the dev set")
+    print("full-dev-set model and exemplars, each event classified once")
+    print(f"{'':<24}{'CV':>10}" + "".join(f"{name:>15}" for name in holdouts))
+    for key, title in (
         ("accuracy", "accuracy"),
         ("macro_f1", "macro-F1"),
         ("none_fp_rate", "FP rate on none"),
         ("ece", "ECE"),
     ):
-        print(f"{name:<24}{cv[key]:>10.3f}{ho[key]:>10.3f}")
-    print(f"{'holdout label':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
-    for label, c in ho["per_class"].items():
-        print(
-            f"{label:<24}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
-            f"{c['support']:>10d}"
-        )
+        print(f"{title:<24}{cv[key]:>10.3f}"
+              + "".join(f"{ho[key]:>15.3f}" for ho in holdouts.values()))
+    for name, ho in holdouts.items():
+        print(f"{name + ' label':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+        for label, c in ho["per_class"].items():
+            print(
+                f"{label:<24}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
+                f"{c['support']:>10d}"
+            )
 
 
 @dataclass(frozen=True)
@@ -377,16 +387,16 @@ class Evaluation:
 
     cv: dict[str, Any]
     plan: dict[str, Any]
-    holdout: dict[str, Any] | None
+    holdout: dict[str, dict[str, Any]] | None  # by name (holdout, fresh holdout)
     passed: bool
     max_rss_mb: float
 
     def as_json(self, *, errors: bool = False, holdout_errors: bool = False) -> dict[str, Any]:
         cv = self.cv if errors else {k: v for k, v in self.cv.items() if k != "errors"}
-        holdout = self.holdout
-        if holdout is not None and not holdout_errors:
-            holdout = {k: v for k, v in holdout.items() if k != "errors"}
-        return {"cv": cv, "holdout": holdout, **self.plan, "max_rss_mb": self.max_rss_mb,
+        holdouts = {name.replace(" ", "_"): {k: v for k, v in ho.items()
+                                             if holdout_errors or k != "errors"}
+                    for name, ho in (self.holdout or {}).items()}
+        return {"cv": cv, **holdouts, **self.plan, "max_rss_mb": self.max_rss_mb,
                 "passed": self.passed}
 
 
@@ -412,9 +422,9 @@ def print_results(result: Evaluation, *, errors: bool = False,
     """The evaluation as text; ``holdout_errors`` lists the holdout's misses (for the final
     analysis only: never tune on them)."""
     _print_report(result.cv, result.plan, result.holdout, errors)
-    if result.holdout is not None and holdout_errors:
-        print("holdout errors:")
-        for e in result.holdout["errors"]:
+    for name, ho in (result.holdout or {}).items() if holdout_errors else ():
+        print(f"{name} errors:")
+        for e in ho["errors"]:
             print(
                 f"  {e['label']:<23}-> {e['decided']:<23}{e['confidence']:.2f} "
                 f"{e['origin']}: {e['message']!r}"

@@ -16,6 +16,7 @@ import pytest
 
 from trinity.agents.witness.dataset import DATA_DIR, load_devset
 from trinity.agents.witness.evaluate import (
+    HOLDOUTS,
     holdout_results,
     load_holdout,
     repository,
@@ -38,18 +39,39 @@ def test_summarise_counts_abstentions_as_none_and_fp_on_none() -> None:
     assert 0.0 <= out["ece"] <= 1.0
 
 
-def test_holdout_is_real_labelled_and_disjoint_from_the_dev_set() -> None:
-    holdout = load_holdout()
+@pytest.mark.parametrize("name", list(HOLDOUTS))
+def test_holdout_is_real_labelled_and_disjoint_from_the_dev_set(name: str) -> None:
+    holdout = load_holdout(name)
     assert len(holdout) >= 200
     assert {label for _, label, _ in holdout} == set(LABELS)
     dev_repos = {repository(origin) for _, _, origin in load_devset()}
     for event, _label, origin in holdout:
-        assert origin.startswith("github:"), origin
+        assert origin.startswith(("github:", "https://")), origin
         assert repository(origin) not in dev_repos, origin
         assert isinstance(event["message"], str) and event["message"].strip()
         assert "label" not in event and "origin" not in event
     dev_messages = {event["message"] for event, _, _ in load_devset()}
     assert not dev_messages & {event["message"] for event, _, _ in holdout}
+
+
+def test_the_fresh_holdout_is_as_specified_and_shares_no_source_with_any_other_file() -> None:
+    """>= 400 events, >= 60 of each pattern and >= 100 none, one line per source, and no
+    source (or text) of any other data file: it judges models it never shaped."""
+    import json
+
+    fresh = load_holdout("fresh holdout")
+    counts = Counter(label for _, label, _ in fresh)
+    assert len(fresh) >= 400 and counts[NONE] >= 100
+    assert all(counts[label] >= 60 for label in LABELS if label != NONE), counts
+    sources = [repository(o) for _, _, o in fresh]
+    assert len(set(sources)) == len(sources)
+    others = [json.loads(line) for path in sorted(DATA_DIR.glob("*.jsonl"))
+              if path.name != "fresh_holdout.jsonl"
+              for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    other_sources = {repository(row["origin"]) for row in others if "origin" in row}
+    assert not other_sources & set(sources)
+    texts = {row.get("message") or row.get("event", {}).get("message") for row in others}
+    assert not texts & {event["message"] for event, _, _ in fresh}
 
 
 def test_holdout_files_are_not_read_as_dev_set() -> None:
@@ -73,15 +95,16 @@ class _AlwaysNone:
 
 
 def test_holdout_results_scores_every_item_once() -> None:
-    out = holdout_results(cast(Detector, _AlwaysNone()))
-    assert out is not None
-    holdout = load_holdout()
-    assert out["n"] == len(holdout)
-    n_none = sum(1 for _, label, _ in holdout if label == NONE)
-    assert math.isclose(out["accuracy"], n_none / len(holdout))
-    assert out["none_fp_rate"] == 0.0
-    assert len(out["errors"]) == len(holdout) - n_none
-    assert out["repositories"] >= 200
+    scored = holdout_results(cast(Detector, _AlwaysNone()))
+    assert set(scored) == set(HOLDOUTS)
+    for name, out in scored.items():
+        holdout = load_holdout(name)
+        assert out["n"] == len(holdout)
+        n_none = sum(1 for _, label, _ in holdout if label == NONE)
+        assert math.isclose(out["accuracy"], n_none / len(holdout))
+        assert out["none_fp_rate"] == 0.0
+        assert len(out["errors"]) == len(holdout) - n_none
+        assert out["repositories"] >= 200
 
 
 def test_devset_follows_its_origins_policy() -> None:
@@ -104,7 +127,7 @@ def test_pending_candidates_share_no_repository_with_holdout_or_dev_set() -> Non
             for line in path.read_text(encoding="utf-8").splitlines() if line]
     assert rows and {row["label"] for row in rows} == set(LABELS)
     taken = {repository(o) for _, _, o in load_devset()} | {
-        repository(o) for _, _, o in load_holdout()
+        repository(o) for name in HOLDOUTS for _, _, o in load_holdout(name)
     }
     assert not taken & {repository(row["origin"]) for row in rows}
     assert max(Counter(repository(row["origin"]) for row in rows).values()) <= 5
