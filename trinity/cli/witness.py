@@ -44,7 +44,7 @@ def witness_eval(folds: int, seed: int, repeats: int, errors: bool, no_holdout: 
 @click.argument("event_id", required=False)
 @click.argument("label", required=False)
 @click.option("--message", help="The event's text, when the store never classified EVENT_ID.")
-@click.option("--file", "source", type=click.File("r", encoding="utf-8", errors="replace"),
+@click.option("--file", "source", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
               help='JSON Lines of {"event_id", "label"[, "message"]} (- for stdin).')
 def witness_correct(event_id: str | None, label: str | None, message: str | None,
                     source: Any) -> None:
@@ -53,7 +53,8 @@ def witness_correct(event_id: str | None, label: str | None, message: str | None
     The event's learned exemplar is relabelled, its text becomes an exemplar of LABEL,
     and from then on an event with the same or a nearly identical text is decided as
     LABEL, by a running WITNESS too (within a second), and after restarts. Exit 1 when
-    any correction could not be applied (each is reported with its reason).
+    any correction could not be applied (each is reported with its reason and
+    dead-lettered: trinity dead-letters).
     """
     from trinity.agents.witness import corrections
     from trinity.agents.witness.knowledge import open_store
@@ -71,6 +72,8 @@ def witness_correct(event_id: str | None, label: str | None, message: str | None
                                           where=f"event {event_id}", source="cli")]
     for outcome in outcomes:
         click.echo(outcome.describe(), err=outcome.error is not None)
-    applied = sum(o.error is None for o in outcomes)
-    click.echo(f"{applied} of {len(outcomes)} corrections applied", err=True)
+    rejected = corrections.dead_letter(settings.messages_db, outcomes)
+    applied = len(outcomes) - rejected
+    click.echo(f"{applied} of {len(outcomes)} corrections applied"
+               + (" (reasons and raw lines: trinity dead-letters)" if rejected else ""), err=True)
     sys.exit(0 if applied == len(outcomes) else 1)

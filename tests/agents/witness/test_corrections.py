@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from trinity.agents.witness.corrections import DEAD_LETTER_CONSUMER
 from trinity.agents.witness.knowledge import Knowledge
 from trinity.cli import main
 from trinity.contract import NONE
+from trinity.db import reading
 from trinity.settings import Settings
+from trinity.stores import journal as journal_store
 
 # A maintenance change that mentions duplicates (a hard negative), and variants of it:
 # the same text with other numbers and names, and one with a word changed.
@@ -135,7 +138,16 @@ def test_a_file_of_corrections_applies_good_lines_and_names_each_bad_one(
             "text (--message)") in out
     assert "line 9: never decided here, now feature_request" in out
     assert "line 10: not applied: not JSON" in out
-    assert "2 of 9 corrections applied" in out
+    assert "2 of 9 corrections applied (reasons and raw lines: trinity dead-letters)" in out
+    # Each line not applied is dead-lettered with its reason and the line as given.
+    with reading(short_dir / "trinity_messages.db") as conn:
+        letters = journal_store.dead_letters(conn, DEAD_LETTER_CONSUMER)
+    assert sorted(d.reason.split(":")[0] for d in letters) == [
+        f"line {n}" for n in (10, 2, 3, 4, 5, 6, 7)]
+    raws = {d.reason.split(":")[0]: d.raw for d in letters}
+    assert raws["line 2"] == b"not json at all"
+    assert raws["line 10"] == "\x00\x01 binary \udcff".encode("utf-8", "surrogateescape")
+    assert raws["line 6"] == lines[5].encode()
 
 
 @pytest.mark.parametrize("args", [[], ["e1"], ["e1", NONE, "--file", "-"]])
