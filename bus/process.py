@@ -33,6 +33,9 @@ class BusProcess(BaseProcess):
     # True where a message needs slow work (a model call): ``prepare`` then runs it
     # outside the journal transaction, one message at a time, heartbeats continuing.
     prepares: ClassVar[bool] = False
+    # True where preparing several messages at once is cheaper per message than one at
+    # a time (a classification batch): ``prepare_many`` is then called instead.
+    prepares_many: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  topology: Topology | None = None) -> None:
@@ -52,7 +55,9 @@ class BusProcess(BaseProcess):
     def loop(self) -> None:
         """One turn: receive, apply, beat, then the subclass's periodic work."""
         self.node.receive(timeout_ms=int(self.settings.poll_interval_s * 500))
-        self.node.drain(self.handle, prepare=self.prepare if self.prepares else None)
+        self.node.drain(
+            self.handle, prepare=self.prepare if self.prepares else None,
+            prepare_many=self.prepare_many if self.prepares and self.prepares_many else None)
         failure = self.node.take_storage_error()
         if failure is not None:  # the message waits for a retry; say why
             raise failure
@@ -90,6 +95,12 @@ class BusProcess(BaseProcess):
 
         Raise InvalidPayload to dead-letter the message, RetryableError to try later.
         """
+        raise NotImplementedError
+
+    def prepare_many(self, msgs: list[Message]) -> list[Callable[[Transaction], None] | Exception]:
+        """With ``prepares_many``: ``prepare`` for several messages at once, returning for
+        each (in order) its commit or the exception that dead-letters it; raise a
+        RetryableError to try them all later."""
         raise NotImplementedError
 
     def handle_ephemeral(self, msg: Message) -> None:

@@ -142,3 +142,61 @@ def test_a_bad_message_is_dead_lettered_and_the_others_committed(
     assert _state(journal) == [0, 1, 3, 4, 5]
     assert [d.reason for d in journal.dead_letters(CONSUMER)] == ["two is not allowed"]
     assert node.counters.applied == 5 and node.counters.dead_lettered == 1
+
+
+def test_prepare_many_gets_the_messages_in_chunks_and_commits_them_together(
+        node: BusNode, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call prepares several messages (one classification batch for all of them)."""
+    monkeypatch.setattr("trinity.bus.node.PREPARE_CHUNK", 4)
+    calls: list[list[int]] = []
+
+    def prepare_many(msgs: list[Message]) -> list[Commit | Exception]:
+        calls.append([_index(m) for m in msgs])
+        return [_recorder(_index(m)) for m in msgs]
+
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=1) == 10
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert _state(journal) == list(range(10))
+    assert journal.cursor(CONSUMER, ALPHA) == 10
+
+
+def test_prepare_many_dead_letters_the_messages_it_answers_with_an_exception(
+        node: BusNode, journal: Journal) -> None:
+    def prepare_many(msgs: list[Message]) -> list[Commit | Exception]:
+        return [InvalidPayload(f"{_index(m)} is odd") if _index(m) % 2 else _recorder(_index(m))
+                for m in msgs]
+
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=1) == 10
+    assert _state(journal) == [0, 2, 4, 6, 8]
+    assert sorted(d.reason for d in journal.dead_letters(CONSUMER)) == sorted(
+        f"{i} is odd" for i in (1, 3, 5, 7, 9))
+
+
+def test_prepare_many_raising_retries_the_whole_chunk(
+        node: BusNode, journal: Journal) -> None:
+    failures = [1]
+
+    def prepare_many(msgs: list[Message]) -> list[Commit | Exception]:
+        if failures[0]:
+            failures[0] -= 1
+            raise RetryableError("the store is busy")
+        return [_recorder(_index(m)) for m in msgs]
+
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=4) == 0
+    assert node.counters.retries == 1
+    time.sleep(0.1)
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=4) == 10
+    assert _state(journal) == list(range(10))
+    assert journal.dead_letters(CONSUMER) == []
+
+
+def test_prepare_many_may_answer_for_the_first_messages_only(
+        node: BusNode, journal: Journal) -> None:
+    """Its time was up after two: those are committed, the rest prepared at the next drain."""
+    def prepare_many(msgs: list[Message]) -> list[Commit | Exception]:
+        return [_recorder(_index(m)) for m in msgs[:2]]
+
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=1) == 2
+    assert journal.cursor(CONSUMER, ALPHA) == 2
+    assert node.drain(_no_handler, prepare_many=prepare_many, max_batches=4) == 8
+    assert _state(journal) == list(range(10))
