@@ -48,14 +48,19 @@ def create_schema(conn: sqlite3.Connection, ddl: Iterable[str],
     """A store's tables and indexes, created if missing, and the columns a table made by
     earlier code lacks, added (in the caller's write transaction). A column SQLite cannot
     add to a table that has rows (NOT NULL without a default, a key) is refused with
-    sqlite3.OperationalError naming it."""
-    for statement in ddl:
+    sqlite3.OperationalError naming it. Indexes come last: one may be on an added column."""
+    statements = list(ddl)
+    tables = [s for s in statements if s.startswith("CREATE TABLE")]
+    for statement in tables:
         conn.execute(statement)
     for table, definitions in columns.items():
         present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for definition in definitions:
             if definition.split(" ", 1)[0].strip('"') not in present:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+    for statement in statements:
+        if statement not in tables:
+            conn.execute(statement)
 
 
 @contextmanager

@@ -217,16 +217,27 @@ class StaticEmbedder:
         if not texts:
             return out
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        rows_of: list[int] = []  # which texts have tokens
+        ids: list[int] = []
+        starts: list[int] = []
         for i, enc in enumerate(encodings):
-            ids = enc.ids[:MAX_TOKENS]
+            token_ids = enc.ids[:MAX_TOKENS]
             # SentencePiece turns bare whitespace into word-boundary tokens; it says nothing
-            if not ids or not texts[i].strip():
+            if not token_ids or not texts[i].strip():
                 continue
-            rows = self._table[ids]
-            vec = (rows["q"].astype(np.float32) * rows["s"][:, None]).mean(axis=0)
-            norm = float(np.linalg.norm(vec))
-            if norm > 0.0:
-                out[i] = vec / norm
+            rows_of.append(i)
+            starts.append(len(ids))
+            ids.extend(token_ids)
+        if not ids:
+            return out
+        # one gather from the table and one segmented sum for the whole batch
+        rows = self._table[np.asarray(ids, dtype=np.int64)]
+        values = rows["q"].astype(np.float32) * rows["s"][:, None]
+        counts = np.diff(np.append(starts, len(ids))).astype(np.float32)
+        means = np.add.reduceat(values, starts, axis=0) / counts[:, None]
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        np.divide(means, norms, out=means, where=norms > 0)
+        out[rows_of] = np.where(norms > 0, means, 0.0)
         return out
 
 

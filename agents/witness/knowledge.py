@@ -15,7 +15,7 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 from trinity.agents.witness.dataset import DATA_DIR, load_devset
 from trinity.agents.witness.embedding import Embedder, default_table_path, load_embedder
 from trinity.agents.witness.model import Detection, Detector, TrainedModel
-from trinity.agents.witness.store import PatternStore
+from trinity.agents.witness.store import PatternStore, Recorded
 from trinity.agents.witness.text import event_text
 from trinity.agents.witness.train import train
 from trinity.contract import NONE
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # The modules whose code decides what is trained and how a model classifies, in a fixed
 # order: editing any of them changes the model key, so the cached model is retrained.
 MODEL_MODULES = ("text", "features", "exemplars", "model", "train", "dataset")
+
+
+# An event to observe: (the event, its id, the run it belongs to or None).
+Seen = tuple[dict[str, Any], str, str | None]
 
 
 @dataclass(frozen=True)
@@ -142,33 +146,62 @@ class Knowledge:
         Without ``learn`` nothing is written: the event is classified against what
         the store knows and left out of its counts and exemplars.
         """
-        stored = self.store.detection(event_id)
-        if stored is not None:
-            return Observation(stored.pattern, stored.pattern or NONE, stored.confidence,
-                               "recorded before", new=False)
+        return self.observe_many([(event, event_id, run_id)], started=started,
+                                 learn=learn)[0]
+
+    def observe_many(self, seen: Sequence[Seen], *, started: float | None = None,
+                     learn: bool = True) -> list[Observation]:
+        """``observe`` for several events: classified as one batch and recorded in one
+        store transaction (an event recorded before keeps its decision). Raises
+        InvalidPayload when an event is bad input: callers isolate such events by
+        observing them alone."""
         started = time.perf_counter() if started is None else started
-        detection = self.decide(event)
+        out: list[Observation | None] = []
+        todo: list[int] = []
+        for i, (_, event_id, _) in enumerate(seen):
+            stored = self.store.detection(event_id)
+            if stored is None:
+                out.append(None)
+                todo.append(i)
+            else:
+                out.append(Observation(stored.pattern, stored.pattern or NONE,
+                                       stored.confidence, "recorded before", new=False))
+        detections = self.decide_many([seen[i][0] for i in todo])
         latency_ms = (time.perf_counter() - started) * 1000
-        if learn:
-            self.store.record(detection, event_id=event_id, text=detection.text,
-                              run_id=run_id, latency_ms=latency_ms)
-        reason = None
-        if detection.pattern is None:
-            reason = (f"no pattern: best label {detection.label} "
-                      f"(p={detection.probabilities.get(detection.label, 0.0):.2f})")
-        return Observation(detection.pattern, detection.label, detection.confidence, reason,
-                           new=True)
+        if learn and todo:
+            recorded = self.store.record_many(
+                [Recorded(det, seen[i][1], seen[i][2], latency_ms)
+                 for i, det in zip(todo, detections, strict=True)])
+        else:
+            recorded = [True] * len(todo)
+        for i, det, new in zip(todo, detections, recorded, strict=True):
+            reason = None
+            if det.pattern is None:
+                reason = (f"no pattern: best label {det.label} "
+                          f"(p={det.probabilities.get(det.label, 0.0):.2f})")
+            # the same event id twice in one batch: the second is a repeat
+            out[i] = Observation(det.pattern, det.label, det.confidence,
+                                 reason if new else "recorded before", new=new)
+        return [o for o in out if o is not None]
 
     def decide(self, event: dict[str, Any]) -> Detection:
         """The detector's decision, unless a person corrected this text (or one nearly
         identical): then theirs, with confidence 1."""
-        detection = self.detector.classify(event)
-        label = self.store.correction_for(detection.text, detection.neighbours)
-        if label is None:
-            return detection
-        return replace(detection, pattern=None if label == NONE else label, label=label,
-                       confidence=1.0,
-                       notes=(*detection.notes, f"decided by a correction: {label}"))
+        return self.decide_many([event])[0]
+
+    def decide_many(self, events: Sequence[dict[str, Any]]) -> list[Detection]:
+        """``decide`` for several events, classified as one batch."""
+        out = []
+        for detection in self.detector.classify_many(events):
+            label = self.store.correction_for(detection.text, detection.neighbours,
+                                              detection.key or None)
+            if label is not None:
+                detection = replace(
+                    detection, pattern=None if label == NONE else label, label=label,
+                    confidence=1.0,
+                    notes=(*detection.notes, f"decided by a correction: {label}"))
+            out.append(detection)
+        return out
 
     def close(self) -> None:
         self.store.close()

@@ -12,7 +12,9 @@ transaction; they are keyed by event id instead, and a message re-applied after 
 crash reuses the detection already stored rather than classifying again. So the
 classification is prepared outside the journal transaction (which then holds the
 journal's write lock only for the outcome or the signal), and quick ones are
-committed many to a transaction.
+committed many to a transaction. Waiting events are classified as one batch (up to the
+bus's ``PREPARE_CHUNK``): one embedding call, one index search, one matrix product and
+one store transaction for all of them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from trinity.errors import InvalidPayload, MalformedMessage
 from trinity.stores import runs
 
 if TYPE_CHECKING:
-    from trinity.agents.witness.knowledge import Knowledge
+    from trinity.agents.witness.knowledge import Knowledge, Observation, Seen
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class Witness(BusProcess):
     # only write inside the transaction, so a batch may be re-run.
     isolate_each_message: ClassVar[bool] = False
     prepares: ClassVar[bool] = True
+    # Events are classified in batches: one embedding call, index search and matrix
+    # product, and one store transaction, for all the events waiting.
+    prepares_many: ClassVar[bool] = True
     # The embedding tables' pages that classifying touched are given back at most this
     # often (a few hundred minor page faults to read them again): resident, they grow
     # towards the whole tables (16 MB) over a day of events.
@@ -114,25 +119,68 @@ class Witness(BusProcess):
         return beat
 
     def prepare(self, msg: Message) -> Callable[[Transaction], None]:
+        result = self.prepare_many([msg])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_many(self, msgs: list[Message]) -> list[Callable[[Transaction], None] | Exception]:
+        """Classify the events as one batch and record them in one store transaction;
+        when that fails for something other than the store, each event alone, so only
+        the one at fault is dead-lettered."""
+        started = time.perf_counter()
+        parsed = [self._parse(msg) for msg in msgs]
+        seen = [p for p in parsed if not isinstance(p, Exception)]
+        try:
+            observed = iter(self._observe(seen, started))
+            return [p if isinstance(p, Exception) else self._commit(p, next(observed))
+                    for p in parsed]
+        except (InvalidPayload, sqlite3.DatabaseError):
+            if len(seen) <= 1:
+                raise
+        except Exception:
+            if len(seen) <= 1:
+                raise
+            log.exception("classifying a batch of %d events failed; one at a time", len(seen))
+        out: list[Callable[[Transaction], None] | Exception] = []
+        for p in parsed:
+            if isinstance(p, Exception):
+                out.append(p)
+                continue
+            try:
+                out.append(self._commit(p, self._observe([p], time.perf_counter())[0]))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    @staticmethod
+    def _parse(msg: Message) -> Seen | Exception:
         try:
             event = msg.json()
         except MalformedMessage as exc:
-            raise InvalidPayload(exc.reason) from None
+            return InvalidPayload(exc.reason)
+        if not isinstance(event, dict):
+            return InvalidPayload(f"an event is a JSON object, not {type(event).__name__}")
         event_id = event.get("event_id")
         if not isinstance(event_id, str) or not event_id.strip():
             event_id = msg.msg_id
         run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
-        started = time.perf_counter()
+        return event, event_id, run_id
+
+    def _observe(self, seen: list[Seen], started: float) -> list[Observation]:
         try:
-            outcome = self.knowledge.observe(event, event_id=event_id, run_id=run_id,
-                                             started=started)
-            self._classified += outcome.new
+            observed = self.knowledge.observe_many(seen, started=started)
         except sqlite3.DatabaseError as exc:
             if type(exc) is not sqlite3.DatabaseError and not isinstance(
                     exc, sqlite3.OperationalError):
                 raise
             # Name the file: the event waits for a retry and the alert says which store.
             raise type(exc)(f"{self.settings.patterns_db.name}: {exc}") from exc
+        self._classified += sum(o.new for o in observed)
+        return observed
+
+    def _commit(self, seen: Seen, outcome: Observation) -> Callable[[Transaction], None]:
+        event, event_id, run_id = seen
         if outcome.pattern is None:
             reason = outcome.reason
 

@@ -3,7 +3,8 @@
 SQLite (``trinity_patterns.db``, its tables and queries are ``trinity.stores.patterns``)
 is the record: exemplars with their vectors, every detection, and per-pattern counts,
 first/last seen and confidence sums.
-FAISS (``trinity_patterns.faiss``) is a derived index for nearest-exemplar search.
+FAISS (``trinity_patterns.faiss``) is a derived index for nearest-exemplar search (an
+HNSW graph, see ``exemplars.vector_index``).
 On every open the index is checked against SQLite (same ids, same count, built
 from the same embedding table) and rebuilt from the stored vectors when it is not,
 so a stale index cannot survive a restart. The index is saved on close and every
@@ -14,7 +15,10 @@ exemplar was stored by an earlier session is a cross-session match, which is how
 learning across restarts is measured.
 
 Writes are idempotent by event id, so a message re-applied after a crash neither
-counts nor learns twice.
+counts nor learns twice. Learning is bounded: a detection that nearly copies an exemplar
+of its pattern (the same normalised text, or ``NEAR_COPY`` similar) strengthens that
+exemplar (``hits``, ``last_seen_ms``) instead of adding a vector, and past
+``MAX_EXEMPLARS`` every detection strengthens its nearest exemplar of the pattern.
 
 A *correction* (``trinity witness correct``) is a person's label for an event's text:
 it relabels what WITNESS learned from that event, adds the text as an exemplar of the
@@ -31,13 +35,13 @@ records in an ``outbox`` table (same SQLite transaction) that a thread sends to 
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +49,17 @@ import faiss
 import numpy as np
 
 from trinity.agents.witness.embedding import Embedder
-from trinity.agents.witness.exemplars import Neighbour, vector_index
+from trinity.agents.witness.exemplars import Neighbour, tune_index, vector_index
 from trinity.agents.witness.model import Detection
-from trinity.agents.witness.text import normalise
+from trinity.agents.witness.text import key_of, normalise
 from trinity.clock import now_ms
 from trinity.contract import LABELS
 from trinity.db import connect, immediate, make_private
 from trinity.errors import JournalError
 from trinity.stores import patterns as store
 from trinity.stores.patterns.firestore import FirestoreReplica, outbox_add
+
+log = logging.getLogger(__name__)
 
 SAVE_EVERY = 200
 # A detection counts as a match against an exemplar when they are this similar. In the
@@ -64,16 +70,35 @@ MATCH_SIMILARITY = 0.65
 # with another id, path, number or a word changed (a different sentence on the same
 # topic sits near 0.8).
 NEAR_IDENTICAL = 0.95
+# A detection nearly identical to an exemplar of its pattern strengthens that exemplar
+# (its hits and last-seen time) instead of adding its vector: a recurring event teaches
+# what its first occurrence did, so memory and search cost follow what is new, not how
+# much arrives.
+NEAR_COPY = NEAR_IDENTICAL
+# At most this many exemplars (~1.3 KB each in the index, ~65 MB at the cap): past it a
+# detection strengthens its nearest exemplar of the same pattern instead of adding one.
+MAX_EXEMPLARS = 50_000
 
 
 def text_key(text: str) -> str:
-    """A correction's key: the text normalised (numbers, ids, paths, times masked)."""
-    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:32]
+    """A text's key (a correction's, an exemplar's): the text normalised (numbers, ids,
+    paths, times masked), hashed."""
+    return key_of(normalise(text))
 
 
 def _storable(text: str) -> str:
     """Text SQLite can store: lone surrogates (from undecodable bytes) become U+FFFD."""
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One detection to record (``PatternStore.record_many``)."""
+
+    detection: Detection
+    event_id: str
+    run_id: str | None = None
+    latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +110,11 @@ class StoredDetection:
 
 class PatternStore:
     def __init__(self, path: Path, embedder: Embedder,
-                 replica: FirestoreReplica | None = None) -> None:
+                 replica: FirestoreReplica | None = None, *,
+                 max_exemplars: int = MAX_EXEMPLARS) -> None:
         self.path = path
+        self.max_exemplars = max_exemplars
+        self._full_logged = False
         self.replica = replica
         self.index_path = path.with_suffix(".faiss")
         self.embedder = embedder
@@ -142,7 +170,7 @@ class PatternStore:
         if (self.index_path.exists() and not reembedded
                 and store.meta(self.conn, "index_fingerprint") == fingerprint):
             try:
-                index = faiss.read_index(str(self.index_path))
+                index = tune_index(faiss.read_index(str(self.index_path)))
             except RuntimeError:
                 index = None
         if index is not None and self._agrees(index):
@@ -225,7 +253,7 @@ class PatternStore:
                 ids.append(store.add_exemplar(
                     conn, label=label, text=_storable(text), source=source, origin=origin,
                     session_id=self.session_id, created_ms=ts,
-                    vector=vec.astype(np.float16).tobytes()))
+                    vector=vec.astype(np.float16).tobytes(), text_key=text_key(text)))
             self._queue(conn, "exemplar", ids)
         self._index_add(ids, vectors, [label for _, label, _ in items])
         self._wake()
@@ -248,16 +276,23 @@ class PatternStore:
 
     def search(self, vector: np.ndarray, k: int) -> list[Neighbour]:
         """Nearest exemplars, best first (the detector's NeighbourSearch)."""
-        if self.index.ntotal == 0:
-            return []
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        sims, ids = self.index.search(query, min(k, self.index.ntotal))
-        found = []
-        for sim, exemplar_id in zip(sims[0], ids[0], strict=True):
-            if exemplar_id < 0:
-                continue
-            label, session = self._labels[int(exemplar_id)]
-            found.append(Neighbour(int(exemplar_id), float(sim), label, session))
+        return self.search_many(np.asarray(vector).reshape(1, -1), k)[0]
+
+    def search_many(self, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
+        """``search`` for each row of ``vectors``, in one index search."""
+        queries = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        if self.index.ntotal == 0 or k <= 0:
+            return [[] for _ in range(len(queries))]
+        sims, ids = self.index.search(queries, min(k, self.index.ntotal))
+        found: list[list[Neighbour]] = []
+        for srow, irow in zip(sims, ids, strict=True):
+            row = []
+            for sim, exemplar_id in zip(srow, irow, strict=True):
+                if exemplar_id < 0:
+                    continue
+                label, session = self._labels[int(exemplar_id)]
+                row.append(Neighbour(int(exemplar_id), float(sim), label, session))
+            found.append(row)
         return found
 
     # -- detections -----------------------------------------------------------
@@ -272,44 +307,111 @@ class PatternStore:
         detection: Detection,
         *,
         event_id: str,
-        text: str,
+        text: str | None = None,
         run_id: str | None = None,
         learn: bool = True,
         latency_ms: float | None = None,
     ) -> bool:
-        """Record a detection once; with ``learn``, a detected pattern becomes an exemplar.
+        """Record a detection once; with ``learn``, a detected pattern is learned (see
+        ``record_many``). ``text`` defaults to the detection's. Returns False when this
+        event was recorded before (nothing changes)."""
+        if text is not None and text != detection.text:
+            detection = replace(detection, text=text)
+        return self.record_many([Recorded(detection, event_id, run_id, latency_ms)],
+                                learn=learn)[0]
 
-        Returns False when this event was recorded before (nothing changes).
+    def record_many(self, items: Sequence[Recorded], *, learn: bool = True) -> list[bool]:
+        """Record detections in one transaction, each once (False: recorded before).
+
+        With ``learn`` a detected pattern becomes an exemplar, unless it is a near copy
+        (``NEAR_COPY``) of an exemplar of that pattern, known or added earlier in this
+        batch, or the store is full (``max_exemplars``: then its nearest exemplar of the
+        pattern): that exemplar is strengthened instead.
         """
-        event_id = _storable(event_id)
-        nearest = detection.neighbours[0] if detection.neighbours else None
-        cross = (detection.pattern is not None and nearest is not None
-                 and nearest.session_id != self.session_id
-                 and nearest.similarity >= MATCH_SIMILARITY
-                 and nearest.label == detection.pattern)
         ts = now_ms()
-        new_id: int | None = None
+        fresh: list[bool] = []
+        added: list[tuple[int, np.ndarray, str, str]] = []  # (id, stored vector, label, key)
+        strengthened: list[tuple[int, int]] = []
         with self._write() as conn:
-            if not store.record_decision(
-                    conn, event_id=event_id, run_id=run_id, session_id=self.session_id,
-                    pattern=detection.pattern, label=detection.label,
-                    confidence=detection.confidence, detected_ms=ts,
-                    nearest_id=nearest.exemplar_id if nearest else None,
+            for item in items:
+                det = item.detection
+                event_id = _storable(item.event_id)
+                nearest = det.neighbours[0] if det.neighbours else None
+                cross = (det.pattern is not None and nearest is not None
+                         and nearest.session_id != self.session_id
+                         and nearest.similarity >= MATCH_SIMILARITY
+                         and nearest.label == det.pattern)
+                new = store.record_decision(
+                    conn, event_id=event_id, run_id=item.run_id, session_id=self.session_id,
+                    pattern=det.pattern, label=det.label, confidence=det.confidence,
+                    detected_ms=ts, nearest_id=nearest.exemplar_id if nearest else None,
                     nearest_similarity=nearest.similarity if nearest else None,
-                    cross_session=cross, latency_ms=latency_ms, text=_storable(text)):
-                return False
-            self._queue(conn, "detection", [event_id])
-            if detection.pattern is not None and learn:
+                    cross_session=cross, latency_ms=item.latency_ms,
+                    text=_storable(det.text))
+                fresh.append(new)
+                if not new:
+                    continue
+                self._queue(conn, "detection", [event_id])
+                if det.pattern is None or not learn:
+                    continue
+                vector = det.vector.astype(np.float16)
+                key = det.key or text_key(det.text)
+                target = self._near_copy(conn, det, key, vector, added)
+                if target is None and len(self._labels) + len(added) >= self.max_exemplars:
+                    target = next((n.exemplar_id for n in det.neighbours
+                                   if n.label == det.pattern), None)
+                    self._log_full()
+                if target is not None:
+                    strengthened.append((target, ts))
+                    continue
                 new_id = store.add_exemplar(
-                    conn, label=detection.pattern, text=_storable(text), source=store.DETECTED,
-                    origin=None, event_id=event_id, confidence=detection.confidence,
-                    session_id=self.session_id, created_ms=ts,
-                    vector=detection.vector.astype(np.float16).tobytes())
-                self._queue(conn, "exemplar", [new_id])
-        if new_id is not None and detection.pattern is not None:
-            self._index_add([new_id], detection.vector.reshape(1, -1), [detection.pattern])
+                    conn, label=det.pattern, text=_storable(det.text), source=store.DETECTED,
+                    origin=None, event_id=event_id, confidence=det.confidence,
+                    session_id=self.session_id, created_ms=ts, vector=vector.tobytes(),
+                    text_key=key)
+                added.append((new_id, vector, det.pattern, key))
+            if strengthened:
+                store.strengthen_exemplars(conn, strengthened)
+            self._queue(conn, "exemplar", sorted({a[0] for a in added}
+                                                 | {i for i, _ in strengthened}))
+        if added:
+            self._index_add([a[0] for a in added], np.stack([a[1] for a in added]),
+                            [a[2] for a in added])
         self._wake()
-        return True
+        return fresh
+
+    @staticmethod
+    def _near_copy(conn: sqlite3.Connection, det: Detection, key: str, vector: np.ndarray,
+                   added: Sequence[tuple[int, np.ndarray, str, str]]) -> int | None:
+        """The exemplar of ``det``'s pattern that ``det`` nearly copies, or None: one with
+        the same key (the text with other numbers, ids, paths or times) or nearly the same
+        vector (``NEAR_COPY``), known or added earlier in this batch."""
+        assert det.pattern is not None
+        for n in det.neighbours:
+            if n.similarity < NEAR_COPY:
+                break
+            if n.label == det.pattern:
+                return n.exemplar_id
+        same = [(i, v) for i, v, label, k in added if label == det.pattern]
+        for i, _, label, k in added:
+            if k == key and label == det.pattern:
+                return i
+        found = store.exemplar_with_key(conn, key, det.pattern)
+        if found is not None:
+            return found
+        if same:
+            sims = np.stack([v for _, v in same]).astype(np.float32) @ vector.astype(np.float32)
+            best = int(sims.argmax())
+            if sims[best] >= NEAR_COPY:
+                return same[best][0]
+        return None
+
+    def _log_full(self) -> None:
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning("the pattern store holds %d exemplars, its maximum: detections now "
+                        "strengthen their nearest exemplar instead of adding one",
+                        self.max_exemplars)
 
     def _wake(self) -> None:
         if self.replica is not None:
@@ -355,7 +457,7 @@ class PatternStore:
                     conn, label=label, text=text, source=store.CORRECTION,
                     origin=f"correction:{event_id}" if event_id else "correction",
                     session_id=self.session_id, created_ms=ts,
-                    vector=vector.astype(np.float16).tobytes())
+                    vector=vector.astype(np.float16).tobytes(), text_key=key)
                 added = True
             store.record_correction(conn, text_key=key, event_id=event_id, label=label,
                                     was=was, text=text, source=source, corrected_ms=ts,
@@ -392,12 +494,14 @@ class PatternStore:
             self._unsaved += len(missing)
         return True
 
-    def correction_for(self, text: str, neighbours: Sequence[Neighbour]) -> str | None:
-        """The corrected label for ``text``: its normalised text was corrected, or its
-        nearest correction is nearly identical; None when no correction applies."""
+    def correction_for(self, text: str, neighbours: Sequence[Neighbour],
+                       key: str | None = None) -> str | None:
+        """The corrected label for ``text`` (whose ``text_key`` is ``key`` when given): its
+        normalised text was corrected, or its nearest correction is nearly identical; None
+        when no correction applies."""
         if not self._corrected:
             return None
-        label = self._corrected.get(text_key(text))
+        label = self._corrected.get(key or text_key(text))
         if label is not None:
             return label
         for n in neighbours:

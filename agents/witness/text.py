@@ -9,6 +9,7 @@ trivia of that text (numbers, ids, paths, ...) for the hashed n-gram features
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -184,3 +185,9 @@ def normalise(text: str) -> str:
     text = text.replace("_", " ")
     text = _NUMBER.sub("0", text)
     return _WS.sub(" ", text).strip().lower()
+
+
+def key_of(normalised: str) -> str:
+    """A text's key: its normalised form hashed (the same event with other numbers, ids,
+    paths or times has the same key)."""
+    return hashlib.sha256(normalised.encode("utf-8")).hexdigest()[:32]

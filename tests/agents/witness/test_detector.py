@@ -642,3 +642,35 @@ def test_a_missing_model_is_trained_in_a_child_and_witness_stays_lean(
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"pattern": "critical_error", "loaded": []}
     assert len(list(tmp_path.glob("witness_model-*.pkl"))) == 1
+
+
+# -- batches ------------------------------------------------------------------------
+
+
+def test_a_batch_is_decided_as_each_event_alone(detector: Detector) -> None:
+    """One embedding call, search and matrix product for many events changes no decision:
+    the plan's events and the sanity negatives, in one batch."""
+    events = [event for event, _, _ in PLAN_EVENTS] + [{"message": m} for m in SANITY_NEGATIVES]
+    together = detector.classify_many(events)
+    assert len(together) == len(events)
+    for event, det in zip(events, together, strict=True):
+        alone = detector.classify(event)
+        check_invariants(det)
+        assert (det.pattern, det.label, det.text, det.key) == (
+            alone.pattern, alone.label, alone.text, alone.key)
+        assert [n.exemplar_id for n in det.neighbours] == [
+            n.exemplar_id for n in alone.neighbours]
+        for label in LABELS:
+            assert det.probabilities[label] == pytest.approx(alone.probabilities[label],
+                                                             abs=1e-5)
+    assert detector.classify_many([]) == []
+    with pytest.raises(InvalidPayload):  # bad input in a batch: WITNESS then goes one by one
+        detector.classify_many([*events[:2], {"message": "   "}])
+
+
+def test_the_same_event_with_other_numbers_has_the_same_key(detector: Detector) -> None:
+    one, other, different = detector.classify_many([
+        {"message": "Test test_sync failed on run 1234 after 35.2 s"},
+        {"message": "Test test_sync failed on run 98 after 4.07 s"},
+        {"message": "Test test_async failed on run 98 after 4.07 s"}])
+    assert one.key == other.key != different.key

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from trinity.agents.witness.embedding import Embedder
 from trinity.agents.witness.exemplars import Neighbour, vector_index
 from trinity.agents.witness.knowledge import Knowledge
 from trinity.agents.witness.model import Detection
-from trinity.agents.witness.store import PatternStore
+from trinity.agents.witness.store import NEAR_COPY, PatternStore, Recorded, text_key
 from trinity.agents.witness.text import event_text
 from trinity.settings import Settings
 from trinity.stores.patterns.firestore import FirestoreReplica
@@ -145,6 +146,106 @@ def test_record_is_idempotent_by_event_id(store: PatternStore, embedder: Embedde
     assert stored is not None and stored.pattern == "flaky_test"
 
 
+FLAKY = "Test test_sync fails intermittently on CI run 1234"
+FLAKY_AGAIN = "Test test_sync fails intermittently on CI run 5678"
+FLAKY_OTHER = "test_upload_retry passes locally but times out about once in five runs"
+
+
+def _hits(store: PatternStore) -> dict[str, tuple[int, int | None]]:
+    """text -> (hits, last seen) of the learned exemplars."""
+    return {text: (hits, seen) for text, hits, seen in store.conn.execute(
+        "SELECT text, hits, last_seen_ms FROM exemplars WHERE source='detected'")}
+
+
+def test_a_near_copy_strengthens_its_exemplar_instead_of_adding_one(
+    store: PatternStore, embedder: Embedder
+) -> None:
+    """Memory follows what is new: the same event again (another run number) counts on
+    the exemplar its first occurrence left, a different one is added."""
+    a, b = embedder.embed([FLAKY, FLAKY_AGAIN])
+    # the premise: not nearly the same vector (numbers weigh in a short text's vector),
+    # the same text once numbers are masked
+    assert float(a @ b) < NEAR_COPY and text_key(FLAKY) == text_key(FLAKY_AGAIN)
+    before = store.exemplar_count()
+    assert store.record(_detection(embedder, store, FLAKY, "flaky_test"), event_id="e1",
+                        text=FLAKY)
+    assert store.exemplar_count() == before + 1
+    assert store.record(_detection(embedder, store, FLAKY_AGAIN, "flaky_test"), event_id="e2",
+                        text=FLAKY_AGAIN)
+    assert store.exemplar_count() == before + 1
+    hits = _hits(store)
+    assert hits[FLAKY][0] == 2 and hits[FLAKY][1] is not None
+    store.record(_detection(embedder, store, FLAKY_OTHER, "flaky_test"), event_id="e3",
+                 text=FLAKY_OTHER)
+    assert store.exemplar_count() == before + 2
+    stats = store.stats()  # every detection is counted either way
+    assert stats["events"] == 3 and stats["by_pattern"]["flaky_test"]["detections"] == 3
+
+
+def test_a_near_copy_of_another_pattern_is_learned_as_its_own(
+    store: PatternStore, embedder: Embedder
+) -> None:
+    store.record(_detection(embedder, store, FLAKY, "flaky_test"), event_id="e1", text=FLAKY)
+    before = store.exemplar_count()
+    store.record(_detection(embedder, store, FLAKY_AGAIN, "critical_error"), event_id="e2",
+                 text=FLAKY_AGAIN)
+    assert store.exemplar_count() == before + 1
+    assert _hits(store)[FLAKY][0] == 1
+
+
+def test_near_copies_in_one_batch_are_one_exemplar(
+    store: PatternStore, embedder: Embedder
+) -> None:
+    """Both were classified before either was learned: the batch itself is checked."""
+    first = _detection(embedder, store, FLAKY, "flaky_test")
+    again = _detection(embedder, store, FLAKY_AGAIN, "flaky_test")
+    before = store.exemplar_count()
+    assert store.record_many([
+        Recorded(replace(first, text=FLAKY), "e1"), Recorded(replace(again, text=FLAKY_AGAIN),
+                                                             "e2"),
+        Recorded(replace(first, text=FLAKY), "e1")]) == [True, True, False]
+    assert store.exemplar_count() == before + 1
+    assert _hits(store) == {FLAKY: (2, _hits(store)[FLAKY][1])}
+    assert store.stats()["events"] == 2
+
+
+def test_a_full_store_strengthens_the_nearest_exemplar_of_the_pattern(
+    store_path: Path, embedder: Embedder
+) -> None:
+    store = PatternStore(store_path, embedder, max_exemplars=len(SEED) + 1)
+    try:
+        store.seed(SEED)
+        store.record(_detection(embedder, store, FLAKY, "flaky_test"), event_id="e1",
+                     text=FLAKY)
+        assert store.exemplar_count() == len(SEED) + 1
+        det = _detection(embedder, store, FLAKY_OTHER, "flaky_test")
+        nearest = next(n for n in det.neighbours if n.label == "flaky_test")
+        assert nearest.similarity < NEAR_COPY  # not a near copy: only the cap stops it
+        store.record(det, event_id="e2", text=FLAKY_OTHER)
+        assert store.exemplar_count() == len(SEED) + 1
+        hits = dict(store.conn.execute("SELECT id, hits FROM exemplars"))
+        assert hits[nearest.exemplar_id] == 2
+        assert store.stats()["by_pattern"]["flaky_test"]["detections"] == 2
+    finally:
+        store.close()
+    reopened = PatternStore(store_path, embedder)  # the counts are the record's
+    try:
+        assert reopened.exemplar_count() == len(SEED) + 1
+        assert dict(reopened.conn.execute("SELECT id, hits FROM exemplars"))[
+            nearest.exemplar_id] == 2
+    finally:
+        reopened.close()
+
+
+def test_search_many_finds_what_search_finds(store: PatternStore, embedder: Embedder) -> None:
+    queries = embedder.embed(["nil pointer dereference panic in handler",
+                              "test times out now and then on CI", "please add dark mode"])
+    together = store.search_many(queries, 4)
+    assert together == [store.search(q, 4) for q in queries]
+    assert [n[0].label for n in together] == ["critical_error", "flaky_test",
+                                              "feature_request"]
+
+
 def test_abstentions_are_counted_but_not_learned(
     store: PatternStore, embedder: Embedder
 ) -> None:
@@ -166,7 +267,8 @@ def test_matches_against_an_earlier_session_are_cross_session(
     first.close()
     second = open_store()
     try:
-        again = "Test test_payment_refund is flaky and fails about 35% of nightly runs"
+        # like a's (its nearest) but not a near copy, so it is learned as its own
+        again = "test_payment_refund flaked again: it failed in 35% of this week's nightly runs"
         det = _detection(embedder, second, again, "flaky_test")
         assert det.neighbours[0].session_id != second.session_id
         second.record(det, event_id="b", text=again)

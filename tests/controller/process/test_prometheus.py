@@ -131,12 +131,13 @@ def stores(short_dir: Path, sleepers: list[subprocess.Popen[bytes]]) -> Stores:
     store = PatternStore(settings.patterns_db, embedder)
     store.seed([("Fatal error: NoneType in payment processing", "critical_error", "s1"),
                 ("User requests dark mode", "feature_request", "s2")])
-    for event_id, pattern in zip(events, ("critical_error", "critical_error", None,
-                                          "flaky_test"), strict=False):
+    for event_id, pattern, word in zip(events, ("critical_error", "critical_error", None,
+                                                "flaky_test"), "abcd", strict=False):
         vector = embedder.embed([event_id])[0]
+        # texts that differ in more than a number: each detection is learned as its own
         store.record(Detection(pattern=pattern, label=pattern or "none", confidence=0.8,
                                probabilities={}, neighbours=(), vector=vector, notes=()),
-                     event_id=event_id, text=f"text of {event_id}", run_id=run.run_id)
+                     event_id=event_id, text=f"text {word} of {event_id}", run_id=run.run_id)
     store.record(Detection(pattern="duplication", label="duplication", confidence=0.9,
                            probabilities={}, neighbours=(), vector=embedder.embed(["x"])[0],
                            notes=()), event_id="other-run/c001", text="x", run_id="other-run")

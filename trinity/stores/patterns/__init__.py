@@ -42,7 +42,7 @@ def declare(metadata: MetaData) -> None:
     Table("sessions", metadata,
           Column("session_id", Text, primary_key=True),
           Column("started_ms", Integer, nullable=False))
-    Table("exemplars", metadata,
+    exemplars = Table("exemplars", metadata,
           Column("id", Integer, primary_key=True),
           Column("label", Text, nullable=False),
           Column("text", Text, nullable=False),
@@ -52,7 +52,14 @@ def declare(metadata: MetaData) -> None:
           Column("confidence", Float),
           Column("session_id", Text, nullable=False),
           Column("created_ms", Integer, nullable=False),
-          Column("vector", BLOB, nullable=False))
+          Column("vector", BLOB, nullable=False),
+          # how many detections this exemplar stands for (a near-copy strengthens it
+          # instead of adding a vector), and when the last of them was seen
+          Column("hits", Integer, nullable=False, server_default=text("1")),
+          Column("last_seen_ms", Integer),
+          # ``text.key_of`` the normalised text: a near copy is found by it
+          Column("text_key", Text))
+    Index("exemplars_key", exemplars.c.text_key)
     detections = Table("detections", metadata,
                        Column("event_id", Text, primary_key=True),
                        Column("run_id", Text),
@@ -107,7 +114,9 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS exemplars (id INTEGER NOT NULL, label TEXT NOT NULL, "
     "text TEXT NOT NULL, source TEXT NOT NULL, origin TEXT, event_id TEXT, confidence "
     "FLOAT, session_id TEXT NOT NULL, created_ms INTEGER NOT NULL, vector BLOB NOT "
-    "NULL, PRIMARY KEY (id), UNIQUE (event_id))",
+    "NULL, hits INTEGER DEFAULT 1 NOT NULL, last_seen_ms INTEGER, text_key TEXT, "
+    "PRIMARY KEY (id), UNIQUE (event_id))",
+    "CREATE INDEX IF NOT EXISTS exemplars_key ON exemplars (text_key)",
     "CREATE TABLE IF NOT EXISTS detections (event_id TEXT NOT NULL, run_id TEXT, "
     "session_id TEXT NOT NULL, pattern TEXT, label TEXT NOT NULL, confidence FLOAT NOT "
     "NULL, detected_ms INTEGER NOT NULL, nearest_id INTEGER, nearest_similarity FLOAT, "
@@ -146,6 +155,9 @@ COLUMNS = {
         "session_id TEXT NOT NULL",
         "created_ms INTEGER NOT NULL",
         "vector BLOB NOT NULL",
+        "hits INTEGER DEFAULT 1 NOT NULL",
+        "last_seen_ms INTEGER",
+        "text_key TEXT",
     ),
     "detections": (
         "event_id TEXT NOT NULL",
@@ -241,13 +253,34 @@ def set_vectors(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, int]]) -> 
 
 def add_exemplar(conn: sqlite3.Connection, *, label: str, text: str, source: str,
                  origin: str | None, session_id: str, created_ms: int, vector: bytes,
-                 event_id: str | None = None, confidence: float | None = None) -> int:
+                 event_id: str | None = None, confidence: float | None = None,
+                 text_key: str | None = None) -> int:
     """Store one exemplar; returns its id."""
     cur = conn.execute(
         "INSERT INTO exemplars(label, text, source, origin, event_id, confidence, session_id,"
-        " created_ms, vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (label, text, source, origin, event_id, confidence, session_id, created_ms, vector))
+        " created_ms, vector, text_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (label, text, source, origin, event_id, confidence, session_id, created_ms, vector,
+         text_key))
     return int(cur.lastrowid or 0)
+
+
+def exemplar_with_key(conn: sqlite3.Connection, text_key: str, label: str) -> int | None:
+    """The first exemplar of ``label`` whose normalised text has ``text_key``, or None."""
+    row = conn.execute("SELECT id FROM exemplars WHERE text_key=? AND label=? ORDER BY id"
+                       " LIMIT 1", (text_key, label)).fetchone()
+    return int(row[0]) if row else None
+
+
+def strengthen_exemplars(conn: sqlite3.Connection, seen: Sequence[tuple[int, int]]) -> None:
+    """(exemplar id, seen at ms): a detection nearly identical to the exemplar was made."""
+    conn.executemany("UPDATE exemplars SET hits=hits+1, last_seen_ms=max(coalesce("
+                     "last_seen_ms, 0), ?) WHERE id=?", [(ms, i) for i, ms in seen])
+
+
+def exemplar_hits(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(exemplars, detections they stand for: each exemplar's hits summed)."""
+    n, hits = conn.execute("SELECT count(*), coalesce(sum(hits), 0) FROM exemplars").fetchone()
+    return int(n), int(hits)
 
 
 def is_seeded(conn: sqlite3.Connection) -> bool:
