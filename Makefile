@@ -13,7 +13,7 @@ DEMO_TIME_SCALE ?= 2880
 LOG_DIR ?= $(or $(TRINITY_LOG_DIR),logs/24h_test)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test lint schema start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-llm bench-24h bench bench-pipeline chaos firestore-emulator clean
+.PHONY: help install demo smoke test lint schema start-24h stop status costs report export dashboards kill-and-resume validate-persistence burst bench-bus eval-witness bench-witness bench-witness-stream bench-llm bench-24h bench bench-pipeline chaos firestore-emulator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ eval-witness: install ## WITNESS cross-validated accuracy, P/R, macro-F1, FP on 
 
 bench-witness: install ## Benchmark: WITNESS latency and RSS at 1k/10k/100k exemplars (exit 1 if missed)
 	python benchmarks/bench_witness.py
+
+bench-witness-stream: install ## Benchmark: WITNESS learning from 1,000,000 varied events: RSS <= 400 MB, p99 <= 5 ms at the end (exit 1 if missed)
+	python benchmarks/bench_witness_stream.py
 
 bench-llm: install ## Benchmark: ARCHITECT/EXECUTOR call vs direct llama-cpp-python call (exit 1 if >5% overhead)
 	python benchmarks/bench_llm.py

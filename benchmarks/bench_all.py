@@ -1,6 +1,6 @@
 """Benchmark suite (``make bench``): every benchmark, then one table of their figures.
 
-    python benchmarks/bench_all.py               # bus, pipeline, witness, llm, 24h
+    python benchmarks/bench_all.py               # bus, pipeline, witness, witness_stream, llm, 24h
     python benchmarks/bench_all.py bus pipeline  # only these
     BENCH_SHORT=1 python benchmarks/bench_all.py # each in its short form
 
@@ -31,7 +31,7 @@ from report_rows import COLUMNS, cells, format_table, problem
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports"
-BENCHMARKS = ("bus", "pipeline", "witness", "llm", "24h")
+BENCHMARKS = ("bus", "pipeline", "witness", "witness_stream", "llm", "24h")
 # Generous bounds on each benchmark's full form (measured: bus ~1 min, pipeline ~5 min,
 # witness ~4 min, llm ~6 min, 24h ~2.5 min on 2 shared cores).
 TIMEOUT_S = {"bus": 900, "pipeline": 1800, "witness": 2400, "llm": 3600, "24h": 2400}

@@ -35,3 +35,20 @@ def test_bench_llm_signals_are_one_scenario_event_per_category() -> None:
     assert [s["pattern"] for s in signals] == list(CATEGORIES)
     assert [s["cycle"] for s in signals] == [1, 2, 3, 4, 5]
     assert all(s["message"].strip() for s in signals)
+
+
+def test_bench_witness_stream_varies_details_not_the_event() -> None:
+    """The stream's events recur with other details: numbers and ids change, fields other
+    than the message are kept, and the same seed gives the same stream."""
+    import random
+
+    vary = _load("bench_witness_stream").vary
+    event = {"message": "Job 4411 failed: commit 3fa9c1e2 timed out after 120 s",
+             "severity": "error", "source": "ci"}
+    varied = [vary(event, random.Random(i)) for i in range(50)]
+    assert all(v["severity"] == "error" and v["source"] == "ci" for v in varied)
+    assert len({v["message"] for v in varied}) > 40
+    assert sum("3fa9c1e2" in v["message"] for v in varied) <= 1
+    assert all("failed" in v["message"].lower() or "timed" in v["message"].lower()
+               for v in varied)
+    assert varied == [vary(event, random.Random(i)) for i in range(50)]
