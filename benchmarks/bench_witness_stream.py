@@ -104,15 +104,16 @@ def main() -> int:
         store = PatternStore(Path(tmp) / "trinity_patterns.db", embedder)
         store.seed([(event_text(e).text, label, origin) for e, label, origin in devset])
         knowledge = Knowledge(embedder, store, load_model(embedder, train_apart=True))
+        seeded = store.exemplar_count()
         probe = [vary(e, random.Random(i)) for i, e in enumerate(events)]
         p99_before = single_p99(knowledge, probe, "before")
-        seeded = store.exemplar_count()
         print(f"bench-witness-stream: {n_events:,} events, batches of {PREPARE_CHUNK}, "
-              f"{os.cpu_count()} CPUs; store seeded with {seeded:,} exemplars\n")
+              f"{os.cpu_count()} CPUs; store seeded with {seeded:,} exemplars, "
+              f"{store.exemplar_count():,} after the first timing of single events\n")
         print(f"{'events':>10} {'exemplars':>10} {'added':>8} {'RSS MB':>8} {'CPU ms/ev':>10}")
         curve: list[dict[str, Any]] = []
         step = max(n_events // CURVE_POINTS, PREPARE_CHUNK)
-        done, mark, last_count = 0, step, seeded
+        done, mark, last_count = 0, step, store.exemplar_count()
         cpu_at, rss_peak = time.process_time(), 0.0
         started = time.perf_counter()
         release_at = started + Witness.RELEASE_PAGES_EVERY_S

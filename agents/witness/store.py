@@ -326,7 +326,7 @@ class PatternStore:
         With ``learn`` a detected pattern becomes an exemplar, unless it is a near copy
         (``NEAR_COPY``) of an exemplar of that pattern, known or added earlier in this
         batch, or the store is full (``max_exemplars``: then its nearest exemplar of the
-        pattern): that exemplar is strengthened instead.
+        pattern among its neighbours, if any): that exemplar is strengthened instead.
         """
         ts = now_ms()
         fresh: list[bool] = []
@@ -358,9 +358,11 @@ class PatternStore:
                 key = det.key or text_key(det.text)
                 target = self._near_copy(conn, det, key, vector, added)
                 if target is None and len(self._labels) + len(added) >= self.max_exemplars:
+                    self._log_full()
                     target = next((n.exemplar_id for n in det.neighbours
                                    if n.label == det.pattern), None)
-                    self._log_full()
+                    if target is None:  # full, and nothing of the pattern near: not learned
+                        continue
                 if target is not None:
                     strengthened.append((target, ts))
                     continue

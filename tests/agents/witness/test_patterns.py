@@ -226,6 +226,12 @@ def test_a_full_store_strengthens_the_nearest_exemplar_of_the_pattern(
         hits = dict(store.conn.execute("SELECT id, hits FROM exemplars"))
         assert hits[nearest.exemplar_id] == 2
         assert store.stats()["by_pattern"]["flaky_test"]["detections"] == 2
+        # nothing of the pattern among its neighbours: counted, not learned
+        text = "the same 40-line block is copied into utils and helpers"
+        lonely = _detection(embedder, store, text, "duplication")
+        store.record(replace(lonely, neighbours=()), event_id="e3", text=text)
+        assert store.exemplar_count() == len(SEED) + 1
+        assert store.stats()["by_pattern"]["duplication"]["detections"] == 1
     finally:
         store.close()
     reopened = PatternStore(store_path, embedder)  # the counts are the record's
