@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,7 +229,9 @@ class CostLedger:
 
     def record(self, call: CallRecord, *, answer: str | None = None) -> None:
         """Write one attempt (and, for a success, its answer) in one transaction."""
-        row = asdict(call)
+        # its fields are plain values: read them directly (asdict deep-copies each one,
+        # ~0.15 ms a call in a model agent's ledger path)
+        row = {f.name: getattr(call, f.name) for f in fields(call)}
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._write() as conn:
