@@ -125,9 +125,10 @@ class Witness(BusProcess):
         return result
 
     def prepare_many(self, msgs: list[Message]) -> list[Callable[[Transaction], None] | Exception]:
-        """Classify the events as one batch and record them in one store transaction;
-        when that fails for something other than the store, each event alone, so only
-        the one at fault is dead-lettered."""
+        """Classify the events as one batch and record them in one store transaction.
+        A store that is busy or unreachable makes the whole chunk wait for a retry; any
+        other failure of a batch sends each event through alone, so only the one at fault
+        is dead-lettered, with its own reason (as is each message that is not an event)."""
         started = time.perf_counter()
         parsed = [self._parse(msg) for msg in msgs]
         seen = [p for p in parsed if not isinstance(p, Exception)]
@@ -135,23 +136,21 @@ class Witness(BusProcess):
             observed = iter(self._observe(seen, started))
             return [p if isinstance(p, Exception) else self._commit(p, next(observed))
                     for p in parsed]
-        except (InvalidPayload, sqlite3.DatabaseError):
-            if len(seen) <= 1:
-                raise
-        except Exception:
-            if len(seen) <= 1:
-                raise
-            log.exception("classifying a batch of %d events failed; one at a time", len(seen))
-        out: list[Callable[[Transaction], None] | Exception] = []
-        for p in parsed:
-            if isinstance(p, Exception):
-                out.append(p)
-                continue
-            try:
-                out.append(self._commit(p, self._observe([p], time.perf_counter())[0]))
-            except Exception as exc:
-                out.append(exc)
-        return out
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            if len(seen) == 1:  # that event is the one at fault
+                return [p if isinstance(p, Exception) else exc for p in parsed]
+            if not isinstance(exc, InvalidPayload):
+                log.exception("classifying a batch of %d events failed; one at a time",
+                              len(seen))
+        return [p if isinstance(p, Exception) else self._alone(p) for p in parsed]
+
+    def _alone(self, seen: Seen) -> Callable[[Transaction], None] | Exception:
+        try:
+            return self._commit(seen, self._observe([seen], time.perf_counter())[0])
+        except Exception as exc:
+            return exc
 
     @staticmethod
     def _parse(msg: Message) -> Seen | Exception:
