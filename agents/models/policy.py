@@ -198,7 +198,11 @@ def build_providers(
         EmbeddedProvider,
     )
     from trinity.agents.models.providers.ollama_api import OllamaProvider
-    from trinity.agents.models.providers.openai_api import SCHEMA_STYLES, OpenAIProvider
+    from trinity.agents.models.providers.openai_api import (
+        AUTO,
+        SCHEMA_STYLES,
+        OpenAIProvider,
+    )
 
     env = os.environ if env is None else env
     built: dict[str, Provider] = {}
@@ -217,10 +221,12 @@ def build_providers(
 
             built[name] = InstantProvider(name, env=env, source=policy.source)
         else:
-            style = str(spec.get("schema_style", "json_schema"))
+            # auto: the structured-output form is negotiated with the server; a named
+            # form is tried first (see openai_api).
+            style = str(spec.get("schema_style", AUTO))
             if style not in SCHEMA_STYLES:
                 raise ConfigError(f"{policy.source}: providers.{name}.schema_style must be one "
-                                  f"of {', '.join(SCHEMA_STYLES)}")
+                                  f"of {', '.join(SCHEMA_STYLES)}, got {style!r}")
             price_model = spec.get("price_model")
             built[name] = OpenAIProvider(
                 name, model=str(spec.get("model", "")), api_key=_env(spec, "api_key", env),

@@ -6,6 +6,13 @@ host, cooling down after repeated failures, or paid while the budget forbids it,
 skipped. Each attempt — answer, error, timeout, invalid output — is one row in the
 cost ledger, written before the next attempt starts. A request that was already
 answered (a message replayed after a crash) reuses the stored answer: no new call.
+
+A provider may send more than one request for one attempt (the openai provider
+negotiating a server's structured-output form, or sending a wrong answer back once
+for repair). It reports each request it set aside to the router, which writes a row
+for each, in order, before the attempt's own: a request that reached a server is a
+row, priced from its tokens. Only the attempt's final outcome counts towards the
+provider's cool-down.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from trinity.agents.models.policy import RoutingPolicy
 from trinity.agents.models.providers.base import ChatRequest, Completion, Provider, TokenUsage
@@ -41,6 +48,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Runs one provider call; BaseProcess supplies one that keeps heartbeats going.
 Waiter = Callable[[Callable[[], Completion], float, threading.Event], Completion]
+
+
+class ReportEarlier(Protocol):
+    """Receives a request a provider sent and set aside within one attempt: why
+    (``error``), its answer if one came (its tokens are paid for), when it was sent and
+    how long it took."""
+
+    def __call__(self, error: ModelError, completion: Completion | None, *, ts_ms: int,
+                 latency_ms: float) -> None: ...
+
+
+@runtime_checkable
+class ReportsEarlierRequests(Protocol):
+    """A provider that may send more than one request for one call."""
+
+    def complete_reporting(
+        self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event,
+        report_earlier: ReportEarlier | None,
+    ) -> Completion: ...
 
 
 def run_inline(
@@ -101,6 +127,9 @@ class Router:
         self.sleep = sleep
         self.monotonic = monotonic
         self.health = {name: ProviderHealth() for name in providers}
+        # Checked once: a runtime protocol check costs microseconds on every call.
+        self._reporting: dict[str, ReportsEarlierRequests] = {
+            name: p for name, p in providers.items() if isinstance(p, ReportsEarlierRequests)}
         # Attempts made (and perhaps paid) whose ledger write failed (a locked ledger, a
         # full disk), by request: written before anything else is done for the request
         # again, so its retry reuses the answer instead of paying for a second call.
@@ -169,12 +198,13 @@ class Router:
                 # A retry samples afresh: the same seed would give the same bad answer.
                 tried = request if attempt == 1 else dataclasses.replace(
                     request, seed=request.seed + attempt - 1)
-                outcome = self._attempt(provider, tried, ctx, route, len(attempts) + 1, parse)
-                attempts.append(outcome[0])
-                if outcome[1] is not None:
-                    return Routed(outcome[1][0], provider.name, outcome[0].model, attempts,
+                records, parsed = self._attempt(provider, tried, ctx, route,
+                                                len(attempts) + 1, parse)
+                attempts.extend(records)
+                if parsed is not None:
+                    return Routed(parsed[0], provider.name, records[-1].model, attempts,
                                   skipped=skipped)
-                errors.append(f"{provider.name}: {outcome[0].error}")
+                errors.append(f"{provider.name}: {records[-1].error}")
                 if self.health[provider.name].cooldown_until > self.monotonic():
                     break  # cooling down now: straight to the next provider
         detail = "; ".join(errors) or "no usable provider (" + ", ".join(
@@ -200,22 +230,76 @@ class Router:
         route: str,
         number: int,
         parse: Callable[[Completion], T],
-    ) -> tuple[CallRecord, tuple[T] | None]:
+    ) -> tuple[list[CallRecord], tuple[T] | None]:
+        """One attempt on ``provider``: its ledger rows (the requests the provider set
+        aside, then the final one) and the parsed answer, if there is one."""
         cancel = threading.Event()
         timeout_s = self.policy.call.timeout_s
+        earlier: list[tuple[ModelError, Completion | None, int, float]] = []
+
+        def report_earlier(error: ModelError, completion: Completion | None, *, ts_ms: int,
+                           latency_ms: float) -> None:
+            earlier.append((error, completion, ts_ms, latency_ms))
+
+        reporting = self._reporting.get(provider.name)
+        if reporting is not provider:  # replaced since the router was built
+            reporting = provider if isinstance(provider, ReportsEarlierRequests) else None
+
+        def complete() -> Completion:
+            if reporting is not None:
+                return reporting.complete_reporting(request, timeout_s=timeout_s,
+                                                    cancel=cancel, report_earlier=report_earlier)
+            return provider.complete(request, timeout_s=timeout_s, cancel=cancel)
+
         started = time.perf_counter()
         ts = now_ms()
         completion: Completion | None = None
         parsed: tuple[T] | None = None
         error: ModelError | None = None
         try:
-            completion = self.waiter(
-                lambda: provider.complete(request, timeout_s=timeout_s, cancel=cancel),
-                timeout_s, cancel)
+            completion = self.waiter(complete, timeout_s, cancel)
             parsed = (parse(completion),)
         except ModelError as exc:
             error = exc
         latency_ms = (time.perf_counter() - started) * 1000
+        # The first request of the attempt keeps its route; the provider's later ones
+        # are retries on the same provider. The final request's time is what is left.
+        records: list[tuple[CallRecord, str | None]] = []
+        aside_ms_total = 0.0
+        for aside, aside_completion, aside_ts, aside_ms in list(earlier):
+            records.append((self._record(
+                provider, ctx, route if not records else RETRY, number + len(records),
+                aside_ts, aside_ms, aside_completion, aside), None))
+            aside_ms_total += aside_ms
+        final = self._record(provider, ctx, route if not records else RETRY,
+                             number + len(records), ts + round(aside_ms_total),
+                             max(latency_ms - aside_ms_total, 0.0), completion, error)
+        records.append((final, completion.content if error is None and completion else None))
+        for i, (record, answer) in enumerate(records):
+            try:
+                self.ledger.record(record, answer=answer)
+            except sqlite3.Error:
+                self._unrecorded.setdefault(ctx.request_id, []).extend(records[i:])
+                raise
+        health = self.health[provider.name]
+        if error is None:
+            health.consecutive_failures = 0
+        else:
+            log.warning("model call failed (%s, attempt %d, %s): %s", provider.name,
+                        final.attempt, final.route, error)
+            health.consecutive_failures += 1
+            if health.consecutive_failures >= self.policy.call.cooldown_after:
+                health.cooldown_until = self.monotonic() + self.policy.call.cooldown_s
+                health.consecutive_failures = 0
+                log.warning("provider %s cooling down for %.0f s", provider.name,
+                            self.policy.call.cooldown_s)
+        return [record for record, _ in records], parsed
+
+    def _record(
+        self, provider: Provider, ctx: CallContext, route: str, number: int, ts_ms: int,
+        latency_ms: float, completion: Completion | None, error: ModelError | None,
+    ) -> CallRecord:
+        """The ledger row of one request: priced from its tokens when an answer came."""
         usage = completion.usage if completion is not None else TokenUsage(0, 0, estimated=True)
         cost = 0.0
         if provider.price_model and completion is not None:
@@ -225,9 +309,9 @@ class Router:
                                    cached_tokens=usage.cached_tokens))
         status = SUCCESS if error is None else (TIMEOUT if isinstance(error, ModelTimeout)
                                                 else ERROR)
-        record = CallRecord(
+        return CallRecord(
             call_id=uuid.uuid4().hex, request_id=ctx.request_id, attempt=number, route=route,
-            ts_ms=ts, sim_elapsed_s=ctx.sim_elapsed_s, run_id=ctx.run_id, agent=ctx.agent,
+            ts_ms=ts_ms, sim_elapsed_s=ctx.sim_elapsed_s, run_id=ctx.run_id, agent=ctx.agent,
             provider=provider.name, provider_kind=provider.kind,
             model=completion.model if completion is not None else provider.model,
             local=provider.local, input_tokens=usage.input_tokens,
@@ -238,25 +322,6 @@ class Router:
             error=str(error)[:500] if error is not None else None,
             event_id=ctx.event_id, task_id=ctx.task_id,
         )
-        answer = completion.content if error is None and completion else None
-        try:
-            self.ledger.record(record, answer=answer)
-        except sqlite3.Error:
-            self._unrecorded.setdefault(ctx.request_id, []).append((record, answer))
-            raise
-        health = self.health[provider.name]
-        if error is None:
-            health.consecutive_failures = 0
-        else:
-            log.warning("model call failed (%s, attempt %d, %s): %s", provider.name, number,
-                        route, error)
-            health.consecutive_failures += 1
-            if health.consecutive_failures >= self.policy.call.cooldown_after:
-                health.cooldown_until = self.monotonic() + self.policy.call.cooldown_s
-                health.consecutive_failures = 0
-                log.warning("provider %s cooling down for %.0f s", provider.name,
-                            self.policy.call.cooldown_s)
-        return record, parsed
 
     def close(self) -> None:
         for provider in self.providers.values():
