@@ -10,6 +10,7 @@ listed, so ``trinity status`` does not load the report's matplotlib or the detec
 - ``reports``    report, export, dashboard, costs
 - ``chaos``      chaos
 - ``keys``       keys generate
+- ``doctor``     doctor: the pre-test checklist
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "costs": "reports:costs",
     "chaos": "chaos:chaos",
     "keys": "keys:keys",
+    "doctor": "doctor:doctor",
 }
 
 
