@@ -44,7 +44,8 @@ smoke: install ## The plan's 2-hour smoke test, compressed, in the foreground
 test: install ## Run the test suite
 	pytest
 
-start-24h: install ## Start the 24-hour run under supervisord in the background
+start-24h: install ## Run the pre-test checklist (trinity doctor; stops on a FAIL), then start the 24-hour run under supervisord in the background
+	trinity doctor
 	trinity run --detach
 
 stop: install ## Stop the programs and supervisord (and orphans of a killed supervisord)
