@@ -9,6 +9,10 @@
   Ollama's ``/api/chat``) whose behaviour is programmed per request: sleep past the
   timeout, answer 500, answer 200 with a body that is not JSON, answer 200 with an
   answer that is not the requested schema, or answer well.
+* :class:`FormatServer` — the OpenAI chat-completions path, taking only the
+  structured-output forms it is told to (``json_schema``, ``json_object``, or none: no
+  response_format) and refusing the others as servers do, answering with queued
+  contents; usage is counted from the request and the answer.
 * :class:`RefusingPort` — an address where nothing listens (connection refused).
 
 Every server binds 127.0.0.1; the in-process ones bind port 0 and read the port back.
@@ -89,8 +93,10 @@ class LlamaServer:
     """
 
     def __init__(self, model_path: Path | None = None, *, n_ctx: int = 2048,
-                 ready_timeout_s: float = 60.0, tries: int = 3) -> None:
+                 ready_timeout_s: float = 60.0, tries: int = 3,
+                 alias: str = LLAMA_ALIAS) -> None:
         self.model_path = model_path or shipped_model_path()
+        self.alias = alias  # the model name the server answers to
         self.n_ctx = n_ctx
         self.ready_timeout_s = ready_timeout_s
         self.tries = tries
@@ -109,7 +115,7 @@ class LlamaServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
                  "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-                 "--model_alias", LLAMA_ALIAS, "--verbose", "false",
+                 "--model_alias", self.alias, "--verbose", "false",
                  # One thread for prompts too (the default is every CPU, whose spinning
                  # threads crawl on a busy machine).
                  "--n_threads", "1", "--n_threads_batch", "1"],
@@ -127,7 +133,7 @@ class LlamaServer:
                 return False  # exited: most likely the port was taken meanwhile
             try:
                 models = _get_json(f"{self.base_url}/models", timeout=1.0)
-                if any(m.get("id") == LLAMA_ALIAS for m in models.get("data", [])):
+                if any(m.get("id") == self.alias for m in models.get("data", [])):
                     return True
             except (OSError, ValueError):
                 pass
@@ -442,3 +448,86 @@ class FaultServer(_Running):
             self.queue.clear()
             self.hits.clear()
             self.default = default or Fault(OK)
+
+
+# -- a server that takes some structured-output forms and refuses the others ------------
+
+NO_FORMAT = "none"  # a request without response_format
+
+
+class _FormatHandler(_Handler):
+    def do_POST(self) -> None:
+        owner: FormatServer = self.server.owner
+        if self.path != "/v1/chat/completions":
+            self.send_json(404, {"error": {"message": "not found"}})
+            return
+        try:
+            body = self.read_json()
+        except ValueError:
+            self.send_json(400, {"error": {"message": "invalid JSON body"}})
+            return
+        status, payload = owner.answer(body)
+        self.send_json(status, payload)
+
+
+class FormatServer(_Running):
+    """``POST /v1/chat/completions`` that takes the forms in ``accepts`` and refuses a
+    request with any other response_format, with ``refusal_status`` and an error naming
+    the form (as LM Studio and vLLM answer 400, llama_cpp.server 500).
+
+    Accepted requests are answered with the next of ``answers`` (``default_answer``
+    when none is left). Usage: a prompt token per 4 characters of the messages, an
+    answer token per 4 characters of the answer. ``fail_with`` queues error statuses
+    answered first, whatever the form. ``requests`` holds every request body, in order.
+    """
+
+    handler = _FormatHandler
+
+    def __init__(self, accepts: set[str], *, refusal_status: int = 400,
+                 default_answer: str = '{"answer": "yes"}') -> None:
+        super().__init__()
+        self.accepts = set(accepts)
+        self.refusal_status = refusal_status
+        self.default_answer = default_answer
+        self.answers: deque[str] = deque()
+        self.fail_with: deque[int] = deque()
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @staticmethod
+    def form_of(body: dict[str, Any]) -> str:
+        response_format = body.get("response_format")
+        if not isinstance(response_format, dict):
+            return NO_FORMAT
+        return str(response_format.get("type"))
+
+    def forms_asked(self) -> list[str]:
+        with self._lock:
+            return [self.form_of(b) for b in self.requests]
+
+    def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.requests.append(body)
+            failure = self.fail_with.popleft() if self.fail_with else None
+            form = self.form_of(body)
+            if failure is None and form in self.accepts:
+                content = self.answers.popleft() if self.answers else self.default_answer
+            else:
+                content = None
+        if failure is not None:
+            return failure, {"error": {
+                "message": f"HTTP {failure} for a request with response_format (injected)",
+                "type": "server_error", "code": None}}
+        if content is None:
+            return self.refusal_status, {"error": {
+                "message": f"response_format type {form!r} is not supported; this server "
+                           f"takes {sorted(self.accepts)}",
+                "type": "invalid_request_error", "param": "response_format", "code": None}}
+        prompt = "".join(str(m.get("content", "")) for m in body.get("messages") or [])
+        usage = Fault(OK, prompt_tokens=max(1, len(prompt) // 4),
+                      completion_tokens=max(1, len(content) // 4))
+        return 200, _openai_answer(body, content, usage)
