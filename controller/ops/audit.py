@@ -1,8 +1,9 @@
 """An independent audit of one run, read from the stores alone: was anything lost or done twice?
 
-Nothing here trusts a counter a process kept. Each event the controller recorded is
-followed through the durable records that must hold a trace of it, all of them
-written in the same transaction as the step they record:
+Nothing here trusts a counter a process kept. Each event the controller recorded (and
+each external event ``trinity emit`` journaled during the run) is followed through the
+durable records that must hold a trace of it, all of them written in the same
+transaction as the step they record:
 
 * the pattern store: WITNESS's detection of the event (a pattern, or none);
 * the ``outcomes`` table: what the event ended in: ``<event>/no_pattern`` when WITNESS
@@ -59,6 +60,7 @@ class Audit:
     events_with_outcome: int = 0
     patterns_detected: int = 0
     task_outcomes: int = 0
+    external_events: int = 0  # from trinity emit during the run, followed like the rest
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     ledger_rows: int = 0
@@ -83,7 +85,8 @@ class Audit:
 
         return [
             f"audit of run {self.run_id} (from the journal, the pattern store and the ledger):",
-            f"  events emitted              {self.events_emitted}",
+            f"  events emitted              {self.events_emitted}"
+            + (f" (and {self.external_events} external)" if self.external_events else ""),
             f"  outcomes recorded           {self.outcomes_recorded} "
             f"({self.events_with_outcome} events with an outcome)",
             f"  patterns / task outcomes    {self.patterns_detected} / {self.task_outcomes}",
@@ -118,6 +121,7 @@ def audit_run(settings: Settings, run_id: str) -> Audit:
     with reading(settings.messages_db) as journal:
         events = [e.event_id for e in sorted(runs.events(journal, run_id),
                                              key=lambda e: (e.cycle, e.noise))]
+        external = [e.event_id for e in runs.external_events(journal, run_id)]
         outcomes: dict[str, set[str]] = defaultdict(set)
         for outcome in runs.outcomes(journal, run_id):
             outcomes[outcome.event_id].add(outcome.task_id)
@@ -127,10 +131,11 @@ def audit_run(settings: Settings, run_id: str) -> Audit:
         result.dead_letters = journal_store.dead_letter_count(journal)
     detections = _detections(settings, run_id)
     result.events_emitted = len(events)
+    result.external_events = len(external)
     result.outcomes_recorded = sum(len(v) for v in outcomes.values())
-    result.events_with_outcome = sum(bool(outcomes.get(e)) for e in events)
+    result.events_with_outcome = sum(bool(outcomes.get(e)) for e in events + external)
     implied: set[str] = set()
-    for event_id in events:
+    for event_id in events + external:
         detected = detections.get(event_id, [])
         done = outcomes.get(event_id, set())
         tasks = {t for t in done if t.rsplit("/", 1)[1].startswith("t")}

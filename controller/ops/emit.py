@@ -25,6 +25,13 @@ Decisions:
   records join on them (a run's budget, outcome counts), so an external event must
   not claim a run; stripping would silently drop data the sender meant to send (a
   CI's own ``run_id``, say). The reason says to rename the field.
+* **An external event belongs to the run that is active when it arrives**: emit sets
+  that run's ``run_id`` on the event (in the transaction that journals it) and records
+  it beside the event id in ``emitted_events``, so its detection, plan, tasks, model
+  calls and outcomes are the run's, and every view of the run (status, report,
+  dashboards, ``trinity export``) shows it, marked external. It has no ground truth, so
+  it never counts toward the plan's detection accuracy. With no active run it carries
+  no run id.
 * **Strict JSON**: ``NaN``/``Infinity`` (which Python's json accepts), numbers that
   overflow a double (``1e999`` would be journaled as ``Infinity``), duplicate keys,
   unpaired ``\\ud800``-style surrogate escapes (not encodable as UTF-8) and nesting
@@ -288,7 +295,24 @@ def _raw_bytes(line: str | bytes) -> bytes:
 # -- journaling -----------------------------------------------------------------------
 
 
-def _commit(journal: Journal, batch: list[_Line], seen: dict[str, int]) -> list[EmitResult]:
+def _in_run(batch: list[_Line], run: runs.Run | None, limit: int) -> Iterator[_Line]:
+    """The batch's lines, each valid event carrying the active run's id (a line the id
+    takes over the size limit is rejected)."""
+    for ln in batch:
+        if run is None or ln.payload is None:
+            yield ln
+            continue
+        try:
+            payload = _encode_checked({**json.loads(ln.payload), "run_id": run.run_id}, limit)
+        except _Reject as exc:
+            yield _Line(ln.number, ln.raw, ln.event_id, None,
+                        f"{exc.reason} (the run id {run.run_id} included)")
+            continue
+        yield _Line(ln.number, ln.raw, ln.event_id, payload, None)
+
+
+def _commit(journal: Journal, batch: list[_Line], seen: dict[str, int],
+            limit: int) -> list[EmitResult]:
     """Journal a batch in one transaction; ``seen`` (event_id -> line) is updated on commit."""
     candidates = [ln.event_id for ln in batch
                   if ln.payload is not None and ln.event_id is not None
@@ -297,8 +321,9 @@ def _commit(journal: Journal, batch: list[_Line], seen: dict[str, int]) -> list[
     new: dict[str, int] = {}
     with journal.transaction() as tx:
         known = runs.already_emitted(tx.conn, candidates)
+        run = runs.active_run(tx.conn)
         to_publish: list[tuple[bytes, str]] = []
-        for ln in batch:
+        for ln in _in_run(batch, run, limit):
             if ln.payload is None or ln.event_id is None or ln.reason is not None:
                 reason = ln.reason or "rejected"
                 tx.dead_letter(SOURCE, f"line {ln.number}: {reason}", ln.raw, stream=TELEMETRY)
@@ -317,7 +342,8 @@ def _commit(journal: Journal, batch: list[_Line], seen: dict[str, int]) -> list[
         stale = {event_id for _, event_id in to_publish
                  if message_id(TELEMETRY, event_id) not in fresh}
         runs.record_emitted(tx.conn, [(event_id, message_id(TELEMETRY, event_id))
-                                      for _, event_id in to_publish if event_id not in stale])
+                                      for _, event_id in to_publish if event_id not in stale],
+                            run)
     if stale:  # still in the journal under the same key: the controller's own event
         results = [EmitResult(r.line, "duplicate", r.event_id, DUPLICATE)
                    if r.accepted and r.event_id in stale else r for r in results]
@@ -355,9 +381,9 @@ def emit_lines(
                 continue
             batch.append(_check_line(raw, number, limit))
             if len(batch) >= batch_size:
-                yield from _commit(journal, batch, seen)
+                yield from _commit(journal, batch, seen, limit)
                 batch = []
         if batch:
-            yield from _commit(journal, batch, seen)
+            yield from _commit(journal, batch, seen, limit)
     finally:
         journal.close()

@@ -236,8 +236,10 @@ def _summarize(settings: Settings, run: runs.Run) -> int:
         dead = journal_store.dead_letter_count(conn)
     alerts = [a for a in read_alerts(settings.log_dir / run_logs.ALERTS_LOG)
               if a.get("run_id") in (None, run.run_id)]
+    external = (f" (and {state['external']} external events, {state['external_completed']}"
+                " with their outcome)" if state["external"] else "")
     print(f"run {run.run_id} {run.status}: {state['emitted']} events emitted, "
-          f"{state['completed']} with their outcome, {per_event} with more than one; "
+          f"{state['completed']} with their outcome, {per_event} with more than one{external}; "
           f"{dead} dead letters; {len(alerts)} alerts")
     try:
         print(format_costs(costs(settings, run.run_id)))
@@ -314,6 +316,9 @@ def format_status(report: dict[str, Any]) -> str:
                  f"{run['total_cycles']}, {run['completed']}/{run['emitted']} events with "
                  f"outcome, simulated {run['sim_elapsed_s'] / 3600:.2f} h, real "
                  f"{run['real_elapsed_s'] / 3600:.2f} h (time scale {run['time_scale']:g})")
+    if run.get("external"):
+        lines.append(f"external events (trinity emit): {run['external_completed']}/"
+                     f"{run['external']} with outcome")
     lines.append("queues (pending):")
     lines += [f"  {name:<32} {pending}" for name, pending in report.get("queues", {}).items()]
     if CONTROLLER in report:

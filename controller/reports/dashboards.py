@@ -30,7 +30,15 @@ from rich.text import Text
 
 from trinity import db, measures
 from trinity.clock import now_ms
-from trinity.contract import AGENTS, ARCHITECT, EXECUTION, EXECUTOR, QUEUES, WITNESS
+from trinity.contract import (
+    AGENTS,
+    ARCHITECT,
+    EXECUTION,
+    EXECUTOR,
+    FAILED_STATUSES,
+    QUEUES,
+    WITNESS,
+)
 from trinity.errors import TrinityError
 from trinity.plan import MEMORY_LIMIT_MB
 from trinity.settings import Settings
@@ -39,6 +47,7 @@ from trinity.stores import journal as journal_store
 from trinity.stores.costs import ERROR, SUCCESS, TIMEOUT, summarize
 
 KINDS = ("cost", "patterns", "system")
+FAILED_SHOWN = 5  # the failed plans and tasks the patterns dashboard lists
 # The plan's refresh intervals, in simulated seconds.
 SIM_REFRESH_S = {"cost": 5.0, "patterns": 60.0, "system": 300.0}
 MIN_REFRESH_S = 0.5
@@ -95,6 +104,10 @@ class PatternView:
     tasks_executed: dict[str, int]  # EXECUTOR outcome status -> tasks
     tasks_pending: int  # published by ARCHITECT, not yet applied by EXECUTOR
     plans_failed: int
+    # the latest failed plans and tasks (at most FAILED_SHOWN), newest first, with why
+    failed: tuple[tuple[str, str], ...] = ()  # (task id, reason)
+    failed_total: int = 0
+    external: dict[str, int] | None = None  # runs.progress's external counts
 
 
 @dataclass(frozen=True)
@@ -198,10 +211,16 @@ def _pattern_view(settings: Settings, journal: sqlite3.Connection,
         scoring = measures.detection_scores(measures.run_truth(journal, run.run_id), {})
     outcomes = [o for o in runs.outcomes(journal, run.run_id) if o.delegate != WITNESS]
     executed = Counter(o.status for o in outcomes if o.delegate != ARCHITECT)
+    failed = [o for o in outcomes if o.status in FAILED_STATUSES]
+    progress = runs.progress(journal, run.run_id)
     return PatternView(
         state=state, scoring=scoring, stats=stats, tasks_executed=dict(executed),
         tasks_pending=_pending_tasks(journal, run.run_id),
         plans_failed=sum(o.delegate == ARCHITECT for o in outcomes),
+        failed=tuple((o.task_id, runs.failure_reason(runs.outcome_product(journal, o.task_id)))
+                     for o in failed[::-1][:FAILED_SHOWN]),
+        failed_total=len(failed),
+        external={k: progress[k] for k in ("external", "external_completed")},
     )
 
 
@@ -418,6 +437,13 @@ def render_patterns(view: PatternView) -> RenderableType:
     statuses = ", ".join(f"{n:,} {s}" for s, n in sorted(view.tasks_executed.items()))
     sheet.field("TASKS EXECUTED", f"{executed:,} by EXECUTOR"
                                   + (f" ({statuses})" if statuses else ""))
+    if view.external and view.external["external"]:
+        sheet.field("EXTERNAL EVENTS", f"{view.external['external']:,} from trinity emit, "
+                                       f"{view.external['external_completed']:,} with an outcome")
+    if view.failed:
+        sheet.section(f"FAILED ({view.failed_total:,}, latest first)")
+        for task_id, why in view.failed:
+            sheet.row(task_id, why[:60], 24, "red")
     if detections is None or stats is None:
         sheet.note("no pattern store yet: WITNESS has not started")
         return sheet.group()

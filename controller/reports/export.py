@@ -1,7 +1,9 @@
 """``trinity export --format csv``: one run's recorded data, one CSV file per table.
 
-``events.csv`` (one row per emitted event: its ground truth and WITNESS's detection),
-``outcomes.csv`` (one row per recorded outcome), ``llm_calls.csv`` (one row per ledger
+``events.csv`` (one row per emitted event: its ground truth and WITNESS's detection; the
+external events ``trinity emit`` journaled during the run follow the plan's, marked
+``external``, with no cycle and no ground truth), ``outcomes.csv`` (one row per recorded
+outcome, external events' included and marked), ``llm_calls.csv`` (one row per ledger
 attempt), ``alerts.csv`` (the run's alerts from alerts.log) and ``metrics.csv`` (one row
 per system_metrics sample). These are the rows the report is checked against, so they
 are read as recorded, never recomputed: every store is opened read-only, everything is
@@ -38,9 +40,11 @@ from trinity.stores.costs import CallRecord
 from trinity.stores.run_logs import KINDS, TEST_CONFIG, read_snapshots
 
 FORMATS = ("csv",)
+# external: the event came from ``trinity emit`` during the run (no cycle, no ground truth).
 EVENT_COLUMNS = ("event_id", "cycle", "event_type", "emitted_at", "detected_pattern",
-                 "confidence", "detection_latency_ms", "emitted_sim_s", "detected_at")
-OUTCOME_COLUMNS = ("event_id", "task_id", "delegate", "status", "recorded_at")
+                 "confidence", "detection_latency_ms", "emitted_sim_s", "detected_at",
+                 "external")
+OUTCOME_COLUMNS = ("event_id", "task_id", "delegate", "status", "recorded_at", "external")
 # The ledger's columns in its own order; its one timestamp (ts_ms) becomes ISO ``ts``.
 CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 CALL_COLUMNS = tuple("ts" if name == "ts_ms" else name for name in CALL_FIELDS)
@@ -98,8 +102,8 @@ def read_tables(settings: Settings, log_dir: Path, run_id: str | None) -> list[T
         Table("events.csv", EVENT_COLUMNS, _event_rows(events, detections)),
         Table("outcomes.csv", OUTCOME_COLUMNS, [
             [event_id, "" if delegate == WITNESS and status == NO_PATTERN else task_id,
-             delegate, status, iso_ms(recorded_ms)]
-            for event_id, task_id, delegate, status, recorded_ms in outcomes]),
+             delegate, status, iso_ms(recorded_ms), external]
+            for event_id, task_id, delegate, status, recorded_ms, external in outcomes]),
         Table("llm_calls.csv", CALL_COLUMNS, [_call_row(row) for row in calls]),
         Table("alerts.csv", ALERT_COLUMNS,
               [_alert_row(a) for a in run_alerts(log_dir, run, ended_ms)]),
@@ -132,10 +136,15 @@ def _journal_rows(conn: sqlite3.Connection, run_id: str | None) -> tuple[
             f"no run {run_id!r} in the journal; the latest runs: {', '.join(known)}"
             if run_id and known else "no run recorded in the journal yet")
     emitted = sorted(runs.events(conn, run.run_id), key=lambda e: (e.cycle, e.noise))
-    position = {e.event_id: i for i, e in enumerate(emitted)}
-    events = [(e.event_id, e.cycle, e.category, e.emitted_ms, e.sim_elapsed_s) for e in emitted]
-    outcomes = [(o.event_id, o.task_id, o.delegate, o.status, o.recorded_ms) for o in sorted(
-        runs.outcomes(conn, run.run_id), key=lambda o: position[o.event_id])]
+    # The plan's events by cycle, then the external ones in the order they arrived.
+    events: list[tuple[str, int | None, str | None, int, float, bool]] = [
+        (e.event_id, e.cycle, e.category, e.emitted_ms, e.sim_elapsed_s, False) for e in emitted]
+    events += [(e.event_id, None, None, e.emitted_ms, e.sim_elapsed_s, True)
+               for e in runs.external_events(conn, run.run_id)]
+    position = {e[0]: i for i, e in enumerate(events)}
+    outcomes = [(o.event_id, o.task_id, o.delegate, o.status, o.recorded_ms, o.external)
+                for o in sorted(runs.outcomes(conn, run.run_id),
+                                key=lambda o: position[o.event_id])]
     written = {Path(p).name for p in runs.snapshots_written(conn, run.run_id).get("metrics", [])}
     return run, run.ended_ms, events, outcomes, written
 
@@ -181,15 +190,15 @@ def _metrics_samples(log_dir: Path, run_id: str, recorded: set[str]) -> list[dic
 def _event_rows(events: list[tuple[Any, ...]],
                 detections: dict[str, tuple[str | None, float, int]]) -> list[list[Any]]:
     rows = []
-    for event_id, cycle, category, emitted_ms, sim_s in events:
+    for event_id, cycle, category, emitted_ms, sim_s, external in events:
         found = detections.get(event_id)
         if found is None:  # not classified yet
             rows.append([event_id, cycle, category, iso_ms(emitted_ms), None, None, None,
-                         sim_s, None])
+                         sim_s, None, external])
             continue
         pattern, confidence, detected_ms = found
         rows.append([event_id, cycle, category, iso_ms(emitted_ms), pattern, confidence,
-                     detected_ms - emitted_ms, sim_s, iso_ms(detected_ms)])
+                     detected_ms - emitted_ms, sim_s, iso_ms(detected_ms), external])
     return rows
 
 

@@ -22,6 +22,7 @@ fixtures, shared from their conftests.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -122,18 +123,55 @@ COMPRESSED_RESTART_AT_H = 4
 COMPRESSED_TIME_SCALE = 960
 
 
+# What a user sends with `trinity emit` while the run goes on: a pattern and a line of
+# normal operation. They belong to the run (every view shows them, marked external) and
+# never to its plan's counts.
+EXTERNAL_EVENTS = (
+    {"event_id": "ci/ext-1", "message": "Fatal error: connection pool exhausted, checkout "
+     "service returning HTTP 503 to every request", "severity": "critical"},
+    {"event_id": "ci/ext-2", "message": "Build 4821 finished: 312 tests passed in 2m41s"},
+)
+
+
 def _compressed_run(cleanup: contextlib.ExitStack) -> CompressedRun:
     """One finished compressed run (time scale 960, the kill-and-resume half-way included)
     shared by every test that reads a whole run's records: its project (the stores,
-    ``logs/24h_test``) and the ``trinity run`` result (~1.5 min)."""
+    ``logs/24h_test``) and the ``trinity run`` result (~1.5 min). ``EXTERNAL_EVENTS`` are
+    sent with ``trinity emit`` once the run is under way."""
     project = cleanup.enter_context(fresh_project("t24"))
-    result = subprocess.run(
-        [str(BIN / "trinity"), "run", "--duration", str(COMPRESSED_HOURS),
-         "--time-scale", str(COMPRESSED_TIME_SCALE), "--restart-at",
-         str(COMPRESSED_RESTART_AT_H)], cwd=project.root, env=project.env,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=540)
+    with subprocess.Popen(
+            [str(BIN / "trinity"), "run", "--duration", str(COMPRESSED_HOURS),
+             "--time-scale", str(COMPRESSED_TIME_SCALE), "--restart-at",
+             str(COMPRESSED_RESTART_AT_H)], cwd=project.root, env=project.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True) as proc:
+        try:
+            wait_for(lambda: _active_run(project) or proc.poll() is not None, 120,
+                     "the run to start")
+            events = project.root / "external.jsonl"
+            events.write_text("".join(json.dumps(e) + "\n" for e in EXTERNAL_EVENTS))
+            emitted = project.trinity("emit", str(events))
+            assert emitted.returncode == 0, emitted.stdout + emitted.stderr
+            stdout, stderr = proc.communicate(timeout=540)
+        except BaseException:
+            proc.kill()
+            raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     return CompressedRun(project, result, COMPRESSED_HOURS, COMPRESSED_RESTART_AT_H,
                          COMPRESSED_TIME_SCALE)
+
+
+def _active_run(project: Project) -> bool:
+    """Whether the project's journal records a run under way (its events being emitted)."""
+    if not project.db.exists():
+        return False
+    db = sqlite3.connect(project.db)
+    try:
+        return db.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:  # no run store yet
+        return False
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope="session")

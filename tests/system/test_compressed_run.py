@@ -7,13 +7,16 @@ disk. Each count follows from the run's own duration and intervals."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.system.conftest import CompressedRun, assert_each_event_done_once
+from tests.system.conftest import EXTERNAL_EVENTS, CompressedRun, assert_each_event_done_once
 from trinity.contract import PATTERNS as CATEGORIES
+from trinity.controller.ops.audit import audit_run
+from trinity.settings import Settings
 from trinity.stores.run_logs import read_alerts
 
 
@@ -99,3 +102,41 @@ def test_every_event_has_its_outcome_once_and_cycles_continue_after_the_restart(
     lines = (logs / "trinity.log").read_text().splitlines()
     processes = {json.loads(line)["process"] for line in lines}
     assert {"controller", "witness", "architect", "executor"} <= processes
+
+
+@pytest.mark.timeout(600)
+def test_events_sent_during_the_run_belong_to_it(compressed_run: CompressedRun) -> None:
+    """The events a user sent with ``trinity emit`` while the run went on (the fixture's
+    EXTERNAL_EVENTS) are the run's: detected, planned, paid and answered under its id,
+    shown by ``trinity status`` and followed by the audit, apart from the plan's counts."""
+    project = compressed_run.project
+    ids = [e["event_id"] for e in EXTERNAL_EVENTS]
+    status = project.trinity("status", "--json")
+    assert status.returncode == 0, status.stderr
+    run = json.loads(status.stdout)["run"]
+    assert (run["external"], run["external_completed"]) == (len(ids), len(ids))
+    assert run["emitted"] == compressed_run.events  # the plan's own count is unchanged
+    text = project.trinity("status").stdout
+    assert f"external events (trinity emit): {len(ids)}/{len(ids)} with outcome" in text
+    patterns = sqlite3.connect(project.root / "trinity_patterns.db")
+    try:
+        detected = dict(patterns.execute(
+            f"SELECT event_id, run_id FROM detections WHERE event_id IN ({_marks(ids)})", ids))
+    finally:
+        patterns.close()
+    assert detected == {e: run["run_id"] for e in ids}
+    ledger = sqlite3.connect(project.root / "trinity_costs.db")
+    try:
+        paid = {r for (r,) in ledger.execute(
+            f"SELECT DISTINCT run_id FROM calls WHERE event_id IN ({_marks(ids)})", ids)}
+    finally:
+        ledger.close()
+    assert paid <= {run["run_id"]}  # any model call they caused is the run's
+    settings = Settings.from_env({"TRINITY_DATA_DIR": str(project.root)})
+    found = audit_run(settings, run["run_id"])
+    assert found.passed, "\n".join(found.lines())
+    assert found.external_events == len(ids)
+
+
+def _marks(items: list[str]) -> str:
+    return ",".join("?" * len(items))

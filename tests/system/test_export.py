@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.controller.reports._export import FILES, export_cli, query, read_csv
-from tests.system.conftest import CompressedRun
+from tests.system.conftest import EXTERNAL_EVENTS, CompressedRun
 from trinity.controller.reports import criteria
 from trinity.settings import Settings
 from trinity.stores.run_logs import read_alerts
@@ -30,8 +30,14 @@ def test_compressed_run_exports_exactly_what_was_recorded(
               for name, line in zip(FILES, result.output.splitlines(), strict=True)}
     assert counts == {name: len(rows) for name, rows in tables.items()}
 
-    # events: the run's scheduled events, each classified, as in the two stores
-    events = tables["events.csv"]
+    # events: the run's scheduled events, each classified, as in the two stores; then the
+    # external ones sent with trinity emit during the run, marked, with no ground truth
+    rows = tables["events.csv"]
+    events = [r for r in rows if r["external"] == "false"]
+    external = [r for r in rows if r["external"] == "true"]
+    assert rows == events + external
+    assert [r["event_id"] for r in external] == [e["event_id"] for e in EXTERNAL_EVENTS]
+    assert all(r["cycle"] == r["event_type"] == "" and r["detected_at"] for r in external)
     stored = dict(query(settings.messages_db, "SELECT event_id, category FROM events"
                                                " WHERE run_id=?", run_id))
     assert len(events) == len(stored) == events_planned
@@ -41,7 +47,7 @@ def test_compressed_run_exports_exactly_what_was_recorded(
         settings.patterns_db, "SELECT event_id, pattern, confidence FROM detections"
         " WHERE run_id=?", run_id)}
     assert {r["event_id"]: (r["detected_pattern"], float(r["confidence"]))
-            for r in events} == detections
+            for r in rows} == detections
     assert all(int(r["detection_latency_ms"]) > 0 for r in events)
 
     # what the report says, recomputed from the CSV, equals the criteria from the stores
@@ -58,8 +64,11 @@ def test_compressed_run_exports_exactly_what_was_recorded(
     outcomes = tables["outcomes.csv"]
     (expected_outcomes,) = query(settings.messages_db, "SELECT count(*) FROM outcomes o JOIN"
                                   " events e USING(event_id) WHERE e.run_id=?", run_id)[0]
-    assert len(outcomes) == expected_outcomes >= events_planned
-    assert {r["event_id"] for r in outcomes} == set(stored)
+    mine = [r for r in outcomes if r["external"] == "false"]
+    assert len(mine) == expected_outcomes >= events_planned
+    assert {r["event_id"] for r in mine} == set(stored)
+    theirs = [r for r in outcomes if r["external"] == "true"]
+    assert {r["event_id"] for r in theirs} == {r["event_id"] for r in external}
     assert all(r["task_id"] == "" for r in outcomes if r["status"] == "no_pattern")
     assert all(r["task_id"] for r in outcomes if r["status"] != "no_pattern")
 

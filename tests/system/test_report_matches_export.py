@@ -47,7 +47,8 @@ def report_and_csv(compressed_run: CompressedRun
 @pytest.mark.timeout(900)
 def test_detection_figures_match_events_csv(report_and_csv: Any) -> None:
     text, tables, run = report_and_csv
-    events = tables["events"]
+    # the plan's events (the external ones have no ground truth to score)
+    events = [e for e in tables["events"] if e["external"] == "false"]
     classified = [e for e in events if e["detected_at"]]
     correct = [e for e in classified
                if (e["detected_pattern"] or "none") == e["event_type"]]
@@ -94,4 +95,15 @@ def test_cost_memory_and_alert_figures_match_the_other_csvs(report_and_csv: Any)
         agent = f" [{alert['agent']}]" if alert["agent"] else ""
         assert f"{alert['kind']}{agent}: {alert['message']}" in text
     outcomes = tables["outcomes"]
-    assert f"{len({o['event_id'] for o in outcomes})} with an outcome" in text
+    plan = [o for o in outcomes if o["external"] == "false"]
+    assert f"{len({o['event_id'] for o in plan})} with an outcome" in text
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        statuses[o["status"]] = statuses.get(o["status"], 0) + 1
+    assert all(f"{n} {status}" in text.split("Outcomes: ", 1)[1].split("\n", 1)[0]
+               for status, n in statuses.items())
+    external = [e for e in tables["events"] if e["external"] == "true"]
+    answered = {o["event_id"] for o in outcomes if o["external"] == "true"}
+    assert (f"External events (trinity emit, no ground truth): {len(external)} arrived during"
+            f" the run, {sum(bool(e['detected_at']) for e in external)} classified") in text
+    assert f"{len(answered)} with an outcome" in text

@@ -135,6 +135,9 @@ NO_PATTERN = "no_pattern"
 PLAN_FAILED = "plan_failed"
 TASK_DONE = "done"
 TASK_FAILED = "failed"
+# The outcomes of work that was not done: a plan ARCHITECT could not make, a task
+# EXECUTOR could not do.
+FAILED_STATUSES = (PLAN_FAILED, TASK_FAILED)
 
 
 def no_pattern_id(event_id: str) -> str:

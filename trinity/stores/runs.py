@@ -95,11 +95,17 @@ def declare(metadata: MetaData) -> None:
           Column("last_heartbeat_ms", Integer, nullable=False),
           Column("heartbeat", Text, nullable=False))
     # The event ids `trinity emit` journaled: they outlive the pruning of applied messages.
-    Table("emitted_events", metadata,
-          Column("event_id", Text, primary_key=True),
-          Column("msg_id", Text, nullable=False),
-          Column("emitted_ms", Integer, nullable=False),
-          sqlite_with_rowid=False)
+    # run_id: the run that was active when the event arrived (NULL: none was), so every
+    # view of that run shows it, marked external; sim_elapsed_s: the run's simulated
+    # time then.
+    emitted = Table("emitted_events", metadata,
+                    Column("event_id", Text, primary_key=True),
+                    Column("msg_id", Text, nullable=False),
+                    Column("emitted_ms", Integer, nullable=False),
+                    Column("run_id", Text),
+                    Column("sim_elapsed_s", Float),
+                    sqlite_with_rowid=False)
+    Index("emitted_events_run", emitted.c.run_id)
 
 
 # -- schema: generated from declare() by `make schema`; a test keeps it current --
@@ -121,7 +127,9 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS agents (name TEXT NOT NULL, pid INTEGER, "
     "last_heartbeat_ms INTEGER NOT NULL, heartbeat TEXT NOT NULL, PRIMARY KEY (name))",
     "CREATE TABLE IF NOT EXISTS emitted_events (event_id TEXT NOT NULL, msg_id TEXT NOT "
-    "NULL, emitted_ms INTEGER NOT NULL, PRIMARY KEY (event_id)) WITHOUT ROWID",
+    "NULL, emitted_ms INTEGER NOT NULL, run_id TEXT, sim_elapsed_s FLOAT, PRIMARY KEY "
+    "(event_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS emitted_events_run ON emitted_events (run_id)",
 )
 # Each table's columns: a store made before one existed gets it on open.
 COLUMNS = {
@@ -169,6 +177,8 @@ COLUMNS = {
         "event_id TEXT NOT NULL",
         "msg_id TEXT NOT NULL",
         "emitted_ms INTEGER NOT NULL",
+        "run_id TEXT",
+        "sim_elapsed_s FLOAT",
     ),
 }
 # -- end of generated schema --
@@ -185,6 +195,13 @@ def has_schema(conn: sqlite3.Connection, table: str = "runs") -> bool:
     one just created by a process that has not reached ``ensure_schema``, does not)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
                         (table,)).fetchone() is not None
+
+
+def _records_external(conn: sqlite3.Connection) -> bool:
+    """Whether the store records which run an external event arrived in: a store written
+    by earlier code and only read since (reports, export) has no such column."""
+    return any(row[1] == "run_id" for row in conn.execute(
+        "PRAGMA table_info(emitted_events)"))
 
 
 # -- runs -------------------------------------------------------------------------------
@@ -356,7 +373,9 @@ def run_budget(conn: sqlite3.Connection, run_id: str | None) -> tuple[float, str
 
 
 def progress(conn: sqlite3.Connection, run_id: str) -> dict[str, int]:
-    """Events emitted, and events with at least one recorded outcome, for a run."""
+    """Events emitted, and events with at least one recorded outcome, for a run; the
+    same for the external events that arrived during it (``external``,
+    ``external_completed``)."""
     emitted = conn.execute("SELECT count(*) FROM events WHERE run_id=?", (run_id,)).fetchone()[0]
     done = conn.execute(
         "SELECT count(DISTINCT o.event_id) FROM outcomes o JOIN events e USING(event_id)"
@@ -365,7 +384,12 @@ def progress(conn: sqlite3.Connection, run_id: str) -> dict[str, int]:
     ).fetchone()[0]
     last = conn.execute("SELECT max(cycle) FROM events WHERE run_id=? AND noise=0",
                         (run_id,)).fetchone()[0]
-    return {"emitted": int(emitted), "completed": int(done), "last_cycle": int(last or 0)}
+    external, external_done = conn.execute(
+        "SELECT count(DISTINCT x.event_id), count(DISTINCT o.event_id) FROM emitted_events x"
+        " LEFT JOIN outcomes o USING(event_id) WHERE x.run_id=?", (run_id,)
+    ).fetchone() if _records_external(conn) else (0, 0)
+    return {"emitted": int(emitted), "completed": int(done), "last_cycle": int(last or 0),
+            "external": int(external), "external_completed": int(external_done)}
 
 
 # -- events and outcomes ------------------------------------------------------------------
@@ -389,6 +413,7 @@ class Outcome:
     delegate: str
     status: str
     recorded_ms: int
+    external: bool = False  # the outcome of an external event (``trinity emit``)
 
 
 def record_event(conn: sqlite3.Connection, run_id: str, event: Event) -> None:
@@ -418,12 +443,33 @@ def record_outcome(conn: sqlite3.Connection, *, task_id: str, event_id: str,
         (task_id, event_id, run_id, delegate, status, now_ms(), product))
 
 
+# The run's events: the controller's and the external ones that arrived during it.
+_PLAN_EVENTS = "SELECT event_id, 0 AS external FROM events WHERE run_id=?"
+_RUN_EVENTS = f"{_PLAN_EVENTS} UNION ALL SELECT event_id, 1 FROM emitted_events WHERE run_id=?"
+
+
 def outcomes(conn: sqlite3.Connection, run_id: str) -> list[Outcome]:
-    """The outcomes recorded for the run's events, in the order they were recorded."""
-    return [Outcome(t, e, d, s, int(ms)) for t, e, d, s, ms in conn.execute(
-        "SELECT o.task_id, o.event_id, o.delegate, o.status, o.recorded_ms FROM outcomes o"
-        " JOIN events e USING(event_id) WHERE e.run_id=? ORDER BY o.recorded_ms, o.rowid",
-        (run_id,))]
+    """The outcomes recorded for the run's events (external ones included), in the order
+    they were recorded."""
+    events = _RUN_EVENTS if _records_external(conn) else _PLAN_EVENTS
+    return [Outcome(t, e, d, s, int(ms), bool(x)) for t, e, d, s, ms, x in conn.execute(
+        "SELECT o.task_id, o.event_id, o.delegate, o.status, o.recorded_ms, r.external"
+        f" FROM outcomes o JOIN ({events}) r USING(event_id)"
+        " ORDER BY o.recorded_ms, o.rowid", (run_id,) * events.count("?"))]
+
+
+def failure_reason(product: str | None, limit: int = 200) -> str:
+    """Why an outcome failed, from what it recorded (EXECUTOR's ``{"error": ...}``,
+    ARCHITECT's text): one line of at most ``limit`` characters."""
+    text = product or ""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        text = body["error"]
+    text = " ".join(text.split()) or "no reason recorded"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def outcome_product(conn: sqlite3.Connection, task_id: str) -> str | None:
@@ -444,11 +490,35 @@ def already_emitted(conn: sqlite3.Connection, event_ids: Sequence[str]) -> set[s
     return found
 
 
-def record_emitted(conn: sqlite3.Connection, rows: Iterable[tuple[str, str]]) -> None:
-    """(event_id, msg_id) of events ``trinity emit`` journaled, in its transaction."""
+def record_emitted(conn: sqlite3.Connection, rows: Iterable[tuple[str, str]],
+                   run: Run | None = None) -> None:
+    """(event_id, msg_id) of events ``trinity emit`` journaled, in its transaction;
+    ``run`` is the run they arrived in (the active one), if any."""
     ts = now_ms()
-    conn.executemany("INSERT INTO emitted_events(event_id, msg_id, emitted_ms) VALUES (?, ?, ?)",
-                     [(event_id, msg_id, ts) for event_id, msg_id in rows])
+    run_id = run.run_id if run else None
+    sim = sim_elapsed_s(conn, run_id)
+    conn.executemany("INSERT INTO emitted_events(event_id, msg_id, emitted_ms, run_id,"
+                     " sim_elapsed_s) VALUES (?, ?, ?, ?, ?)",
+                     [(event_id, msg_id, ts, run_id, sim) for event_id, msg_id in rows])
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalEvent:
+    """An event ``trinity emit`` journaled while a run was active: part of that run, with
+    no ground truth (nobody said what it is)."""
+
+    event_id: str
+    emitted_ms: int
+    sim_elapsed_s: float
+
+
+def external_events(conn: sqlite3.Connection, run_id: str) -> list[ExternalEvent]:
+    """The external events that arrived during the run, in the order they arrived."""
+    if not _records_external(conn):
+        return []
+    return [ExternalEvent(e, int(ms), float(sim or 0.0)) for e, ms, sim in conn.execute(
+        "SELECT event_id, emitted_ms, sim_elapsed_s FROM emitted_events WHERE run_id=?"
+        " ORDER BY emitted_ms, event_id", (run_id,))]
 
 
 def _chunks(items: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:

@@ -13,6 +13,7 @@ log directory of another run, a missing or unreadable store and an unknown run i
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trinity import measures
-from trinity.contract import AGENTS
+from trinity.contract import AGENTS, FAILED_STATUSES
 from trinity.contract import NONE as NOISE
 from trinity.controller.reports import criteria
 from trinity.controller.reports.charts import Line
@@ -60,6 +61,31 @@ class EventResult:
 
 
 @dataclass(frozen=True)
+class ExternalResult:
+    """An event ``trinity emit`` journaled during the run, what WITNESS made of it and
+    the outcomes it ended in (no ground truth: nobody said what it is)."""
+
+    event_id: str
+    sim_h: float
+    detected: bool
+    pattern: str | None = None
+    confidence: float | None = None
+    outcomes: tuple[str, ...] = ()  # statuses, in the order recorded
+
+
+@dataclass(frozen=True)
+class FailedOutcome:
+    """A task EXECUTOR could not do, or a plan ARCHITECT could not make, and why."""
+
+    task_id: str
+    event_id: str
+    delegate: str
+    status: str
+    reason: str
+    external: bool
+
+
+@dataclass(frozen=True)
 class ReportData:
     run: runs.Run
     ended_ms: int | None
@@ -89,6 +115,11 @@ class ReportData:
     # people's corrections in the pattern store (measures.corrections_summary)
     corrections: dict[str, Any] = field(
         default_factory=lambda: measures.corrections_summary({}))
+    # the external events that arrived during the run (``trinity emit``)
+    external: tuple[ExternalResult, ...] = ()
+    # every outcome's status, counted (external events' included), and the failed ones
+    outcome_statuses: dict[str, int] = field(default_factory=dict)
+    failed: tuple[FailedOutcome, ...] = ()
 
     def criterion(self, name: str) -> Criterion:
         return next(c for c in self.criteria if c.name == name)
@@ -197,6 +228,29 @@ def _events(settings: Settings, run_id: str, gaps: list[str]) -> list[EventResul
             e.event_id, e.cycle, e.noise, e.category, e.sim_elapsed_s / 3600, True, d.pattern,
             d.label, d.confidence, (d.detected_ms - e.emitted_ms) / 1000, d.latency_ms))
     return found
+
+
+def _external(settings: Settings, run_id: str,
+              recorded: Sequence[runs.Outcome]) -> tuple[ExternalResult, ...]:
+    with _reading(settings.messages_db) as conn:
+        arrived = runs.external_events(conn, run_id)
+    if not arrived:
+        return ()
+    decisions: dict[str, pattern_store.Decision] = {}
+    if settings.patterns_db.exists():
+        with _reading(settings.patterns_db) as conn:
+            decisions = pattern_store.run_decisions(conn, run_id)
+    statuses: dict[str, list[str]] = {}
+    for o in recorded:
+        if o.external:
+            statuses.setdefault(o.event_id, []).append(o.status)
+    found = []
+    for e in arrived:
+        d = decisions.get(e.event_id)
+        found.append(ExternalResult(
+            e.event_id, e.sim_elapsed_s / 3600, d is not None, d.pattern if d else None,
+            d.confidence if d else None, tuple(statuses.get(e.event_id, ()))))
+    return tuple(found)
 
 
 def _corrections(settings: Settings) -> dict[str, Any]:
@@ -325,6 +379,12 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
     cost_lines, call_lines = cost_series(calls)
     with _reading(settings.messages_db) as conn:
         outcomes = runs.progress(conn, run.run_id)["completed"]
+        recorded = runs.outcomes(conn, run.run_id)
+        failed = tuple(
+            FailedOutcome(o.task_id, o.event_id, o.delegate, o.status,
+                          runs.failure_reason(runs.outcome_product(conn, o.task_id)), o.external)
+            for o in recorded if o.status in FAILED_STATUSES)
+    external = _external(settings, run.run_id, recorded)
     hourly = [v for s in snaps["costs"] if (v := _number(s, "cost_last_hour_usd")) is not None]
     growth = [v for s in snaps["metrics"]
               if (v := _number(s, "memory_growth_pct_per_hour")) is not None]
@@ -352,4 +412,5 @@ def build_report_data(settings: Settings, log_dir: Path | None = None,
         backlog_peak=_backlog_peak(snaps["metrics"]),
         last_memory_growth_pct=growth[-1] if growth else None,
         snapshot_counts={k: len(v) for k, v in snaps.items()}, gaps=tuple(gaps),
-        corrections=_corrections(settings))
+        corrections=_corrections(settings), external=external,
+        outcome_statuses=dict(Counter(o.status for o in recorded)), failed=failed)

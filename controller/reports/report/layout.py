@@ -2,21 +2,23 @@
 
 A ``Block`` is one heading, paragraph, bullet or numbered list, table or image;
 ``document`` lays a ``ReportData`` and its drawn charts out as the report's sections
-(summary, criteria, performance, cost, charts, incidents, recommendations, conclusion,
-data gaps and a closing line naming the records used), so both renderings carry the
+(summary, criteria, performance, cost, failed tasks and external events when there are
+any, charts, incidents, recommendations, conclusion, data gaps and a closing line naming
+the records used), so both renderings carry the
 same text.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from trinity import measures
+from trinity.contract import FAILED_STATUSES, PATTERNS
 from trinity.contract import NONE as NOISE
-from trinity.contract import PATTERNS
 from trinity.controller.reports import charts
 from trinity.controller.reports.report.data import ReportData
 from trinity.controller.reports.report.recommend import (
@@ -70,8 +72,54 @@ def _summary(data: ReportData) -> list[Block]:
         f"of {_duration(run.duration_s)} planned",
         f"Events: {len(data.events)} emitted of {run.total_events} planned, "
         f"{data.scores['events_classified']} classified, {data.outcomes} with an outcome",
+        *_external_line(data),
+        f"Outcomes: {_statuses(data.outcome_statuses)}",
         f"Status: {data.status} {mark}{failed}",
     ])]
+
+
+def _statuses(counted: dict[str, int]) -> str:
+    """Every outcome status with its count, the failed ones first."""
+    if not counted:
+        return "none recorded"
+    failed = [s for s in FAILED_STATUSES if counted.get(s)]
+    rest = sorted(s for s in counted if s not in FAILED_STATUSES)
+    return ", ".join(f"{counted[s]} {s}" for s in (*failed, *rest))
+
+
+def _external_line(data: ReportData) -> list[str]:
+    if not data.external:
+        return []
+    classified = [e for e in data.external if e.detected]
+    given = sum(e.pattern is not None for e in classified)
+    answered = sum(bool(e.outcomes) for e in data.external)
+    return [f"External events (trinity emit, no ground truth): {len(data.external)} arrived "
+            f"during the run, {len(classified)} classified ({given} given a pattern), "
+            f"{answered} with an outcome"]
+
+
+def _failed_blocks(data: ReportData) -> list[Block]:
+    """Every plan and task that failed, with the reason it recorded."""
+    if not data.failed:
+        return []
+    return [_h("Failed Tasks"), _ul([
+        f"{len(data.failed)} failed: "
+        f"{_statuses(dict(Counter(f.status for f in data.failed)))}"]),
+        _table(("Task", "Event", "Agent", "Status", "Reason"),
+               [(f.task_id, f.event_id + (" (external)" if f.external else ""),
+                 f.delegate.upper(), f.status, f.reason) for f in data.failed])]
+
+
+def _external_blocks(data: ReportData) -> list[Block]:
+    """The external events with WITNESS's decision and their outcomes."""
+    if not data.external:
+        return []
+    return [_h("External Events"), _table(
+        ("Event", "Arrived (sim h)", "Detected", "Confidence", "Outcomes"),
+        [(e.event_id, f"{e.sim_h:.2f}",
+          (e.pattern or "no pattern") if e.detected else "not classified yet",
+          "-" if e.confidence is None else f"{e.confidence:.3f}",
+          ", ".join(e.outcomes) or "-") for e in data.external])]
 
 
 def _criteria_blocks(data: ReportData) -> list[Block]:
@@ -151,6 +199,7 @@ def _cost_blocks(data: ReportData) -> list[Block]:
 def document(data: ReportData, drawn: Sequence[charts.Chart]) -> list[Block]:
     blocks = [_h("24-Hour Autonomous Operation Test Report", 1)]
     blocks += _summary(data) + _criteria_blocks(data) + _performance(data) + _cost_blocks(data)
+    blocks += _failed_blocks(data) + _external_blocks(data)
     blocks.append(_h("Charts"))
     for chart in drawn:
         blocks.append(Block("image", chart.title + (f" ({chart.note})" if chart.note else ""),

@@ -294,6 +294,55 @@ def test_the_controllers_events_are_duplicates(cfg: Settings, journal: Journal) 
     assert ledger == [("run1/c003",)]
 
 
+# -- the active run ----------------------------------------------------------------------
+
+
+def test_an_event_belongs_to_the_run_active_when_it_arrives(cfg: Settings,
+                                                            journal: Journal) -> None:
+    """Before any run, an emitted event carries no run id; during a run it carries the
+    run's, and the ledger says which run and when (simulated) it arrived."""
+    from trinity.stores import runs as records
+
+    emit_all(cfg, [line(message="before any run", event_id="ci/0")])
+    run = records.create_run(journal.conn, {"duration_hours": 2})
+    records.checkpoint(journal.conn, run.run_id, 5400.0)
+    emit_all(cfg, [line(message="Segfault in worker 3", event_id="ci/1"),
+                   line(message="Service unavailable: upstream refused connection")])
+    events = journaled(journal)
+    assert "run_id" not in events[0]
+    assert [e.get("run_id") for e in events[1:]] == [run.run_id, run.run_id]
+    external = records.external_events(journal.conn, run.run_id)
+    assert [e.event_id for e in external] == ["ci/1", events[2]["event_id"]]
+    assert {e.sim_elapsed_s for e in external} == {5400.0}
+    assert records.progress(journal.conn, run.run_id)["external"] == 2
+    records.finish(journal.conn, run.run_id, records.COMPLETED)
+    emit_all(cfg, [line(message="after the run", event_id="ci/2")])
+    assert "run_id" not in journaled(journal)[-1]
+    assert len(records.external_events(journal.conn, run.run_id)) == 2
+
+
+def test_the_run_id_counts_toward_the_size_limit(tmp_path: Path, run_dir: Path) -> None:
+    """A line that fits alone but not with the run's id is rejected with both reasons,
+    and dead-lettered: never journaled over the limit."""
+    from trinity.stores import runs as records
+
+    small = _settings(tmp_path, run_dir, TRINITY_MAX_PAYLOAD_BYTES="1024")
+    emit_all(small, [])
+    j = Journal(small.messages_db, source="test")
+    try:
+        run = records.create_run(j.conn, {})
+        event = line(message="x", event_id="ci/9")
+        fits = line(message="x" * (1024 - len(event) + 1), event_id="ci/9")
+        assert len(fits) == 1024
+        (result,) = emit_all(small, [fits])
+        assert result.status == "rejected"
+        assert result.reason is not None and result.reason.endswith(
+            f"over the 1024-byte limit (the run id {run.run_id} included)")
+        assert journaled(j) == [] and len(j.dead_letters()) == 1
+    finally:
+        j.close()
+
+
 # -- batches ---------------------------------------------------------------------------
 
 

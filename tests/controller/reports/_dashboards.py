@@ -130,13 +130,24 @@ def expected_patterns(root: Path, run_id: str) -> Figures:
             "SELECT event_id, category FROM events WHERE run_id=?", (run_id,)).fetchall())
         times = dict(journal.execute(
             "SELECT event_id, sim_elapsed_s FROM events WHERE run_id=?", (run_id,)).fetchall())
+        # the run's events: the controller's, and those `trinity emit` sent during it
+        run_events = ("(SELECT event_id FROM events WHERE run_id=:run UNION ALL"
+                      " SELECT event_id FROM emitted_events WHERE run_id=:run)")
         executed = dict(journal.execute(
-            "SELECT o.status, count(*) FROM outcomes o JOIN events e USING(event_id)"
-            " WHERE e.run_id=? AND o.delegate NOT IN ('witness', 'architect')"
-            " GROUP BY o.status", (run_id,)).fetchall())
+            f"SELECT o.status, count(*) FROM outcomes o JOIN {run_events} USING(event_id)"
+            " WHERE o.delegate NOT IN ('witness', 'architect')"
+            " GROUP BY o.status", {"run": run_id}).fetchall())
         failed_plans = journal.execute(
-            "SELECT count(*) FROM outcomes o JOIN events e USING(event_id)"
-            " WHERE e.run_id=? AND o.delegate='architect'", (run_id,)).fetchone()[0]
+            f"SELECT count(*) FROM outcomes o JOIN {run_events} USING(event_id)"
+            " WHERE o.delegate='architect'", {"run": run_id}).fetchone()[0]
+        failed = journal.execute(
+            f"SELECT o.task_id, o.product FROM outcomes o JOIN {run_events} USING(event_id)"
+            " WHERE o.status IN ('failed', 'plan_failed') ORDER BY o.recorded_ms DESC,"
+            " o.rowid DESC", {"run": run_id}).fetchall()
+        external = journal.execute(
+            "SELECT count(*), count(DISTINCT o.event_id) FROM emitted_events x LEFT JOIN"
+            " (SELECT DISTINCT event_id FROM outcomes) o USING(event_id) WHERE x.run_id=?",
+            (run_id,)).fetchone()
         pending = _pending_tasks(journal, run_id)
     finally:
         journal.close()
@@ -186,6 +197,11 @@ def expected_patterns(root: Path, run_id: str) -> Figures:
         ("LEARNING", "Cross-session matches:"): f"{cross:,}",
         ("LEARNING", "Confidence trending:"): f"{round(trend, 4):+.3f} ({word})",
     }
+    if external[0]:
+        figures["EXTERNAL EVENTS"] = (f"{external[0]:,} from trinity emit, {external[1]:,} "
+                                      "with an outcome")
+    for task_id, product in failed[:5]:
+        figures[(f"FAILED ({len(failed):,}, latest first)", task_id)] = _why(product)[:60]
     if noise:
         figures["NOISE EVENTS"] = (f"{len(noise):,} classified, "
                                    f"{sum(found[e][0] is not None for e in noise):,} taken "
@@ -196,6 +212,17 @@ def expected_patterns(root: Path, run_id: str) -> Figures:
         figures[("BY PATTERN TYPE", pattern)] = (f"{len(confs):>3} detections (avg conf: "
                                                  f"{mean})").strip()
     return figures
+
+
+def _why(product: str | None) -> str:
+    """A failed outcome's reason as the dashboard shows it: EXECUTOR's recorded error, or
+    ARCHITECT's text, on one line."""
+    try:
+        body = json.loads(product or "")
+    except ValueError:
+        body = None
+    text = body["error"] if isinstance(body, dict) and "error" in body else product or ""
+    return " ".join(text.split()) or "no reason recorded"
 
 
 def latest_sample(root: Path, run_id: str) -> tuple[str, dict[str, Any]]:

@@ -55,6 +55,9 @@ class Recomputed:
     memory_series: list[tuple[float, float]]
     accuracy_series: list[tuple[float, float]]
     crash_alerts: int
+    statuses: dict[str, int]  # every outcome of the run's events (external ones included)
+    failed: list[tuple[str, str, str, str]]  # (task, event, agent, status), in record order
+    external: list[tuple[str, str | None, list[str]]]  # (event, pattern, outcome statuses)
 
 
 def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
@@ -64,7 +67,18 @@ def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
         " ORDER BY sim_elapsed_s, cycle, noise", (run_id,)).fetchall()
     started, ended = journal.execute("SELECT started_ms, ended_ms FROM runs WHERE run_id=?",
                                      (run_id,)).fetchone()
+    external_ids = [e for (e,) in journal.execute(
+        "SELECT event_id FROM emitted_events WHERE run_id=? ORDER BY emitted_ms, event_id",
+        (run_id,))]
+    outcomes = journal.execute(
+        "SELECT task_id, event_id, delegate, status FROM outcomes WHERE event_id IN"
+        " (SELECT event_id FROM events WHERE run_id=:run UNION ALL"
+        "  SELECT event_id FROM emitted_events WHERE run_id=:run)"
+        " ORDER BY recorded_ms, rowid", {"run": run_id}).fetchall()
     journal.close()
+    statuses: dict[str, int] = {}
+    for *_, status in outcomes:
+        statuses[status] = statuses.get(status, 0) + 1
     patterns = _ro(root / "trinity_patterns.db")
     found = {e: (p, c, t) for e, p, c, t in patterns.execute(
         "SELECT event_id, pattern, confidence, detected_ms FROM detections WHERE run_id=?",
@@ -97,7 +111,9 @@ def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
         classified=len(classified), correct=correct,
         latency_mean_s=float(np.mean(latencies)),
         latency_p95_s=float(np.percentile(latencies, 95, method="inverted_cdf")),
-        confidence_mean=float(np.mean([c for _, c in confidences])), confidences=confidences,
+        # every detection of the run, external events' included (the chart: the plan's)
+        confidence_mean=float(np.mean([c for p, c, _ in found.values() if p is not None])),
+        confidences=confidences,
         cost_total=sum(usd for _, usd, _ in by_agent.values()), cost_by_agent=by_agent,
         cumulative_cost=cumulative,
         local_share=sum(n * local for n, _, local in by_agent.values()) / calls
@@ -106,7 +122,10 @@ def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
         memory_series=[(s["elapsed_hours"], s["memory_max_process_rss_mb"]) for s in metrics],
         accuracy_series=[(s["elapsed_hours"], s["scoring"]["accuracy"]) for s in stats
                          if s["scoring"]["accuracy"] is not None],
-        crash_alerts=len(crashes))
+        crash_alerts=len(crashes), statuses=statuses,
+        failed=[o for o in outcomes if o[3] in ("failed", "plan_failed")],
+        external=[(e, found[e][0] if e in found else None,
+                   [o[3] for o in outcomes if o[1] == e]) for e in external_ids])
 
 
 def _series(plotted: dict[str, Any], label: str) -> list[tuple[float, float]]:
@@ -140,6 +159,23 @@ def check_report_against_records(root: Path, log_dir: Path, out_dir: Path) -> st
         assert f"Cost efficiency: {want.local_share:.1%} of model calls local" in text
     for agent, (calls, usd, local) in want.cost_by_agent.items():
         assert f"| {agent.upper()} | {calls} | {recommend._usd(usd)} | {local:.1%} |" in text
+    # every outcome counted, the failed ones listed, the external events shown
+    failed = [s for s in ("plan_failed", "failed") if want.statuses.get(s)]
+    shown = [*failed, *sorted(s for s in want.statuses if s not in failed)]
+    assert "Outcomes: " + ", ".join(f"{want.statuses[s]} {s}" for s in shown) in text
+    assert ("## Failed Tasks" in text) == bool(want.failed)
+    for task, event, agent, status in want.failed:
+        external = " (external)" if event in {e for e, _, _ in want.external} else ""
+        assert f"| {task} | {event}{external} | {agent.upper()} | {status} | " in text
+    assert ("## External Events" in text) == bool(want.external)
+    if want.external:
+        given = sum(p is not None for _, p, _ in want.external)
+        assert (f"External events (trinity emit, no ground truth): {len(want.external)} "
+                f"arrived during the run, {len(want.external)} classified ({given} given a "
+                f"pattern), {sum(bool(o) for _, _, o in want.external)} with an outcome") in text
+    for event, pattern, statuses in want.external:
+        assert f"| {event} | " in text
+        assert f"| {pattern or 'no pattern'} | " in text and ", ".join(statuses) in text
     # the charts: real PNGs, linked from the Markdown, drawn from the same records
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(root)})
     data = report.build_report_data(settings, log_dir, run_id)

@@ -119,16 +119,20 @@ def _populate_tasks(journal: Journal, run_id: str, events: list[str]) -> None:
     seq = published[1].seq if published[1] else 0
     with journal.transaction() as tx:
         tx.advance_cursor("executor", EXECUTION, seq)
-        for task, status in zip(tasks[:2], ("done", "failed"), strict=True):
+        for task, status, product in zip(tasks[:2], ("done", "failed"), (
+                '{"kind": "tests"}', '{"error": "both model attempts cut at max_tokens"}'),
+                strict=True):
             tx.conn.execute("INSERT INTO outcomes(task_id, event_id, run_id, delegate, status,"
-                            " recorded_ms) VALUES (?, ?, ?, 'TestGenerator', ?, ?)",
-                            (task, events[0], run_id, status, now_ms()))
-        for task_id, event_id, delegate, status in (
-                (f"{events[2]}/no_pattern", events[2], "witness", "no_pattern"),
-                (f"{events[3]}/plan", events[3], "architect", "plan_failed")):
+                            " recorded_ms, product) VALUES (?, ?, ?, 'TestGenerator', ?, ?, ?)",
+                            (task, events[0], run_id, status, now_ms(), product))
+        for task_id, event_id, delegate, status, product in (
+                (f"{events[2]}/no_pattern", events[2], "witness", "no_pattern", None),
+                (f"{events[3]}/plan", events[3], "architect", "plan_failed",
+                 "all models failed:\n  local: timeout after 30 s")):
             tx.conn.execute("INSERT INTO outcomes(task_id, event_id, run_id, delegate, status,"
-                            " recorded_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                            (task_id, event_id, run_id, delegate, status, now_ms()))
+                            " recorded_ms, product) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (task_id, event_id, run_id, delegate, status, now_ms() + 1,
+                             product))
 
 
 @pytest.fixture
@@ -188,6 +192,12 @@ def test_pattern_dashboard_shows_the_stores(stores: Stores) -> None:
     assert shown["TASKS CREATED"] == "3 by ARCHITECT (1 plan failed)"
     assert shown["TASKS EXECUTED"] == "2 by EXECUTOR (1 done, 1 failed)"
     assert shown[("BY PATTERN TYPE", "critical_error")] == "2 detections (avg conf: 0.79)"
+    # The failed plan and the failed task are listed, the latest first, with their reasons.
+    failed = [(k[1], v) for k, v in shown.items() if isinstance(k, tuple)
+              and k[0] == "FAILED (2, latest first)"]
+    assert [v for _, v in failed] == ["all models failed: local: timeout after 30 s",
+                                      "both model attempts cut at max_tokens"]
+    assert [k.rsplit("/", 1)[1] for k, _ in failed] == ["plan", "t2"]
 
 
 def test_rendering_keeps_the_longest_pattern_name_apart_from_its_figure(

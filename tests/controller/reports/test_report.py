@@ -44,6 +44,7 @@ from trinity.stores.costs import CallRecord, CostLedger, summarize
 from trinity.stores.run_logs import AlertLog
 
 CYCLES = 10  # five simulated hours at one event per 30 minutes
+FAILED_REASON = "both model attempts cut at max_tokens"
 
 
 # -- a small run written through the project's own writers ------------------------------
@@ -143,11 +144,13 @@ def build_run(settings: Settings, plan: Plan) -> runs.Run:  # noqa: C901 - one s
                         emitted + latency_ms)
                 delegate = "QualityEnforcer"
             task_id = f"task-{cycle}-{noise}"
+            failed = cycle == 7 and delegate != "witness"  # both attempts cut short
             with journal.transaction() as tx:
                 tx.conn.execute(
                     "INSERT INTO outcomes(task_id, event_id, run_id, delegate, status,"
-                    " recorded_ms) VALUES (?, ?, ?, ?, 'done', ?)",
-                    (task_id, event_id, run.run_id, delegate, now_ms()))
+                    " recorded_ms, product) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, event_id, run.run_id, delegate, "failed" if failed else "done",
+                     now_ms(), json.dumps({"error": FAILED_REASON}) if failed else None))
             if delegate != "witness":
                 for n, agent, local, cost in ((2 * cycle, "architect", True, 0.0),
                                               (2 * cycle + 1, "executor", cycle % 2 == 0, 0.02)):
@@ -166,6 +169,19 @@ def build_run(settings: Settings, plan: Plan) -> runs.Run:  # noqa: C901 - one s
                              "witness exited unexpectedly (pid 4242, from RUNNING)",
                              agent="witness", pid="4242")
             alerts.write_alert(crash.payload(), source="crashwatch")
+    # An event `trinity emit` journaled during the run, classified and answered.
+    with journal.transaction() as tx:
+        tx.conn.execute("INSERT INTO emitted_events(event_id, msg_id, emitted_ms, run_id,"
+                        " sim_elapsed_s) VALUES ('ci/ext-1', 'm', ?, ?, 9000.0)",
+                        (t0, run.run_id))
+        tx.conn.execute("INSERT INTO outcomes(task_id, event_id, run_id, delegate, status,"
+                        " recorded_ms) VALUES ('ci/ext-1/t1', 'ci/ext-1', ?, "
+                        "'QualityEnforcer', 'done', ?)", (run.run_id, now_ms()))
+    _detect(store, run.run_id, "ci/ext-1", "critical_error", "critical_error", 0.9, t0 + 500)
+    for n, agent in ((100, "architect"), (101, "executor")):
+        ledger.record(_call(run.run_id, n, agent, 9060.0, local=True, cost=0.0,
+                            event_id="ci/ext-1",
+                            task_id="ci/ext-1/t1" if agent == "executor" else None))
     with journal.transaction() as tx:
         for cycle in range(1, CYCLES + 1):
             tx.conn.execute("INSERT INTO snapshots VALUES (?, 'metrics', ?, ?, 'p', 0)",
@@ -189,7 +205,7 @@ def settings(short_dir: Path) -> Settings:
 
 def test_report_numbers_match_the_records_recomputed_independently(
         settings: Settings, tmp_path: Path) -> None:
-    build_run(settings, Plan())
+    run = build_run(settings, Plan())
     text = check_report_against_records(settings.data_dir, settings.log_dir, tmp_path)
     # The plan is known: 20 events (10 + 10 noise), 3 of them wrong: c003 abstained,
     # c008 called duplication, the noise event of c002 called flaky_test.
@@ -198,6 +214,14 @@ def test_report_numbers_match_the_records_recomputed_independently(
     assert "| ✓ PASS | Zero Crashes | 0 unexpected exits |" in text
     assert "| feature_request | 2 | 2 | 0 | 0.0% | - |" in text
     assert "| none | 10 | 10 | 9 | 90.0% | - |" in text
+    # the failed task is counted and named with its reason; the external event is shown
+    # and counted apart from the plan's events
+    assert "Outcomes: 1 failed, 20 done" in text
+    assert (f"| task-7-0 | {run.run_id}/c007 | QUALITYENFORCER | failed | "
+            f"{FAILED_REASON} |") in text
+    assert ("External events (trinity emit, no ground truth): 1 arrived during the run, "
+            "1 classified (1 given a pattern), 1 with an outcome") in text
+    assert "| ci/ext-1 | 2.50 | critical_error | 0.900 | done |" in text
 
 
 def test_a_crash_fails_the_report_and_names_the_criterion(settings: Settings,
@@ -236,9 +260,10 @@ def test_recommendations_follow_the_measurements(settings: Settings, tmp_path: P
             "no pattern x1, duplication x1.") in found[0]
     assert found[1].startswith("Cut false positives: 1 of 10 noise events were given a "
                                "pattern (flaky_test x1)")
-    # 9 events with model calls: 9 architect calls local, 5 of 9 executor calls local
-    assert data.criterion("Cost Efficiency").value == pytest.approx(14 / 18)
-    assert not any("local model usage" in r for r in found)  # 78 % > 70 %: no rule fired
+    # 9 plan events and the external one with model calls: 10 architect calls local,
+    # 6 of 10 executor calls local
+    assert data.criterion("Cost Efficiency").value == pytest.approx(16 / 20)
+    assert not any("local model usage" in r for r in found)  # 80 % > 70 %: no rule fired
     assert not any("latency" in r for r in found)  # every latency < 2 s
 
 
