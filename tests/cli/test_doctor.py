@@ -25,10 +25,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.agents.models.servers import OLLAMA_MODEL, OllamaWireServer, RefusingPort
+from tests.conftest import wait_for
 from tests.firestore_emulator import FirestoreEmulator
 from trinity.bus.journal import Journal
 from trinity.cli import main
 from trinity.cli.doctor import ORDER
+from trinity.controller.supervision.supervisord import Supervisor
 from trinity.stores import runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -428,3 +430,41 @@ def test_a_scenario_file_that_cannot_be_read_fails_the_settings(project: Path) -
     text = line(doctor(project, TRINITY_SCENARIO=str(scenario)), "settings")
     assert text.startswith(f"FAIL settings TRINITY_SCENARIO: {scenario}")
     assert "-> correct the scenario file" in text
+
+
+def test_a_running_supervisord_fails_and_says_make_stop(project: Path) -> None:
+    config = project / "supervisor.conf"
+    # The shipped config with every program a sleep: supervisord itself is real.
+    config.write_text("\n".join("command=sleep 600" if text.startswith("command=") else text
+                                for text in config.read_text().splitlines()))
+    (project / ".run").mkdir(mode=0o700)
+    (project / "logs" / "supervisor").mkdir(parents=True)
+    subprocess.run([str(BIN / "supervisord"), "-c", str(config)], cwd=project, check=True,
+                   timeout=30)
+    sup = Supervisor(config)
+    try:
+        wait_for(sup.is_running, 15, "supervisord to start")
+        result = doctor(project)
+    finally:
+        sup.stop()
+    assert result.exit_code == 1
+    text = line(result, "processes")
+    assert text.startswith(f"FAIL processes supervisord is running for {project}")
+    assert "-> `trinity status` shows its run; `make stop` ends it" in text
+
+
+def test_programs_left_by_a_killed_supervisord_fail_and_say_make_stop(project: Path) -> None:
+    # A program of ours as cleanup_orphans knows them: `trinity agent ...` run in the folder.
+    fake = project / "trinity"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")  # no child
+    fake.chmod(0o755)
+    orphan = subprocess.Popen([str(fake), "agent", "witness"], cwd=project)
+    try:
+        result = doctor(project)
+    finally:
+        orphan.kill()
+        orphan.wait(10)
+    text = line(result, "processes")
+    assert text.startswith("FAIL processes programs of an earlier run still running "
+                           f"without supervisord (pids {orphan.pid})")
+    assert text.endswith("-> `make stop` kills them")
