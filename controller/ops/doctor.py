@@ -483,7 +483,8 @@ def check_stores(settings: Settings, config: Path) -> Finding:
                           f"{_clean_command(settings, config)} removes it")
     clean = _clean_command(settings, config)
     if latest is not None and latest.status == runs.ACTIVE:
-        return warned("stores", f"run {latest.run_id} was interrupted at simulated "
+        # Running (the processes line says so) or interrupted: a kill -9 ends no run.
+        return warned("stores", f"run {latest.run_id} has not ended, at simulated "
                       f"{latest.sim_elapsed_s / 3600:.2f} h ({', '.join(stores)})",
                       f"`trinity run --resume --detach` continues it; {clean} for a clean "
                       "slate (a new run would share its stores)")

@@ -396,12 +396,12 @@ def _run_in(root: Path) -> Any:
         journal.close()
 
 
-def test_an_interrupted_run_is_a_warning_naming_resume_and_clean(project: Path) -> None:
+def test_a_run_not_ended_is_a_warning_naming_resume_and_clean(project: Path) -> None:
     run = _run_in(project)
     result = doctor(project)
     assert result.exit_code == 0
     text = line(result, "stores")
-    assert text.startswith("WARN") and f"run {run.run_id} was interrupted" in text
+    assert text.startswith("WARN") and f"run {run.run_id} has not ended" in text
     assert "`trinity run --resume --detach` continues it; `make clean` for a clean slate" in text
 
 
