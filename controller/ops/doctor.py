@@ -281,6 +281,10 @@ def _holder(port: int) -> str:
     return ""
 
 
+# port_problem's answer for an address another machine listens on (a multi-host bus).
+ELSEWHERE = "not an address of this machine"
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why a listener could not bind ``host:port`` here, or None. SO_REUSEADDR as
     prometheus_client's and ZeroMQ's listeners use, so only a live socket counts."""
@@ -293,7 +297,7 @@ def port_problem(host: str, port: int) -> str | None:
             if exc.errno == errno.EADDRINUSE:
                 return f"port {port} is taken{_holder(port)}"
             if exc.errno == errno.EADDRNOTAVAIL:
-                return "not an address of this machine"
+                return ELSEWHERE
             return f"cannot bind {host}:{port}: {exc.strerror or exc}"
     return None
 
@@ -316,7 +320,7 @@ def check_ports(settings: Settings) -> Finding:
     for what, host, port, fix in wanted:
         problem = port_problem(host, port)
         where = f"{what} {host or '*'}:{port}"
-        if problem == "not an address of this machine":
+        if problem == ELSEWHERE:
             elsewhere.append(where)
         elif problem:
             taken.append(f"{where}: {problem}")
