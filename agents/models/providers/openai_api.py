@@ -381,80 +381,14 @@ def checked_answer(content: str, schema: Mapping[str, Any]) -> tuple[str, str | 
     return text, schema_problem(value, schema)
 
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
-    "integer": (int,), "number": (int, float), "null": (type(None),)}
+def schema_problem(value: Any, schema: Mapping[str, Any]) -> str | None:
+    """The most relevant way ``value`` breaks ``schema`` (jsonschema's ``best_match``),
+    as ``answer.<path>: <message>``, or None when it fits."""
+    import jsonschema  # imported when first used: only the prompt form checks answers
 
-
-def _type_name(value: Any) -> str:
-    return next((name for name, kinds in _JSON_TYPES.items() if isinstance(value, kinds)
-                 and not (isinstance(value, bool) and name != "boolean")), type(value).__name__)
-
-
-def schema_problem(  # noqa: C901 - one check per keyword reads best in one place
-    value: Any, schema: Mapping[str, Any], root: Mapping[str, Any] | None = None,
-    path: str = "answer",
-) -> str | None:
-    """The first way ``value`` breaks ``schema`` (the JSON Schema keywords answer schemas
-    use: $ref to $defs, anyOf/oneOf/allOf, enum, const, type, string lengths, number
-    bounds, items and their counts, properties, required, additionalProperties), or None."""
-    root = schema if root is None else root
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, Mapping) else {}
-        return schema_problem(value, target, root, path)
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if options and all(schema_problem(value, s, root, path) for s in options):
-            return f"{path}: matches none of the allowed shapes"
-    for part in schema.get("allOf") or ():
-        if problem := schema_problem(value, part, root, path):
-            return problem
-    if "enum" in schema and value not in schema["enum"]:
-        return f"{path}: must be one of {json.dumps(schema['enum'])}"
-    if "const" in schema and value != schema["const"]:
-        return f"{path}: must be {json.dumps(schema['const'])}"
-    types = schema.get("type")
-    if types is not None:
-        names = [types] if isinstance(types, str) else list(types)
-        if not any(isinstance(value, _JSON_TYPES.get(n, ())) and not (
-                isinstance(value, bool) and n != "boolean") for n in names):
-            return f"{path}: must be {' or '.join(names)}, not {_type_name(value)}"
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            return f"{path}: shorter than {schema['minLength']} characters"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{path}: longer than {schema['maxLength']} characters"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            return f"{path}: less than {schema['minimum']}"
-        if "maximum" in schema and value > schema["maximum"]:
-            return f"{path}: more than {schema['maximum']}"
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            return f"{path}: fewer than {schema['minItems']} items"
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            return f"{path}: more than {schema['maxItems']} items"
-        items = schema.get("items")
-        if isinstance(items, Mapping):
-            for i, item in enumerate(value):
-                if problem := schema_problem(item, items, root, f"{path}.{i}"):
-                    return problem
-    if isinstance(value, dict):
-        properties: Mapping[str, Any] = schema.get("properties") or {}
-        for name in schema.get("required") or ():
-            if name not in value:
-                return f"{path}: missing field {name!r}"
-        extra = schema.get("additionalProperties", True)
-        for name, item in value.items():
-            if name in properties:
-                if problem := schema_problem(item, properties[name], root, f"{path}.{name}"):
-                    return problem
-            elif extra is False:
-                return f"{path}: unexpected field {name!r}"
-            elif isinstance(extra, Mapping) and (
-                    problem := schema_problem(item, extra, root, f"{path}.{name}")):
-                return problem
-    return None
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    path = ".".join(["answer", *(str(part) for part in error.absolute_path)])
+    return f"{path}: {error.message}"

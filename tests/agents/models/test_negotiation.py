@@ -263,7 +263,7 @@ def test_server_without_response_format_gets_the_schema_in_the_prompt_and_one_re
     # The repair quotes the wrong answer and what is wrong with it.
     assert repair["messages"][:2] == asked["messages"]
     assert repair["messages"][2] == {"role": "assistant", "content": wrong}
-    assert 'answer.answer: must be one of ["yes", "no"]' in repair["messages"][3]["content"]
+    assert "answer.answer: 'maybe' is not one of ['yes', 'no']" in repair["messages"][3]["content"]
 
     # Every request is a row, each priced from its own tokens.
     assert [(r["status"], r["error_class"], r["route"], r["attempt"]) for r in rows] == [
@@ -416,19 +416,20 @@ def test_schema_problem_names_the_first_way_an_answer_breaks_the_plan_schema() -
     good = {"summary": "Fix the crash", "steps": ["Add a guard"], "tasks": [task]}
     assert schema_problem(good, schema) is None
     cases = [
-        ({**good, "steps": []}, "answer.steps: fewer than 1 items"),
-        ({**good, "summary": "x" * 81}, "answer.summary: longer than 80 characters"),
+        ({**good, "steps": []}, "answer.steps: [] should be non-empty"),
+        ({**good, "summary": "x" * 81}, f"answer.summary: '{'x' * 81}' is too long"),
         ({**good, "tasks": [{"description": "Guard it"}]},
-         "answer.tasks.0: missing field 'acceptance'"),
-        ({**good, "tasks": [{**task, "owner": "me"}]}, "answer.tasks.0: unexpected field 'owner'"),
-        ({**good, "steps": "Add a guard"}, "answer.steps: must be array, not string"),
-        ([good], "answer: must be object, not array"),
+         "answer.tasks.0: 'acceptance' is a required property"),
+        ({**good, "tasks": [{**task, "owner": "me"}]},
+         "answer.tasks.0: Additional properties are not allowed ('owner' was unexpected)"),
+        ({**good, "steps": "Add a guard"}, "answer.steps: 'Add a guard' is not of type 'array'"),
+        ([{}], "answer: [{}] is not of type 'object'"),
     ]
     for value, problem in cases:
         assert schema_problem(value, schema) == problem
-    assert schema_problem(True, {"type": "integer"}) == "answer: must be integer, not boolean"
+    assert schema_problem(True, {"type": "integer"}) == "answer: True is not of type 'integer'"
     assert schema_problem(3, {"anyOf": [{"type": "string"}, {"type": "null"}]}) == (
-        "answer: matches none of the allowed shapes")
+        "answer: 3 is not valid under any of the given schemas")
 
 
 def test_checked_answer_takes_the_object_out_of_a_fence_or_prose() -> None:
