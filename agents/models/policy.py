@@ -1,8 +1,8 @@
 """The routing policy: a TOML file read once, checked, and turned into providers.
 
-The shipped policy is ``trinity/routing.toml``; ``TRINITY_ROUTING`` (or ``trinity run
---routing``) points at another. Every mistake in the file is a ConfigError naming the
-key, raised before any process starts work.
+The shipped policy is ``trinity/routing.toml``; ``TRINITY_ROUTING`` points at another.
+Every mistake in the file is a ConfigError naming the key, raised before any process
+starts work.
 """
 
 from __future__ import annotations
