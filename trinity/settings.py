@@ -176,6 +176,10 @@ class Settings:
     firestore_project: str = setting("", "GOOGLE_CLOUD_PROJECT", "The Firestore project")
     firestore_emulator_host: str = setting("", "FIRESTORE_EMULATOR_HOST",
                                            "host:port of a Firestore emulator")
+    # After a run: the git repository whose HEAD a passing run tags (never pushed).
+    tag_repo: Path | None = setting(None, "TRINITY_TAG_REPO",
+                                    "A git repository whose HEAD a passing run tags "
+                                    "trinity-24h-validated-YYYYMMDD (not pushed)")
     # Self-healing: at most this many controller restarts of one hung agent within the
     # period (OTP's intensity and period); past it, an alert instead. 0: never restart.
     restart_intensity: int = setting(
