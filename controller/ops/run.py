@@ -18,6 +18,7 @@ from trinity.bus.config import BusConfig
 from trinity.bus.journal import Journal
 from trinity.clock import now_ms
 from trinity.contract import CONTROLLER, Alert
+from trinity.controller.ops import after_run
 from trinity.controller.process import scenario
 from trinity.controller.process.alerts import journal_alert
 from trinity.controller.reports import criteria, persistence
@@ -81,6 +82,9 @@ def start(settings: Settings, config: Path, *, resume: bool, detach: bool,
           f"simulated hours at time scale {run.time_scale:g}; logs in {settings.log_dir}")
     if detach:
         print(f"supervisord is running; 'supervisorctl -c {config} status' shows the programs")
+        if settings.tag_repo is not None:
+            print("TRINITY_TAG_REPO: a detached run is not followed to its end, so it is "
+                  "not tagged")
         return 0
     try:
         final, restart_ok = _follow(settings, run, sup, restart_at_h)
@@ -90,8 +94,8 @@ def start(settings: Settings, config: Path, *, resume: bool, detach: bool,
     if restart_at_h is not None and not restart_ok:
         print(f"the restart at simulated hour {restart_at_h:g} "
               f"{'did not happen' if restart_ok is None else 'lost state (see above)'}")
-        return 1
-    return code
+        code = 1
+    return after_run.conclude(settings, final, code, config)
 
 
 def preflight(settings: Settings) -> None:

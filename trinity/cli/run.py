@@ -23,6 +23,7 @@ from trinity.settings import BUDGET_MODES
 @setting_option("--metrics-interval", "metrics_interval_min", float)
 @setting_option("--noise", "noise_events", int)
 @setting_option("--seed", "scenario_seed", int)
+@setting_option("--tag", "tag_repo", click.Path(path_type=Path))
 @click.option("--resume", is_flag=True,
               help="Continue the latest run instead of starting a new one.")
 @click.option("--detach", is_flag=True, help="Start under supervisord and return at once.")
@@ -33,18 +34,25 @@ from trinity.settings import BUDGET_MODES
 def run(duration_h: float | None, time_scale: float | None, event_interval_min: float | None,
         budget_usd: float | None, budget_mode: str | None, snapshot_interval_min: float | None,
         metrics_interval_min: float | None, noise_events: int | None, scenario_seed: int | None,
-        resume: bool, detach: bool, restart_at_h: float | None, config: Path) -> None:
-    """Start a run under supervisord; in the foreground, wait for it and stop cleanly."""
+        tag_repo: Path | None, resume: bool, detach: bool, restart_at_h: float | None,
+        config: Path) -> None:
+    """Start a run under supervisord; in the foreground, wait for it and stop cleanly.
+
+    Once the run has ended, a run that passed tags HEAD of the --tag repository; one that
+    failed leaves a bug-report draft in the log folder."""
     from trinity.controller.ops import run as runner
 
     settings = load_settings(duration_h=duration_h, time_scale=time_scale,
                              event_interval_min=event_interval_min, budget_usd=budget_usd,
                              budget_mode=budget_mode, snapshot_interval_min=snapshot_interval_min,
                              metrics_interval_min=metrics_interval_min, noise_events=noise_events,
-                             scenario_seed=scenario_seed)
+                             scenario_seed=scenario_seed, tag_repo=tag_repo)
     if restart_at_h is not None and (detach or not 0 < restart_at_h < settings.duration_h):
         raise click.UsageError("--restart-at needs a foreground run and an hour inside "
                                f"the run's duration (0 < hour < {settings.duration_h:g})")
+    if tag_repo is not None and detach:
+        raise click.UsageError("--tag needs a foreground run: a detached run ends after "
+                               "trinity run has returned")
     with reported():
         code = runner.start(settings, config, resume=resume, detach=detach,
                             restart_at_h=restart_at_h)
