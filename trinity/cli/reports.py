@@ -21,6 +21,7 @@ from trinity.cli.common import load_settings, reported
                    "dated by the run's start]; the HTML version and the charts go beside it.")
 def report(input_dir: Path | None, run_id: str | None, output: Path | None) -> None:
     """Write the 24-hour test report of a run: Markdown, HTML and four PNG charts."""
+    from trinity.controller.ops.after_run import bug_report_path
     from trinity.controller.reports import report as reporting
 
     settings = load_settings()
@@ -30,6 +31,10 @@ def report(input_dir: Path | None, run_id: str | None, output: Path | None) -> N
         written = reporting.write_report(data, output or reporting.default_output(settings, data))
     failed = f" (failed: {', '.join(data.failed_mandatory)})" if data.failed_mandatory else ""
     click.echo(f"run {data.run.run_id}: {data.status}{failed}")
+    # the draft stays in the run's log folder when a later run archives the rest
+    drafts = [bug_report_path(d, data.run.run_id) for d in (data.log_dir, settings.log_dir)]
+    for draft in [d for d in drafts if d.exists()][:1]:
+        click.echo(f"bug report draft: {draft}")
     for path in written:
         click.echo(f"wrote {path}")
 
