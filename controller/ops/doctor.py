@@ -332,8 +332,9 @@ def check_ports(settings: Settings) -> Finding:
                       "stop what holds it (`make stop` if it is an earlier run), or "
                       + "; ".join(fixes))
     if elsewhere:
-        return warned("ports", f"free: {', '.join(free) or 'none'}; not on this machine, "
-                      f"so not checked: {', '.join(elsewhere)}",
+        checked = f"free: {', '.join(free)}; " if free else ""
+        return warned("ports", f"{checked}not on this machine, so not checked: "
+                      f"{', '.join(elsewhere)}",
                       "run `trinity doctor` on the machine that hosts each")
     if not wanted:
         return passed("ports", "none needed: /metrics off, every bus endpoint an ipc socket")
