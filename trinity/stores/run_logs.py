@@ -48,6 +48,8 @@ AFTER_RESTART = "persistence_after.json"
 RUN_LOGS = (*(folder for folder, _ in KINDS.values()), TRINITY_LOG, ALERTS_LOG, TEST_CONFIG,
             BEFORE_RESTART, AFTER_RESTART)
 ARCHIVE = "archive"
+# The bug-report drafts a failed run leaves beside its logs (``bug_report_<run id>.md``).
+BUG_REPORTS = "bug_report_*.md"
 
 
 def hhmmss(sim_s: float) -> str:
@@ -117,6 +119,7 @@ def archive(log_dir: Path) -> Path | None:
     previous = read_json(log_dir / TEST_CONFIG) or {}
     run_id = str(previous.get("run_id") or "")
     present = [log_dir / name for name in RUN_LOGS if (log_dir / name).exists()]
+    present += sorted(log_dir.glob(BUG_REPORTS))  # a failed run's draft goes with its logs
     if not present:
         return None
     target = log_dir.parent / ARCHIVE / (run_id or "unknown")

@@ -208,9 +208,11 @@ def test_archive_moves_the_previous_run_out_of_the_log_dir(tmp_path: Path) -> No
     (logs / "costs" / "cost_snapshot_000000.json").write_text("{}")
     (logs / "test_config.json").write_text(json.dumps({"run_id": "old-run"}))
     (logs / "notes.txt").write_text("the user's own file stays")
+    (logs / "bug_report_old-run.md").write_text("# the failed run's draft goes with it")
     target = run_logs.archive(logs)
     assert target == tmp_path / "logs" / "archive" / "old-run"
     assert (target / "costs" / "cost_snapshot_000000.json").exists()
+    assert (target / "bug_report_old-run.md").exists()
     assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"]
     assert run_logs.archive(logs) is None
 
