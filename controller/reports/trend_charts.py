@@ -187,8 +187,9 @@ def write_trends(trends: Trends, folder: Path) -> list[Path]:
     if folder.exists() and not folder.is_dir():
         raise TrendsError(f"--output {folder} is a file; name a folder for the charts")
     try:
-        drawn = {s.kind: kind_charts(trends.of_kind(s.kind), folder, f"trends_{s.kind}")
-                 for s in trends.summaries if s.runs}
+        drawn: dict[str, list[Chart]] = {
+            s.kind: kind_charts(trends.of_kind(s.kind), folder, f"trends_{s.kind}")
+            for s in trends.summaries if s.runs}
         page = folder / HTML_NAME
         page.write_text(render_html(trends, drawn), encoding="utf-8")
     except OSError as exc:
