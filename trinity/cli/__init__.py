@@ -11,6 +11,7 @@ listed, so ``trinity status`` does not load the report's matplotlib or the detec
 - ``chaos``      chaos
 - ``keys``       keys generate
 - ``doctor``     doctor: the pre-test checklist
+- ``trends``     trends, schedule: runs over time and the plan's cadence
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "chaos": "chaos:chaos",
     "keys": "keys:keys",
     "doctor": "doctor:doctor",
+    "trends": "trends:trends", "schedule": "trends:schedule",
 }
 
 
