@@ -46,7 +46,7 @@ from trinity.plan import (
 )
 from trinity.settings import Settings
 from trinity.stores import runs
-from trinity.stores.run_logs import ARCHIVE, TEST_CONFIG, read_json
+from trinity.stores.run_logs import ARCHIVE, TEST_CONFIG, holds_run_logs, read_json
 
 Kind = Literal["smoke", "full"]
 SMOKE: Kind = "smoke"
@@ -284,6 +284,9 @@ def _folders(settings: Settings, input_dir: Path | None) -> tuple[Path, Path]:
     if not input_dir.is_dir():
         raise TrendsError(f"{input_dir} is not a folder")
     if not (current.is_dir() or (input_dir / ARCHIVE).is_dir()):
+        if holds_run_logs(input_dir):
+            raise TrendsError(f"{input_dir} is one run's log folder; pass the folder holding "
+                              f"it and {ARCHIVE}/ ({input_dir.parent})")
         raise TrendsError(f"{input_dir} holds no run logs (neither {current.name}/ nor "
                           f"{ARCHIVE}/)")
     return input_dir, current
@@ -301,6 +304,15 @@ def _recorded(settings: Settings) -> list[runs.Run]:
         raise TrendsError(f"cannot read the runs in {settings.messages_db}: {exc}") from None
 
 
+def _duration_h(run: runs.Run) -> float | None:
+    """The run's configured duration in hours; None when the configuration it recorded
+    lacks what the report reads (a duration, a time scale)."""
+    try:
+        return run.duration_s / 3600 if run.time_scale > 0 else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def collect(settings: Settings, input_dir: Path | None = None,
             kind: Kind | None = None) -> Trends:
     """Every recorded run whose logs are in ``input_dir`` (the folder holding the log
@@ -311,7 +323,12 @@ def collect(settings: Settings, input_dir: Path | None = None,
     folders, notes = run_folders(input_dir, current, {r.run_id for r in recorded})
     found: list[RunFigures] = []
     for run in recorded:
-        if kind is not None and kind_of(run.duration_s / 3600) != kind:
+        hours = _duration_h(run)
+        if hours is None:
+            notes.append(f"run {run.run_id}: its configuration in the journal has no valid "
+                         "duration_h or time_scale; left out")
+            continue
+        if kind is not None and kind_of(hours) != kind:
             continue
         folder = folders.get(run.run_id)
         if folder is None:

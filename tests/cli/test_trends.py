@@ -271,3 +271,29 @@ def test_each_run_is_compared_with_the_previous_run_of_its_kind() -> None:
     assert (summary.runs, summary.passed, summary.failed) == (3, 3, 0)
     assert summary.span_days == pytest.approx(28.0)
     assert summary.latest is not None and summary.latest.run_id == "c"
+
+
+def test_trends_of_one_runs_log_folder_names_its_parent(tmp_path: Path) -> None:
+    run_folder = tmp_path / "logs" / "24h_test"
+    run_folder.mkdir(parents=True)
+    (run_folder / "test_config.json").write_text("{}")
+    line = one_line_error(invoke(["trends", "--input", str(run_folder)], tmp_path))
+    assert line == (f"Error: {run_folder} is one run's log folder; pass the folder holding it "
+                    f"and archive/ ({tmp_path / 'logs'})")
+
+
+def test_a_run_without_a_duration_is_left_out_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    from trinity.stores import runs
+
+    (tmp_path / "logs" / "archive").mkdir(parents=True)
+    conn = sqlite3.connect(tmp_path / "trinity_messages.db", isolation_level=None)
+    try:
+        run = runs.create_run(conn, {"time_scale": 1.0})
+    finally:
+        conn.close()
+    line = one_line_error(invoke(["trends"], tmp_path))
+    assert line == (f"Error: no readable run in {tmp_path / 'logs'} (run {run.run_id}: its "
+                    "configuration in the journal has no valid duration_h or time_scale; "
+                    "left out)")
