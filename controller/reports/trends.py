@@ -200,11 +200,21 @@ def _max_y(data: ReportData, index: int) -> float | None:
     return max(line.y) if line is not None and line.y else None
 
 
+def _covered_h(run: runs.Run) -> float:
+    """Simulated hours the run covered: all of them once it ran to its end (its last
+    checkpoint may be a little earlier: the run is not checkpointed as it finishes),
+    else up to its last checkpoint."""
+    duration_s = run.duration_s
+    if run.status in (runs.COMPLETED, runs.TIMED_OUT) or run.sim_elapsed_s <= 0:
+        return duration_s / 3600
+    return min(run.sim_elapsed_s, duration_s) / 3600
+
+
 def figures_of(data: ReportData) -> RunFigures:
     """A run's tracked figures from its report's data."""
     run = data.run
     duration_h = run.duration_s / 3600
-    simulated_h = min(run.sim_elapsed_s, run.duration_s) / 3600 or duration_h
+    simulated_h = _covered_h(run)
     cost = float(data.costs["total_cost_usd"])
     scaled = simulated_h != FULL_HOURS
     confidence = data.criterion(PATTERN_CONFIDENCE.name).value

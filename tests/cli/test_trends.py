@@ -297,3 +297,15 @@ def test_a_run_without_a_duration_is_left_out_in_one_line(tmp_path: Path) -> Non
     assert line == (f"Error: no readable run in {tmp_path / 'logs'} (run {run.run_id}: its "
                     "configuration in the journal has no valid duration_h or time_scale; "
                     "left out)")
+
+
+@pytest.mark.parametrize(("status", "sim_s", "hours"),
+                         [("completed", 7064.8, 2.0), ("timed_out", 7100.0, 2.0),
+                          ("stopped", 3600.0, 1.0), ("active", 9000.0, 2.0)])
+def test_a_finished_run_covered_its_duration_a_stopped_one_its_checkpoint(
+        status: str, sim_s: float, hours: float) -> None:
+    """A run is not checkpointed as it finishes: its last checkpoint may fall short."""
+    from trinity.stores import runs
+
+    run = runs.Run("r", 0, status, {"duration_h": 2, "time_scale": 2880}, sim_s)
+    assert trends._covered_h(run) == hours
