@@ -12,8 +12,8 @@ of one kind: the change of that average confidence per week (the pattern store's
 detections, run after run: learning).
 
 Runs are told apart by their configured duration: a run shorter than 24 simulated
-hours is a smoke test (the plan's weekly 2-hour one), a longer one a full run; each
-kind is judged and charted on its own.
+hours is a smoke test (the plan's weekly 2-hour one), one of 24 hours or more a full
+run; each kind is judged and charted on its own.
 
 Errors: ``TrendsError`` (a ``TrinityError``) with a one-line message for a missing
 input folder, one that holds no run logs, a missing journal and a selection with no
