@@ -61,6 +61,19 @@ def _plot(ax: Axes, lines: Sequence[Line]) -> None:
                     drawstyle="steps-post" if line.steps else "default")
 
 
+def draw_reference(ax: Axes, reference: tuple[float, str]) -> None:
+    """A target or limit as a dashed red line with its label, inside the axes."""
+    # Drawn inside the axes even when every value is far below it (memory at 190 MB
+    # against a 500 MB limit): its label would otherwise float above the plot, and
+    # tight_layout cannot make room for it (a warning, not a chart).
+    bottom, top = ax.get_ylim()
+    if reference[0] >= top:
+        ax.set_ylim(bottom, reference[0] * 1.1 if reference[0] > 0 else 1.0)
+    ax.axhline(reference[0], color="red", linestyle="--", linewidth=1, label=f"_{reference[1]}")
+    ax.annotate(reference[1], (0.01, reference[0]), xycoords=("axes fraction", "data"),
+                color="red", fontsize=8, va="bottom")
+
+
 def _read_back(*axes: Axes) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
     """What the figure holds: every labelled Line2D (reference lines start with '_')."""
     found = {}
@@ -96,16 +109,7 @@ def draw(key: str, title: str, ylabel: str, lines: Sequence[Line], path: Path, *
         ax.set_ylim(bottom=0)
     axes = [ax]
     if has_data and reference is not None:
-        # The reference is drawn inside the axes even when every value is far below it
-        # (memory at 190 MB against a 500 MB limit): its label would otherwise float above
-        # the plot, and tight_layout cannot make room for it (a warning, not a chart).
-        bottom, top = ax.get_ylim()
-        if reference[0] >= top:
-            ax.set_ylim(bottom, reference[0] * 1.1 if reference[0] > 0 else 1.0)
-        ax.axhline(reference[0], color="red", linestyle="--", linewidth=1,
-                   label=f"_{reference[1]}")
-        ax.annotate(reference[1], (0.01, reference[0]), xycoords=("axes fraction", "data"),
-                    color="red", fontsize=8, va="bottom")
+        draw_reference(ax, reference)
     if has_data and secondary:
         right = ax.twinx()
         right.set_ylabel(secondary_label)

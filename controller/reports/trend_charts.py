@@ -29,6 +29,7 @@ from trinity.controller.reports.charts import (
     Line,
     _plot,
     _read_back,
+    draw_reference,
 )
 from trinity.controller.reports.trends import (
     ACCURACY_OVER_TIME,
@@ -77,13 +78,7 @@ def draw_runs(key: str, title: str, ylabel: str, found: Sequence[RunFigures],
     if has_data and all(v >= 0 for line in lines for v in line.y):
         ax.set_ylim(bottom=0)
     if has_data and reference is not None:
-        bottom, top = ax.get_ylim()
-        if reference[0] >= top:
-            ax.set_ylim(bottom, reference[0] * 1.1 if reference[0] > 0 else 1.0)
-        ax.axhline(reference[0], color="red", linestyle="--", linewidth=1,
-                   label=f"_{reference[1]}")
-        ax.annotate(reference[1], (0.01, reference[0]), xycoords=("axes fraction", "data"),
-                    color="red", fontsize=8, va="bottom")
+        draw_reference(ax, reference)
     if has_data:
         ax.legend(fontsize=8, loc="best")
     plotted = _read_back(ax)
