@@ -553,8 +553,12 @@ def check_emit(ctl: Controller, lines: list[bytes], proc: subprocess.Popen[bytes
     accepted = [r for r in results if r["status"] == "accepted"]
     assert [m.msg_id for m in journaled] == [message_id(TELEMETRY, r["event_id"])
                                              for r in accepted]
+    # An emitted event belongs to the run that is active when it arrives.
+    active = runs.active_run(ctl.journal.conn)
+    in_run = {"run_id": active.run_id} if active else {}
     for msg, r in zip(journaled, accepted, strict=True):
-        assert msg.json() == {**json.loads(raws[r["line"] - 1]), "event_id": r["event_id"]}
+        assert msg.json() == {**json.loads(raws[r["line"] - 1]), "event_id": r["event_id"],
+                              **in_run}
     ledger = {row[0] for row in ctl.conn.execute("SELECT event_id FROM emitted_events")}
     assert len(ledger) == before["ledger"] + len(accepted)
     first_line = {r["event_id"]: r["line"] for r in reversed(accepted)}
