@@ -285,7 +285,12 @@ class RunDriver:
             self.host.raise_alert(alert)
 
     def _end(self, status: str, state: dict[str, int]) -> None:
-        runs.finish(self.host.journal.conn, self.run.run_id, status)
+        # The last periodic checkpoint may be up to CHECKPOINT_EVERY_S of real time old:
+        # the ended run records all the simulated time it ran.
+        conn = self.host.journal.conn
+        runs.checkpoint(conn, self.run.run_id, min(self.clock.sim_elapsed_s(),
+                                                   self.run.duration_s))
+        runs.finish(conn, self.run.run_id, status)
         log.info("run %s %s: %s", self.run.run_id, status, state)
         if status != runs.COMPLETED:
             self.host.raise_alert(Alert(

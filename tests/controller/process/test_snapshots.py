@@ -255,3 +255,38 @@ def test_criteria_fail_without_metrics_and_pass_the_recorded_ones(settings: Sett
     by_name = {c.name: c for c in found}
     assert not by_name["Memory Stability"].passed and by_name["Memory Stability"].value == 612
     assert by_name["Queue Health"].passed
+
+
+def test_a_completed_run_records_its_whole_simulated_duration(settings: Settings) -> None:
+    """The run's last checkpoint may come up to half a real second before its end; the
+    run records its whole simulated time when it ends, so the report's "simulated of
+    planned" and every view read the full duration (here the only other checkpoint is the
+    one at the start: the controller's own clock is held still)."""
+    from tests.conftest import emit_every_event
+    from trinity.clock import ManualClock
+    from trinity.controller.process.controller import Controller
+
+    settings = settings.replace(metrics_port=0)
+    journal = Journal(settings.messages_db, source="test")
+    run = runs.create_run(journal.conn, {"time_scale": 1e6, "duration_h": 1.0,
+                                         "event_interval_min": 30.0, "noise_events": 0})
+    controller = Controller(settings, clock=ManualClock())
+    controller.initialize()
+    try:
+        emit_every_event(controller, journal, run)
+        assert runs.get_run(journal.conn, run.run_id).sim_elapsed_s < 3600.0  # type: ignore[union-attr]
+        with journal.transaction() as tx:
+            for event in runs.events(tx.conn, run.run_id):
+                runs.record_outcome(tx.conn, task_id=f"{event.event_id}/no_pattern",
+                                    event_id=event.event_id, run_id=run.run_id,
+                                    delegate="witness", status="no_pattern", product=None)
+        for _ in range(100):
+            controller.tick()
+            if controller.driver is None or controller.driver.ended:
+                break
+        ended = runs.get_run(journal.conn, run.run_id)
+        assert ended is not None and ended.status == runs.COMPLETED
+        assert ended.sim_elapsed_s == 3600.0
+    finally:
+        controller.shutdown()
+        journal.close()
