@@ -195,11 +195,14 @@ def _resolve_run(settings: Settings, log_dir: Path, run_id: str | None,
     if run_id and logged and run_id != logged:
         raise ReportError(f"{log_dir} holds the logs of run {logged}, not {run_id} (a new "
                           f"run moves the previous run's logs to {log_dir.parent}/archive/)")
-    wanted = run_id or logged
     with _reading(settings.messages_db) as conn:
         recorded = runs.all_runs(conn)
     if not recorded:
         raise ReportError(f"no run recorded in {settings.messages_db}")
+    # An archived run's folder is named by its run id (logs/archive/<run_id>): without
+    # a readable test config, that name still says whose logs they are.
+    named = log_dir.name if any(r.run_id == log_dir.name for r in recorded) else None
+    wanted = run_id or logged or named
     chosen = recorded[0] if wanted is None else next(
         (r for r in recorded if r.run_id == wanted), None)
     if chosen is None:

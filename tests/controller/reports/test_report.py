@@ -379,6 +379,26 @@ def test_a_torn_test_config_alone_still_reports_the_latest_run(settings: Setting
     assert "test_config.json: unreadable" in (tmp_path / "r.md").read_text()
 
 
+def test_an_archived_run_with_a_torn_test_config_is_reported_as_its_folder_names_it(
+        settings: Settings, tmp_path: Path) -> None:
+    """logs/archive/<run_id> is that run's, even when its test config is torn and a later
+    run is the latest."""
+    run = build_run(settings, Plan())
+    archived = run_logs.archive(settings.log_dir)
+    assert archived is not None and archived.name == run.run_id
+    (archived / "test_config.json").write_text('{"run_id": "2')
+    journal = Journal(settings.messages_db, source="test")
+    try:
+        later = runs.create_run(journal.conn, {"duration_h": 2.0})
+    finally:
+        journal.close()
+    assert later.run_id != run.run_id
+    result = invoke(settings.data_dir, "--input", str(archived), "--output",
+                    str(tmp_path / "r.md"))
+    assert result.exit_code == 0, result.output
+    assert f"run {run.run_id}: PASSED" in result.output
+
+
 def test_unknown_run_id(settings: Settings) -> None:
     run = build_run(settings, Plan())
     (settings.log_dir / "test_config.json").unlink()
