@@ -61,6 +61,18 @@ def _plot(ax: Axes, lines: Sequence[Line]) -> None:
                     drawstyle="steps-post" if line.steps else "default")
 
 
+def new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
+    """A chart's figure (its size and resolution) and its one gridded, labelled axes."""
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
 def draw_reference(ax: Axes, reference: tuple[float, str]) -> None:
     """A target or limit as a dashed red line with its label, inside the axes."""
     # Drawn inside the axes even when every value is far below it (memory at 190 MB
@@ -92,13 +104,7 @@ def draw(key: str, title: str, ylabel: str, lines: Sequence[Line], path: Path, *
          secondary_label: str = "", empty_note: str = "no data recorded") -> Chart:
     """One chart: ``lines`` on the left axis, ``secondary`` on a right axis, an optional
     horizontal ``reference`` (value, label) such as a limit or a target."""
-    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel("simulated hours since the run's start")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+    fig, ax = new_axes(title, "simulated hours since the run's start", ylabel)
     has_data = any(line.x for line in (*lines, *secondary))
     if not has_data:
         ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)

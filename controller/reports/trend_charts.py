@@ -18,18 +18,13 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from trinity.controller.reports.charts import (
-    DPI,
-    HEIGHT_IN,
-    WIDTH_IN,
     Chart,
     Line,
     _plot,
     _read_back,
     draw_reference,
+    new_axes,
 )
 from trinity.controller.reports.trends import (
     ACCURACY_OVER_TIME,
@@ -59,13 +54,7 @@ def draw_runs(key: str, title: str, ylabel: str, found: Sequence[RunFigures],
               lines: Sequence[Line], path: Path, *,
               reference: tuple[float, str] | None = None) -> Chart:
     """One chart over the runs (x: run number, labelled with its result)."""
-    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel("runs in the order they started")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+    fig, ax = new_axes(title, "runs in the order they started", ylabel)
     has_data = any(line.x for line in lines)
     if not has_data:
         ax.text(0.5, 0.5, "no run recorded this figure", ha="center", va="center",
