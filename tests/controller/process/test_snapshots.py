@@ -261,7 +261,8 @@ def test_a_completed_run_records_its_whole_simulated_duration(settings: Settings
     """The run's last checkpoint may come up to half a real second before its end; the
     run records its whole simulated time when it ends, so the report's "simulated of
     planned" and every view read the full duration (here the only other checkpoint is the
-    one at the start: the controller's own clock is held still)."""
+    one at the start: the controller's own clock is held still, and the run's simulated
+    clock is moved by hand, so no machine is too slow for it)."""
     from tests.conftest import emit_every_event
     from trinity.clock import ManualClock
     from trinity.controller.process.controller import Controller
@@ -272,9 +273,13 @@ def test_a_completed_run_records_its_whole_simulated_duration(settings: Settings
                                          "event_interval_min": 30.0, "noise_events": 0})
     controller = Controller(settings, clock=ManualClock())
     controller.initialize()
+    assert controller.driver is not None
+    sim_clock = ManualClock(now_s=1800.0)  # the second (last) event is due at 30 minutes
+    controller.driver.clock = sim_clock
     try:
         emit_every_event(controller, journal, run)
-        assert runs.get_run(journal.conn, run.run_id).sim_elapsed_s < 3600.0  # type: ignore[union-attr]
+        assert runs.get_run(journal.conn, run.run_id).sim_elapsed_s == 1800.0  # type: ignore[union-attr]
+        sim_clock.advance(1800.0 + 0.25)  # the hour is over; no checkpoint has seen it
         with journal.transaction() as tx:
             for event in runs.events(tx.conn, run.run_id):
                 runs.record_outcome(tx.conn, task_id=f"{event.event_id}/no_pattern",
