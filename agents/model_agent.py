@@ -43,7 +43,9 @@ class ModelAgent(BusProcess):
         self.policy = load_policy(self.settings.routing_path)
         self.ledger = CostLedger(self.settings.costs_db)
         self.router = Router(
-            self.policy, build_providers(self.policy, os.environ), self.ledger,
+            self.policy, build_providers(self.policy, os.environ,
+                                         self.settings.model_server_endpoint),
+            self.ledger,
             budget_usd=self.settings.budget_usd, budget_mode=self.settings.budget_mode,
             waiter=self.wait_for)
 

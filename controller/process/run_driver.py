@@ -22,11 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from trinity import measures
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message, encode_payload
 from trinity.clock import ScaledClock, now_ms
-from trinity.contract import CONTROLLER, NONE, TELEMETRY, Alert
+from trinity.contract import ARCHITECT, CONTROLLER, EXECUTOR, MODELS, NONE, TELEMETRY, Alert
 from trinity.controller.process import snapshots
 from trinity.controller.process.heartbeats import HeartbeatMonitor
 from trinity.controller.process.metrics import MetricsSampler
@@ -73,6 +75,17 @@ class Host(Protocol):
     def raise_alert(self, alert: Alert) -> None: ...
 
     def alert_database_error(self, database: Path, exc: BaseException, doing: str) -> None: ...
+
+
+def model_server_pid(pid_file: Path) -> int | None:
+    """The shared model server's pid from its pid file, if that process is running it (a
+    pid file left by a killed server may name a pid reused since)."""
+    try:
+        pid = int(pid_file.read_text(encoding="utf-8").strip())
+        cmdline = psutil.Process(pid).cmdline()
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return pid if "model-server" in cmdline else None
 
 
 def _applied(beat: dict[str, Any]) -> int:
@@ -245,16 +258,20 @@ class RunDriver:
                 conn.close()
 
     def _metrics(self, sim: float) -> dict[str, Any]:
-        monitor = self.host.monitor
+        monitor, settings = self.host.monitor, self.settings
         pids = {name: h.pid for name, h in monitor.agents.items() if h.pid is not None}
         pids[CONTROLLER] = os.getpid()
+        model_server = model_server_pid(settings.model_server_pid_file)
+        if model_server is not None:
+            pids[MODELS] = model_server
         queues: dict[str, int] = {}
         for backlog in self.host.journal.backlogs():
             queues[backlog.stream] = max(queues.get(backlog.stream, 0), backlog.pending)
         warm = {CONTROLLER} | {
             name for name, h in monitor.agents.items()
             if _applied(h.last_payload) >= WARM_AFTER_MESSAGES}
-        settings = self.settings
+        if warm & {ARCHITECT, EXECUTOR}:  # the model server has answered their calls
+            warm.add(MODELS)
         sample = self.sampler.sample(pids, sim, queues=queues, warm=warm, databases={
             path.name: path for path in (settings.patterns_db, settings.messages_db,
                                          settings.costs_db)})

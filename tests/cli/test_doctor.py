@@ -251,7 +251,9 @@ def test_too_little_free_disk_fails_and_says_how_much_is_needed(project: Path) -
 def test_the_default_disk_need_is_the_estimate_with_supervisord_s_log_cap(project: Path) -> None:
     text = line(doctor(project), "disk")
     assert text.startswith("PASS")
-    assert "(stores 128 MB + run logs 128 MB + supervisord logs at their cap 750 MB)" in text
+    # supervisord's log and the five programs' at 10 MB x 4 files each, crashwatch's at
+    # supervisord's defaults (50 MB x 11): 40 + 5 x 40 + 550.
+    assert "(stores 128 MB + run logs 128 MB + supervisord logs at their cap 790 MB)" in text
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 One module per command group; a command's module is imported only when it is run or
 listed, so ``trinity status`` does not load the report's matplotlib or the detector.
 
-- ``processes``  agent, controller, crashwatch: what supervisord starts
+- ``processes``  agent, controller, model-server, crashwatch: what supervisord starts
 - ``run``        run, stop, status, kill-and-resume, validate-persistence
 - ``events``     emit, classify, dead-letters
 - ``witness``    witness eval
@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "agent": "processes:agent",
     CONTROLLER: "processes:controller",
     CRASHWATCH: "processes:crashwatch",
+    "model-server": "processes:model_server",
     "run": "run:run",
     "stop": "run:stop",
     "status": "run:status",

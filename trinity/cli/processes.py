@@ -1,5 +1,5 @@
 """The processes supervisord starts: ``trinity agent NAME``, ``trinity controller``,
-``trinity crashwatch`` (not for interactive use)."""
+``trinity model-server``, ``trinity crashwatch`` (not for interactive use)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import click
 
 from trinity import logs
 from trinity.cli.common import load_settings
-from trinity.contract import AGENTS, ARCHITECT, CONTROLLER, CRASHWATCH, EXECUTOR, WITNESS
+from trinity.contract import (
+    AGENTS,
+    ARCHITECT,
+    CONTROLLER,
+    CRASHWATCH,
+    EXECUTOR,
+    MODELS,
+    WITNESS,
+)
 
 # Each agent's process class; only the named agent's module is imported: WITNESS has no
 # use for the model agents' router and pydantic models, nor they for the detector.
@@ -40,6 +48,17 @@ def controller() -> None:
     settings = load_settings()
     logs.configure(CONTROLLER, settings.log_dir / "trinity.log")
     sys.exit(Controller(settings).run())
+
+
+@click.command("model-server")
+def model_server() -> None:
+    """Run the shared model server: the embedded model for the model agents
+    (supervisord starts it as the `models` program)."""
+    from trinity.agents.models.serve import ModelServer
+
+    settings = load_settings()
+    logs.configure(MODELS, settings.log_dir / "trinity.log")
+    sys.exit(ModelServer(settings).run())
 
 
 @click.command()

@@ -32,6 +32,9 @@ AGENTS = (WITNESS, ARCHITECT, EXECUTOR)
 PROCESSES = (CONTROLLER, *AGENTS)
 # supervisord's event listener that records exits (``[eventlistener:crashwatch]``).
 CRASHWATCH = "crashwatch"
+# The shared model server (``[program:models]``, ``trinity model-server``): the embedded
+# model for ARCHITECT and EXECUTOR, off the bus.
+MODELS = "models"
 
 # -- streams ----------------------------------------------------------------------------
 

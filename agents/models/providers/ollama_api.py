@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
-from trinity.agents.models.providers.embedded import estimate_tokens
+from trinity.agents.models.providers.model_file import estimate_tokens
 from trinity.errors import InvalidModelOutput, ModelHTTPError, ModelTimeout, ModelUnavailable
 
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # imported when first used: an unconfigured provider costs no
     from trinity.agents.models.router import ReportEarlier
 
 from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
-from trinity.agents.models.providers.embedded import estimate_tokens
+from trinity.agents.models.providers.model_file import estimate_tokens
 from trinity.clock import now_ms
 from trinity.errors import InvalidModelOutput, ModelHTTPError, ModelTimeout, ModelUnavailable
 from trinity.redaction import Redactor, secret_values
