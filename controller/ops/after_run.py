@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from trinity.clock import now_ms
-from trinity.contract import PROCESSES
+from trinity.contract import PROGRAMS
 from trinity.controller.reports import criteria
 from trinity.controller.reports.criteria import Criterion
 from trinity.errors import ConfigError, TrinityError
@@ -247,7 +247,7 @@ def program_logs(config: Path | None) -> dict[str, list[Path]]:
     for group in options.process_group_configs:
         for proc in group.process_configs:
             logfile = getattr(proc, "stdout_logfile", None)
-            if isinstance(logfile, str) and proc.name in PROCESSES:
+            if isinstance(logfile, str) and proc.name in PROGRAMS:
                 path = Path(logfile)
                 backups = int(getattr(proc, "stdout_logfile_backups", 0) or 0)
                 rotated = [path.with_name(f"{path.name}.{n}") for n in range(backups, 0, -1)]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from xmlrpc.client import Fault as XmlRpcFault
 
-from trinity.contract import AGENTS, PROCESSES, Alert
+from trinity.contract import AGENTS, PROGRAMS, Alert
 from trinity.controller.ops import run as runner
 from trinity.controller.ops.audit import audit_run
 from trinity.controller.process.alerts import journal_alert
@@ -88,7 +88,7 @@ class Done:
 def plan_faults(seed: int, kills: int, stops: int) -> list[Fault]:
     """The run's faults, from ``seed`` alone, ordered by when they happen."""
     rng = random.Random(seed)
-    faults = [Fault(round(rng.uniform(0.02, 0.9), 4), KILL, rng.choice(PROCESSES))
+    faults = [Fault(round(rng.uniform(0.02, 0.9), 4), KILL, rng.choice(PROGRAMS))
               for _ in range(kills)]
     faults += [Fault(round(rng.uniform(0.05, 0.85), 4), STOP, rng.choice(AGENTS),
                      round(rng.uniform(*STOP_RANGE_S), 2)) for _ in range(stops)]
@@ -278,7 +278,7 @@ def verdict(settings: Settings, run_id: str, status: str, faults: list[Fault],
     stops = [d for d in done if d.kind == STOP]
     healed = sum(d.new_pid not in (None, d.pid) for d in stops)
     print(f"faults: {len(kills)} kills ("
-          + ", ".join(f"{p} x{sum(d.target == p for d in kills)}" for p in PROCESSES)
+          + ", ".join(f"{p} x{sum(d.target == p for d in kills)}" for p in PROGRAMS)
           + f"), {len(stops)} stops ({healed} restarted by the controller); killed programs "
           "back after "
           + (f"{min(back):.1f}-{max(back):.1f} s (mean {sum(back) / len(back):.1f} s)"

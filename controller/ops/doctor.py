@@ -32,7 +32,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 
 from trinity.bus.config import BusConfig
-from trinity.contract import CRASHWATCH, PROCESSES
+from trinity.contract import CRASHWATCH, MODELS, PROCESSES
 from trinity.contract.finding import FAIL, Finding, failed, passed, warned
 from trinity.controller.supervision.supervisord import Supervisor, SupervisorError, _is_ours
 from trinity.db import reading
@@ -393,6 +393,13 @@ def check_supervisord(config: Path) -> Finding:
         return failed("supervisord", f"{config}: {exc}", fix)
     programs = {p.name: p for g in options.process_group_configs for p in g.process_configs}
     missing = [name for name in (*PROCESSES, CRASHWATCH) if name not in programs]
+    # A program told to call the model server needs the server among the programs.
+    callers = sorted(name for name, p in programs.items()
+                     if (p.environment or {}).get("TRINITY_MODEL_SERVER", "").strip().lower()
+                     not in ("", "off", "0", "false", "no"))
+    if callers and MODELS not in programs:
+        return failed("supervisord", f"{config}: {', '.join(callers)} call the model server "
+                      f"(TRINITY_MODEL_SERVER) but there is no [program:{MODELS}]", fix)
     if missing:
         return failed("supervisord", f"{config} has no program {', '.join(missing)}", fix)
     # `trinity run` starts supervisord with this interpreter's bin folder first on PATH.

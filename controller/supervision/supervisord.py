@@ -21,7 +21,7 @@ import psutil
 from supervisor import xmlrpc
 from supervisor.options import ClientOptions
 
-from trinity.contract import CONTROLLER, CRASHWATCH, PROCESSES
+from trinity.contract import CONTROLLER, CRASHWATCH, PROCESSES, PROGRAMS
 from trinity.errors import TrinityError
 
 _OUR_COMMANDS = (("trinity", "agent"), ("trinity", CONTROLLER), ("trinity", CRASHWATCH))
@@ -152,7 +152,9 @@ class Supervisor(SupervisorClient):
         while time.monotonic() < deadline:
             if self.is_running():
                 states = self.states()
-                if all(states.get(p) == "RUNNING" for p in PROCESSES):
+                # the model server where the config has one (an older one may not)
+                if all(states.get(p) == "RUNNING" for p in PROGRAMS
+                       if p in PROCESSES or p in states):
                     return
             time.sleep(0.2)
         raise SupervisorError(f"programs not RUNNING after {timeout_s:.0f} s: {states}")

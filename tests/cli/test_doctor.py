@@ -314,6 +314,18 @@ def test_a_supervisord_config_without_a_program_fails(project: Path) -> None:
     assert text.startswith("FAIL") and "has no program executor" in text
 
 
+def test_model_agents_told_to_call_a_model_server_that_is_not_configured_fail(
+        project: Path) -> None:
+    config = project / "supervisor.conf"
+    text = config.read_text()
+    start = text.index("[program:models]")
+    config.write_text(text[:start] + text[text.index("[program:witness]"):])
+    text = line(doctor(project), "supervisord")
+    assert text.startswith("FAIL")
+    assert ("architect, executor call the model server (TRINITY_MODEL_SERVER) but there is "
+            "no [program:models]") in text
+
+
 def test_a_routing_file_that_is_not_toml_is_one_line(project: Path) -> None:
     routing = routing_file(project, "chain = [embedded\n")
     result = doctor(project, TRINITY_ROUTING=routing)

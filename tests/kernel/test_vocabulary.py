@@ -106,6 +106,7 @@ VOCABULARY = {
         ("FLAKY_TEST", contract.FLAKY_TEST), ("NONE", contract.NONE))},
     **{name: f"trinity.contract: {name.upper()}" for name in contract.PROCESSES},
     contract.CRASHWATCH: "trinity.contract: CRASHWATCH",
+    contract.MODELS: "trinity.contract: MODELS",
     contract.NO_PATTERN: "trinity.contract: NO_PATTERN",
     contract.PLAN_FAILED: "trinity.contract: PLAN_FAILED",
     **{stream: "trinity.contract's stream names" for stream in contract.TOPOLOGY.streams},

@@ -46,7 +46,7 @@ from tests.bus.conftest import (  # noqa: F401 - the bus tests' fixtures, shared
 )
 from tests.conftest import BIN, ROOT, Project, wait_for
 from tests.controller.conftest import serve  # noqa: F401 - the webhook receivers, shared
-from trinity.contract import PROCESSES as PROGRAMS
+from trinity.contract import PROGRAMS
 from trinity.stores.run_logs import read_alerts
 
 HERE = Path(__file__).resolve().parent

@@ -258,8 +258,14 @@ def supervisor_conf(network: Network, keys: dict[str, Path]) -> str:
     for host, command in PROGRAM_COMMANDS.items():
         line = f"command={command}\n"
         assert text.count(line) == 1, f"supervisor.conf has no single {line!r}"
-        text = text.replace(line, f"command={IP} netns exec {network.ns(host)} {command}\n"
-                                  f'environment=TRINITY_CURVE_DIR="{keys[host]}"\n')
+        # A program's own environment line (the model agents' TRINITY_MODEL_SERVER) is
+        # kept beside the host's keys: supervisord takes one environment line a program.
+        found = re.search(re.escape(line) + r"(environment=(.*)\n)?", text)
+        assert found is not None
+        own = f",{found.group(2)}" if found.group(2) else ""
+        text = text.replace(found.group(0),
+                            f"command={IP} netns exec {network.ns(host)} {command}\n"
+                            f'environment=TRINITY_CURVE_DIR="{keys[host]}"{own}\n')
     return text
 
 

@@ -17,7 +17,7 @@ from tests.system.conftest import (
     crashed_programs,
     program_states,
 )
-from trinity.contract import PROCESSES as PROGRAMS
+from trinity.contract import PROGRAMS
 from trinity.stores.run_logs import read_alerts
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
 from trinity.agents.models.providers.model_file import (
@@ -81,6 +82,9 @@ class ServedProvider:
         request_id = uuid.uuid4().hex
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
+        # Told when the connection comes and goes: a server killed during the call is
+        # known at once, not at the call's deadline.
+        monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         try:
             socket.connect(self.endpoint)
             socket.send(json.dumps({
@@ -89,16 +93,33 @@ class ServedProvider:
                 "temperature": request.temperature, "seed": request.seed,
                 "timeout_s": timeout_s,
             }).encode())
-            reply = self._wait(socket, request_id, time.monotonic() + timeout_s + GRACE_S,
-                               cancel, timeout_s)
+            reply = self._wait(socket, monitor, request_id,
+                               time.monotonic() + timeout_s + GRACE_S, cancel, timeout_s)
         finally:
+            socket.disable_monitor()
+            monitor.close()
             socket.close()
         return self._completion(reply)
 
-    def _wait(self, socket: Any, request_id: str, deadline: float,
+    def _went_away(self, monitor: Any, connected: list[bool]) -> bool:
+        """Whether the monitor says a connection to the server ended (after one began)."""
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                connected.append(True)
+            elif event == zmq.EVENT_DISCONNECTED and connected:
+                return True
+        return False
+
+    def _wait(self, socket: Any, monitor: Any, request_id: str, deadline: float,
               cancel: threading.Event, timeout_s: float) -> dict[str, Any]:
+        connected: list[bool] = []
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         while True:
-            if socket.poll(_TICK_MS):
+            ready = dict(poller.poll(_TICK_MS))
+            if socket in ready:
                 try:
                     reply = json.loads(socket.recv())
                 except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -107,6 +128,9 @@ class ServedProvider:
                 if isinstance(reply, dict) and reply.get("id") == request_id:
                     return reply
                 continue
+            if monitor in ready and self._went_away(monitor, connected):
+                raise ModelUnavailable(f"{self.name}: the model server at {self.endpoint} "
+                                       "went away during the call (restarted or killed)")
             if cancel.is_set() or time.monotonic() > deadline:
                 socket.send(json.dumps({"id": request_id, "cancel": True}).encode())
                 if cancel.is_set():

@@ -158,6 +158,19 @@ def test_a_call_sent_before_the_server_starts_is_answered(short_dir: Path) -> No
         served.stop()
 
 
+def test_a_server_killed_during_a_call_is_known_at_once(server: Server) -> None:
+    """kill -9 of the server mid-answer: the call fails as unavailable (the router then
+    retries or falls back) in a moment, not at its 60 s deadline."""
+    assert server.proc is not None
+    threading.Timer(0.5, server.proc.kill).start()
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="went away during the call"):
+        ask(server.provider(), max_tokens=900, timeout_s=60)
+    assert time.monotonic() - started < 5
+    server.proc.wait(timeout=10)
+    server.proc = None
+
+
 def test_a_restarted_server_serves_the_same_provider(server: Server) -> None:
     provider = server.provider()
     first = ask(provider)
