@@ -6,14 +6,18 @@
 
 Measured path: the whole ``prepare()`` of a real Architect / Executor, initialized on
 a temporary data dir (its own journal, bus node and cost ledger) with the shipped
-routing policy. That is everything the agent does per call: decoding the message,
-the run lookups, building the request, Router.call (route planning, stored-answer
-lookup, the worker thread with heartbeats, the embedded provider streaming with its
-per-token counter, pydantic validation, the ledger row) and building the outputs.
+routing policy, calling the model as it does under supervisord: in a real ``trinity
+model-server`` process over its ipc socket (``--in-process``: llama.cpp in the agent's
+own process, as without the server). That is everything the agent does per call:
+decoding the message, the run lookups, building the request, Router.call (route
+planning, stored-answer lookup, the worker thread with heartbeats, the provider's call
+with its per-token counter, pydantic validation, the ledger row) and building the
+outputs.
 The commit that follows (a journal transaction) is timed apart and not counted.
 
 Reference: ``llama_cpp.Llama(...).create_chat_completion(...)`` called directly, not
-streamed, on its own Llama built with every argument of the provider's loaded one
+streamed, on its own Llama built with every argument of the provider's loaded one (for
+the server: of the embedded provider the server builds for the agents' routing)
 (``Llama.__getstate__``: same GGUF, n_ctx, n_threads, n_threads_batch, seed, ...), run
 in a fresh thread per call as the agent's waiter runs its provider call, with the
 very request the agent built (captured during warm-up):
@@ -46,6 +50,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -126,12 +131,15 @@ def as_message(stream: str, seq: int, payload: dict[str, Any]) -> Any:
 class AgentPath:
     """A real agent on a temp data dir; ``call`` times one prepare() of a message."""
 
-    def __init__(self, agent: Any, stream: str, id_field: str) -> None:
+    def __init__(self, agent: Any, stream: str, id_field: str,
+                 reference: Any = None) -> None:
         self.agent = agent
         self.stream = stream
         self.id_field = id_field
         self.seq = 0
         self.provider = agent.router.providers["embedded"]
+        # The in-process provider whose llama.cpp settings the direct calls copy.
+        self.reference = reference if reference is not None else self.provider
         self._inside: list[float] = []
         original = self.provider.complete
 
@@ -254,7 +262,7 @@ def bench_agent(agent_path: AgentPath, payloads: list[dict[str, Any]], reps: int
     out of the timed rounds and reported. Returns the series, the prompts left out
     (index -> why) and the warm-up's published outputs."""
     name = agent_path.agent.name
-    direct = DirectPath(agent_path.provider, main_thread=main_thread)
+    direct = DirectPath(agent_path.reference, main_thread=main_thread)
     try:
         captured, restore = capture_requests(agent_path.agent)
         outputs, left_out = [], {}
@@ -422,7 +430,36 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 # -- main -----------------------------------------------------------------------------
 
 
-def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
+def start_model_server(data_dir: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    """``trinity model-server`` for the bench's data dir, once it listens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRINITY_")}
+    env.update({"TRINITY_DATA_DIR": str(data_dir), "TRINITY_RUN_DIR": str(run_dir)})
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "trinity"), "model-server"],
+                            env=env, cwd=data_dir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log_file = data_dir / "logs" / "24h_test" / "trinity.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if log_file.exists() and "model server listening" in log_file.read_text():
+            return proc
+        if proc.poll() is not None:
+            raise SystemExit(f"the model server exited with {proc.returncode}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the model server did not listen within 60 s")
+
+
+def served_reference(provider: Any) -> Any:
+    """The embedded provider the server builds for ``provider``'s calls."""
+    from trinity.agents.models.providers.embedded import EmbeddedProvider
+    from trinity.agents.models.serve import call_threads
+
+    spec = provider.spec
+    return EmbeddedProvider(model=spec["model"], model_path=spec["model_path"],
+                            n_ctx=spec["n_ctx"], n_threads=call_threads(spec["n_threads"]))
+
+
+def run(reps: int, quiet: bool, main_thread: bool, served: bool = True) -> dict[str, Any]:
     from trinity.agents.architect import Architect
     from trinity.agents.executor import Executor
     from trinity.contract import EXECUTION, IMPROVEMENT
@@ -433,9 +470,12 @@ def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     run_dir = Path(tempfile.mkdtemp(prefix="bl", dir="/tmp"))
     settings = Settings.from_env({"TRINITY_DATA_DIR": str(data_dir),
-                                  "TRINITY_RUN_DIR": str(run_dir)})
+                                  "TRINITY_RUN_DIR": str(run_dir),
+                                  "TRINITY_MODEL_SERVER": "on" if served else "off"})
     load_before = os.getloadavg()
     agents: list[Any] = []
+    server = start_model_server(data_dir, run_dir) if served else None
+    reference: Any = None
     try:
         architect = Architect(settings)
         architect.initialize()
@@ -450,8 +490,11 @@ def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
         executor.initialize()
         agents.append(executor)
 
-        log(quiet, f"ARCHITECT: 5 prompts x {reps} reps per path")
-        arch_path = AgentPath(architect, IMPROVEMENT, "event_id")
+        if served:
+            reference = served_reference(architect.router.providers["embedded"])
+        log(quiet, f"ARCHITECT: 5 prompts x {reps} reps per path"
+                   + (" (the agent's calls in the model server)" if served else ""))
+        arch_path = AgentPath(architect, IMPROVEMENT, "event_id", reference)
         arch_series, arch_left, outputs = bench_agent(arch_path, signals(), reps, quiet,
                                                           main_thread)
         tasks = [json.loads(m.payload) for published in outputs for m in published
@@ -459,17 +502,19 @@ def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
         if len(tasks) != 5:
             raise SystemExit(f"ARCHITECT planned {len(tasks)} tasks for 5 signals, expected 5")
         log(quiet, f"EXECUTOR: the 5 planned tasks x {reps} reps per path")
-        exec_path = AgentPath(executor, EXECUTION, "task_id")
+        exec_path = AgentPath(executor, EXECUTION, "task_id", reference)
         exec_series, exec_left, _ = bench_agent(exec_path, tasks, reps, quiet, main_thread)
-        provider = arch_path.provider
+        provider = arch_path.reference
         return {
             "model": provider.model, "model_path": str(provider.model_path),
+            "served": served,
             "llama_settings": {k: v for k, v in provider._llama.__getstate__().items()
                                if k in SHOWN_SETTINGS},
             "policy": architect.policy.source, "cpus": os.cpu_count(),
             "load_avg_before": round(load_before[0], 2),
             "load_avg_after": round(os.getloadavg()[0], 2),
-            "measured": "Architect/Executor.prepare() on a temp data dir",
+            "measured": "Architect/Executor.prepare() on a temp data dir, the model "
+                        + ("in a model server process" if served else "in the agent's process"),
             "reference": "Llama.create_chat_completion, not streamed, same request, in "
                          + ("the main thread" if main_thread else "a fresh thread per call"),
             "agents": {"architect": figures(arch_series, reps, 5, arch_left),
@@ -479,6 +524,11 @@ def run(reps: int, quiet: bool, main_thread: bool) -> dict[str, Any]:
     finally:
         for agent in agents:
             agent.shutdown()
+        if reference is not None:
+            reference.close()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -490,10 +540,13 @@ def main() -> int:
                                                    (2 if short else 6)),
                     help="timed calls per prompt and path (5 prompts per agent)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON only")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the agents load the model themselves instead of calling a model "
+                         "server")
     ap.add_argument("--direct-in-main-thread", action="store_true",
                     help="run the reference calls on the main thread (diagnosis only)")
     args = ap.parse_args()
-    report = run(args.reps, args.json, args.direct_in_main_thread)
+    report = run(args.reps, args.json, args.direct_in_main_thread, not args.in_process)
     ok = all(fig["target_met"] for fig in report["agents"].values())
     report["target_met"] = ok
     write_report(REPORT, report, table_rows(report))

@@ -28,7 +28,16 @@ from trinity import measures
 from trinity.bus.journal import Journal
 from trinity.bus.message import Message, encode_payload
 from trinity.clock import ScaledClock, now_ms
-from trinity.contract import ARCHITECT, CONTROLLER, EXECUTOR, MODELS, NONE, TELEMETRY, Alert
+from trinity.contract import (
+    ARCHITECT,
+    CONTROLLER,
+    EXECUTOR,
+    MODEL_SERVER_COMMAND,
+    MODELS,
+    NONE,
+    TELEMETRY,
+    Alert,
+)
 from trinity.controller.process import snapshots
 from trinity.controller.process.heartbeats import HeartbeatMonitor
 from trinity.controller.process.metrics import MetricsSampler
@@ -85,7 +94,7 @@ def model_server_pid(pid_file: Path) -> int | None:
         cmdline = psutil.Process(pid).cmdline()
     except (OSError, ValueError, psutil.Error):
         return None
-    return pid if "model-server" in cmdline else None
+    return pid if MODEL_SERVER_COMMAND in cmdline else None
 
 
 def _applied(beat: dict[str, Any]) -> int:

@@ -21,10 +21,17 @@ import psutil
 from supervisor import xmlrpc
 from supervisor.options import ClientOptions
 
-from trinity.contract import CONTROLLER, CRASHWATCH, PROCESSES, PROGRAMS
+from trinity.contract import (
+    CONTROLLER,
+    CRASHWATCH,
+    MODEL_SERVER_COMMAND,
+    PROCESSES,
+    PROGRAMS,
+)
 from trinity.errors import TrinityError
 
-_OUR_COMMANDS = (("trinity", "agent"), ("trinity", CONTROLLER), ("trinity", CRASHWATCH))
+_OUR_COMMANDS = (("trinity", "agent"), ("trinity", CONTROLLER), ("trinity", CRASHWATCH),
+                 ("trinity", MODEL_SERVER_COMMAND))
 
 
 class SupervisorError(TrinityError):

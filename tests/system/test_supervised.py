@@ -1,4 +1,4 @@
-"""The four programs under a real supervisord: status, kill -9, silence, exactly-once."""
+"""The five programs under a real supervisord: status, kill -9, silence, exactly-once."""
 
 from __future__ import annotations
 

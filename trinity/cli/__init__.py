@@ -20,13 +20,13 @@ import importlib
 
 import click
 
-from trinity.contract import CONTROLLER, CRASHWATCH, WITNESS
+from trinity.contract import CONTROLLER, CRASHWATCH, MODEL_SERVER_COMMAND, WITNESS
 
 COMMANDS: dict[str, str] = {
     "agent": "processes:agent",
     CONTROLLER: "processes:controller",
     CRASHWATCH: "processes:crashwatch",
-    "model-server": "processes:model_server",
+    MODEL_SERVER_COMMAND: "processes:model_server",
     "run": "run:run",
     "stop": "run:stop",
     "status": "run:status",

@@ -16,6 +16,7 @@ from trinity.contract import (
     CONTROLLER,
     CRASHWATCH,
     EXECUTOR,
+    MODEL_SERVER_COMMAND,
     MODELS,
     WITNESS,
 )
@@ -50,7 +51,7 @@ def controller() -> None:
     sys.exit(Controller(settings).run())
 
 
-@click.command("model-server")
+@click.command(MODEL_SERVER_COMMAND)
 def model_server() -> None:
     """Run the shared model server: the embedded model for the model agents
     (supervisord starts it as the `models` program)."""

@@ -35,6 +35,7 @@ CRASHWATCH = "crashwatch"
 # The shared model server (``[program:models]``, ``trinity model-server``): the embedded
 # model for ARCHITECT and EXECUTOR, off the bus.
 MODELS = "models"
+MODEL_SERVER_COMMAND = "model-server"  # `trinity model-server`
 # Every program supervisord runs for Trinity but its event listener: the processes on the
 # bus and the model server.
 PROGRAMS = (*PROCESSES, MODELS)
