@@ -15,8 +15,7 @@ import pytest
 
 from tests.controller.process.test_snapshots import _call, _patterns_db, _run_with_events
 from trinity.clock import now_ms
-from trinity.contract import PROCESSES as PROGRAMS
-from trinity.contract import Alert
+from trinity.contract import PROGRAMS, Alert
 from trinity.controller.ops.audit import Audit, audit_run
 from trinity.controller.ops.chaos import KILL, STOP, plan_faults, prepare_folder, shrunk
 from trinity.controller.reports import criteria
@@ -37,7 +36,7 @@ def test_the_faults_come_from_the_seed_alone() -> None:
     assert sum(f.kind == STOP for f in faults) == 4
     assert [f.at_fraction for f in faults] == sorted(f.at_fraction for f in faults)
     assert all(0 < f.at_fraction < 0.95 for f in faults)
-    assert {f.target for f in faults if f.kind == KILL} == set(PROGRAMS)  # controller too
+    assert {f.target for f in faults if f.kind == KILL} == set(PROGRAMS)  # models too
     assert all(f.target != "controller" and f.stop_s >= 1 for f in faults if f.kind == STOP)
 
 
