@@ -7,6 +7,7 @@ server is waited for or reported, and bad requests get a reason and leave it ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,22 +77,9 @@ class Server:
             {**self.env, "TRINITY_MODEL_SERVER": "on"}).model_server_endpoint or "")
 
 
-@pytest.fixture
-def server(short_dir: Path) -> Iterator[Server]:
-    """A server of the test's own, for the tests that kill or stop it."""
-    served = Server(short_dir)
-    served.start()
-    try:
-        yield served
-    finally:
-        if served.proc is not None:
-            served.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def running() -> Iterator[Server]:
-    """One server for the tests that only call it (each start loads the model)."""
-    root = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[Server]:
+    """A started server for ``root``, killed afterwards unless a test stopped it."""
     served = Server(root)
     served.start()
     try:
@@ -99,6 +87,23 @@ def running() -> Iterator[Server]:
     finally:
         if served.proc is not None:
             served.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def server(short_dir: Path) -> Iterator[Server]:
+    """A server of the test's own, for the tests that kill or stop it."""
+    with serving(short_dir) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[Server]:
+    """One server for the tests that only call it (each start loads the model)."""
+    root = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))
+    try:
+        with serving(root) as served:
+            yield served
+    finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
