@@ -1,8 +1,10 @@
 """The plan and work-product shapes, and the sub-agents EXECUTOR delegates to.
 
-Each shape is a pydantic model: its JSON schema constrains the model's decoding (so
-the answer is always parseable JSON of that shape) and the same model validates the
-answer. String and list limits bound a complete answer to a few hundred characters; the
+Each shape is a msgspec ``Struct``: its JSON schema constrains the model's decoding (so
+the answer is always parseable JSON of that shape) and the same type validates the
+answer. msgspec rather than pydantic: ARCHITECT, EXECUTOR and WITNESS each run for the
+whole test, and pydantic costs each of them ~10 MB of private memory where msgspec
+costs ~1 MB. String and list limits bound a complete answer to a few hundred characters; the
 policy's ``max_tokens`` per agent leaves room for about one token per character (a
 small model spelling out digits), so an answer is not cut short.
 """
@@ -11,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
 
 from trinity.agents.models.providers.base import Completion
 from trinity.contract import (
@@ -25,8 +27,10 @@ from trinity.contract import (
 )
 from trinity.errors import InvalidModelOutput
 
-Short = Annotated[str, Field(min_length=3, max_length=48)]
-Line = Annotated[str, Field(min_length=3, max_length=80)]
+Short = Annotated[str, msgspec.Meta(min_length=3, max_length=48)]
+Line = Annotated[str, msgspec.Meta(min_length=3, max_length=80)]
+# One to three short items (steps, tests, milestones).
+Items = Annotated[list[Short], msgspec.Meta(min_length=1, max_length=3)]
 
 QUALITY_ENFORCER = "QualityEnforcer"
 AGENCY_CODE_AGENT = "AgencyCodeAgent"
@@ -34,8 +38,8 @@ TEST_GENERATOR = "TestGenerator"
 PLANNER = "Planner"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(msgspec.Struct, forbid_unknown_fields=True):
+    """A shape whose answer may hold no field it does not name."""
 
 
 class PlanTask(_Strict):
@@ -45,10 +49,10 @@ class PlanTask(_Strict):
 
 class Plan(_Strict):
     summary: Line
-    steps: list[Short] = Field(min_length=1, max_length=3)
+    steps: Items
     # One task per signal: one event -> one signal -> one task -> one outcome, so the
     # number of messages an event causes is fixed (see the burst test).
-    tasks: list[PlanTask] = Field(min_length=1, max_length=1)
+    tasks: Annotated[list[PlanTask], msgspec.Meta(min_length=1, max_length=1)]
 
 
 class ProposedChange(_Strict):
@@ -60,42 +64,69 @@ class ProposedChange(_Strict):
 
 class RefactoringPlan(_Strict):
     target_module: Short
-    steps: list[Short] = Field(min_length=1, max_length=3)
+    steps: Items
     verification: Line
 
 
 class TestPlan(_Strict):
     suspected_cause: Line
-    tests: list[Short] = Field(min_length=1, max_length=3)
+    tests: Items
     stabilization: Line
 
 
 class ImplementationPlan(_Strict):
-    milestones: list[Short] = Field(min_length=1, max_length=3)
+    milestones: Items
     size: Literal["small", "medium", "large"]
     acceptance: Line
 
 
 @cache
-def schema_of(model: type[BaseModel]) -> dict[str, Any]:
-    """``model``'s JSON schema, built once (pydantic takes ~0.3 ms per call, on every model
-    call of ARCHITECT and EXECUTOR); shared, so callers must not change it."""
-    return model.model_json_schema()
+def schema_of(model: type[msgspec.Struct]) -> dict[str, Any]:
+    """``model``'s JSON schema, built once (on every model call of ARCHITECT and EXECUTOR
+    otherwise); shared, so callers must not change it.
+
+    The shape itself is the root object and only nested shapes are ``$defs`` (msgspec
+    makes the root a ``$ref`` too, which some OpenAI-compatible servers do not follow),
+    and a choice lists its values in the order they are written (msgspec sorts them;
+    a model shown the schema reads "low, medium, high" better than "high, low, medium").
+    """
+    schema: dict[str, Any] = msgspec.json.schema(model)
+    defs = dict(schema.pop("$defs", {}))
+    root = defs.pop(model.__name__)
+    for name, hint in get_type_hints(model).items():
+        if get_origin(hint) is Literal:
+            root["properties"][name]["enum"] = list(get_args(hint))
+    return {**root, "$defs": defs} if defs else root
+
+
+@cache
+def _decoder(model: type[_Strict]) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(model)
 
 
 def parse_as(model: type[_Strict]) -> Any:
     """A parser for the router: the answer validated as ``model``, as a dict."""
+    decoder = _decoder(model)
+
     def parse(completion: Completion) -> dict[str, Any]:
         try:
-            return model.model_validate_json(completion.content).model_dump()
-        except ValidationError as exc:
+            answer: dict[str, Any] = msgspec.to_builtins(decoder.decode(completion.content))
+        except msgspec.DecodeError as exc:  # not JSON, or JSON of another shape
             cut = " (cut at max_tokens)" if completion.finish_reason == "length" else ""
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "answer"
             raise InvalidModelOutput(
-                f"answer is not a valid {model.__name__}{cut}: {where}: {first['msg']}"
-            ) from None
+                f"answer is not a valid {model.__name__}{cut}: {_problem(exc)}") from None
+        return answer
     return parse
+
+
+def _problem(exc: msgspec.DecodeError) -> str:
+    """msgspec's reason as ``where: what``: "Expected `str` of length <= 80 - at
+    `$.tasks[0].description`" reads "tasks.0.description: Expected `str` of length <= 80"."""
+    what, sep, at = str(exc).rpartition(" - at `$")
+    if not sep:
+        return f"answer: {exc}"
+    where = at.rstrip("`").replace("[", ".").replace("]", "").lstrip(".")
+    return f"{where or 'answer'}: {what}"
 
 
 @dataclass(frozen=True)

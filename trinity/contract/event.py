@@ -1,5 +1,5 @@
 """The event: what ``trinity emit`` journals, what WITNESS classifies, what ``trinity
-classify`` reads. One pydantic model, :class:`Event`, says which fields exist, their
+classify`` reads. One msgspec ``Struct``, :class:`Event`, says which fields exist, their
 types and their limits; the three entry points read events through it, in one of two
 ways:
 
@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+import msgspec
 
 # WITNESS classifies the first this-many characters of the message: they must hold text.
 MAX_MESSAGE_CHARS = 4000
@@ -95,12 +95,10 @@ def failure_rate(value: object) -> float | None:
     return rate
 
 
-class Event(BaseModel):
+class Event(msgspec.Struct, frozen=True, kw_only=True):
     """One event. ``message`` is required; the other named fields are optional (null means
-    absent) and typed; anything else is the producer's and passes through."""
-
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True,
-                              hide_input_in_errors=True)
+    absent) and typed; anything else is the producer's and passes through the bus as it
+    is (the event here holds the named fields only)."""
 
     message: str
     event_id: str | None = None
@@ -131,19 +129,11 @@ class Event(BaseModel):
         "failure_rate": (_RATE_TEXT, "a rate in [0, 1] or a percentage"),
     }
 
-    @field_validator("message")
-    @classmethod
-    def _message_has_text(cls, message: str) -> str:
-        if not has_text(message):
+    def __post_init__(self) -> None:
+        if not has_text(self.message):
             raise ValueError("no printable text")
-        return message
-
-    @field_validator("failure_rate")
-    @classmethod
-    def _rate_in_range(cls, value: float | int | str | None) -> float | int | str | None:
-        if value is not None and failure_rate(value) is None:
+        if self.failure_rate is not None and failure_rate(self.failure_rate) is None:
             raise ValueError("not a rate")
-        return value
 
     @property
     def rate(self) -> float | None:
@@ -160,10 +150,7 @@ class Event(BaseModel):
         if not isinstance(obj, Mapping):
             raise EventError(f"expected a JSON object, got {json_type(obj)}")
         own_id = _event_id(obj)
-        try:
-            event, bad = cls.model_validate(obj), set()
-        except ValidationError as exc:
-            bad = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        event, bad = _read(obj)
         if "message" in bad:
             raise EventError(_reason(obj, "message"), own_id)
         for key in RESERVED:
@@ -173,6 +160,8 @@ class Event(BaseModel):
         for name in cls.EXPECTED:
             if name in bad:
                 raise EventError(_reason(obj, name), own_id)
+        if event is None:  # not reached: each field the event refused raised above
+            raise EventError("the event does not match its contract", own_id)
         return event
 
     @classmethod
@@ -182,16 +171,44 @@ class Event(BaseModel):
         is nothing to classify."""
         if not isinstance(obj, Mapping):
             raise EventError(f"expected a JSON object, got {json_type(obj)}")
-        try:
-            return cls.model_validate(obj), ()
-        except ValidationError as exc:
-            bad = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        event, bad = _read(obj)
+        if event is not None:
+            return event, ()
         if "message" in bad:
             raise EventError(_reason(obj, "message"))
-        kept = {k: v for k, v in obj.items() if k not in bad}
         notes = tuple(f"field {name!r} ignored: expected {cls.EXPECTED[name][1]}, got "
                       f"{type(obj[name]).__name__}" for name in cls.EXPECTED if name in bad)
-        return cls.model_validate(kept), notes
+        return cls(**{k: obj[k] for k in _FIELDS if k in obj and k not in bad}), notes
+
+
+# The named fields and their types, as msgspec reads them.
+_FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Event)}
+
+
+def _read(obj: Mapping[str, Any]) -> tuple[Event | None, set[str]]:
+    """The event, or None and the named fields that are not what the event takes (each
+    checked alone, so every bad field is found, not only the first)."""
+    try:
+        return msgspec.convert(dict(obj), Event, strict=True), set()
+    except msgspec.ValidationError:
+        pass
+    bad = set()
+    for name, kind in _FIELDS.items():
+        if name not in obj:
+            if name == "message":
+                bad.add(name)
+            continue
+        value = obj[name]
+        try:
+            msgspec.convert(value, kind, strict=True)
+        except msgspec.ValidationError:
+            bad.add(name)
+            continue
+        if ((name == "message" and not has_text(value))
+                or (name == "failure_rate" and value is not None
+                    and failure_rate(value) is None)):
+            bad.add(name)
+    return None, bad
 
 
 def _event_id(obj: Mapping[str, Any]) -> str | None:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import pytest
 from genai_prices import Usage, calc_price
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tests.agents.models.servers import (
     BAD_CONTENT,
@@ -28,6 +28,7 @@ from tests.agents.models.servers import (
     Fault,
     FaultServer,
 )
+from trinity.agents.delegates import schema_of
 from trinity.agents.models.policy import parse_policy
 from trinity.agents.models.providers.base import ChatRequest, Completion, Provider
 from trinity.agents.models.providers.embedded import EmbeddedProvider
@@ -43,22 +44,21 @@ TIMEOUT_S = 3.0
 LONG_TIMEOUT_S = 60.0
 
 
-class YesNo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class YesNo(msgspec.Struct, forbid_unknown_fields=True):
     answer: Literal["yes", "no"]
 
 
 REQUEST = ChatRequest(
     messages=({"role": "system", "content": "Answer in JSON."},
               {"role": "user", "content": "Is water wet? Answer yes or no."}),
-    schema=YesNo.model_json_schema(), max_tokens=48, temperature=0.2, seed=3)
+    schema=schema_of(YesNo), max_tokens=48, temperature=0.2, seed=3)
 
 
 def parse(completion: Completion) -> str:
     try:
-        return YesNo.model_validate_json(completion.content).answer
-    except ValidationError as exc:
-        raise InvalidModelOutput(f"not a YesNo: {exc.errors()[0]['msg']}") from None
+        return msgspec.json.decode(completion.content, type=YesNo).answer
+    except msgspec.DecodeError as exc:
+        raise InvalidModelOutput(f"not a YesNo: {exc}") from None
 
 
 def gpt5_usd(input_tokens: int, output_tokens: int) -> float:
