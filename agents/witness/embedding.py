@@ -295,6 +295,12 @@ def load_wordllama(path: Path | None = None) -> StaticEmbedder:
         build_wordllama_table(path)
     table, fingerprint = _mapped(path)
     tokenizer = _load_tokenizer(_wordllama_file(*_WORDLLAMA_TOKENIZER))
+    # This tokenizer has no pre-tokenizer: a whole text is one "word", so its BPE cache
+    # (10,000 entries) keys whole texts and hits only on an exact repeat. Full, it held
+    # ~10 MB after 4,000 texts; without it a text takes ~70 us instead of ~50 us.
+    resize = getattr(tokenizer.model, "_resize_cache", None)
+    if resize is not None:
+        resize(0)
     return StaticEmbedder(table, fingerprint, tokenizer)
 
 
