@@ -283,3 +283,51 @@ def test_a_bad_model_server_setting_is_one_clear_error(short_dir: Path, value: s
                                                       message: str) -> None:
     with pytest.raises(ConfigError, match=f"TRINITY_MODEL_SERVER.*{message}"):
         Settings.from_env({"TRINITY_DATA_DIR": str(short_dir), "TRINITY_MODEL_SERVER": value})
+
+
+def test_a_monitor_message_reads_as_pyzmq_reads_it(short_dir: Path) -> None:
+    """The provider parses socket-monitor messages itself (pyzmq's parser imports
+    asyncio); on real connect and disconnect events it reads what pyzmq reads."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    from trinity.agents.models.providers.served import monitor_event
+
+    ctx = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(f"ipc://{short_dir}/mon.sock")
+    client = ctx.socket(zmq.DEALER)
+    monitor = client.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    try:
+        client.connect(f"ipc://{short_dir}/mon.sock")
+        assert monitor.poll(5000)
+        frames = monitor.recv_multipart()
+        server.close(linger=0)
+        assert monitor.poll(5000)
+        gone = monitor.recv_multipart()
+        assert [monitor_event(f) for f in (frames, gone)] == [
+            parse_monitor_message(f)["event"] for f in (frames, gone)]
+        assert monitor_event(frames) == zmq.EVENT_CONNECTED
+        assert monitor_event(gone) == zmq.EVENT_DISCONNECTED
+        with pytest.raises(ValueError, match="not a socket-monitor message"):
+            monitor_event([b"\x01"])
+    finally:
+        client.disable_monitor()
+        monitor.close(linger=0)
+        client.close(linger=0)
+        server.close(linger=0)
+
+
+def test_a_served_model_agent_loads_neither_the_model_nor_heavy_modules() -> None:
+    """ARCHITECT and EXECUTOR served by the model server: no numpy, llama.cpp, pydantic or
+    asyncio in them (~50 MB of memory in each model agent together)."""
+    import sys
+
+    code = ("import sys; import trinity.cli; from trinity.agents.architect import Architect; "
+            "from trinity.agents.executor import Executor; "
+            "from trinity.agents.models.providers.served import ServedProvider; "
+            "print(sorted(m for m in ('numpy', 'llama_cpp', 'pydantic', 'asyncio') "
+            "if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
