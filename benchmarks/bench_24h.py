@@ -10,10 +10,11 @@ Measures, from the run's own records:
 - memory growth per simulated hour after warm-up (a process is warm once it has done
   its first piece of work): the total's and each process's, from the last sample.
 
-Targets: wall <= 5 minutes (full run), peak total <= 370 MB, growth <= 1 % per
-simulated hour. The plan allows 400 MB; with the model server (one copy of the model
-and its context for both model agents) the run peaks at 341-354 MB (354 in a fresh
-clone's CI run), and 370 MB keeps a regression from hiding under the plan's limit.
+Targets: wall <= 5 minutes (full run), peak total <= 330 MB, growth <= 1 % per
+simulated hour. The plan allows 400 MB; the model server (one copy of the model and
+its context for both model agents) and lean model agents and WITNESS (no pydantic, no
+asyncio, no tokenizer cache of whole texts) bring the run's peak to ~313 MB, so 330 MB
+leaves room for another machine's libraries and still catches a regression.
 Prints a table, writes ``reports/bench_24h.json``, exits 1 when a target is missed.
 """
 
@@ -36,7 +37,7 @@ REPORT = ROOT / "reports" / "bench_24h.json"
 BIN = Path(sys.executable).parent
 TIME_SCALE = 2880.0  # the Makefile's DEMO_TIME_SCALE
 WALL_TARGET_S = 300.0
-PEAK_TARGET_MB = 370.0
+PEAK_TARGET_MB = 330.0
 GROWTH_TARGET_PCT = 1.0
 
 
