@@ -238,3 +238,22 @@ def test_failed_build_leaves_nothing(
 def test_cache_files_are_readable_by_others(fake_vectors: None, tmp_path: Path) -> None:
     path = build_table(tmp_path / "t.npy", dims=16)
     assert os.stat(path).st_mode & 0o044 == 0o044
+
+
+def test_embedding_a_batch_starts_no_tokenizer_threads() -> None:
+    """WITNESS embeds the few events waiting as one batch on its own thread: tokenizers'
+    thread pool would cost more CPU per text and a malloc arena per thread. Measured in
+    a child, so that no earlier test in this process has started the pool already."""
+    import subprocess
+    import sys
+
+    code = ("import psutil; from trinity.agents.witness.embedding import load_embedder; "
+            "e = load_embedder(); p = psutil.Process(); before = p.num_threads(); "
+            "e.embed([f'TimeoutError in worker {i}: job took too long' for i in range(200)]); "
+            "print(before, p.num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert found.returncode == 0, found.stderr
+    before, after = found.stdout.split()
+    assert after == before
