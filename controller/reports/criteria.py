@@ -8,6 +8,7 @@ accuracy, detection latency, pattern confidence, local model share, learning.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -162,13 +163,16 @@ def evaluate(settings: Settings, run_id: str | None = None) -> tuple[runs.Run, l
         f"{scores['events_classified']})", plan.DETECTION_ACCURACY.met(accuracy), accuracy))
     latencies = [(decisions[e].detected_ms - emitted_ms[e]) / 1000 for e in events
                  if e in decisions and e in emitted_ms]
-    latency = sum(latencies) / len(latencies) if latencies else None
+    # fsum: exactly rounded whatever the order, so every reader of the records (a report
+    # of the same run, an export summed elsewhere) gets the same average to the last bit,
+    # and the figure printed to two places never flips at a rounding edge.
+    latency = math.fsum(latencies) / len(latencies) if latencies else None
     found.append(Criterion(
         plan.DETECTION_LATENCY.name, False, plan.DETECTION_LATENCY.text,
         "-" if latency is None else f"{latency:.2f} s average (emit to detection)",
         plan.DETECTION_LATENCY.met(latency), latency))
     confidences = [d.confidence for d in decisions.values() if d.pattern is not None]
-    avg_conf = sum(confidences) / len(confidences) if confidences else None
+    avg_conf = math.fsum(confidences) / len(confidences) if confidences else None
     found.append(Criterion(
         plan.PATTERN_CONFIDENCE.name, False, plan.PATTERN_CONFIDENCE.text,
         "-" if avg_conf is None else f"{avg_conf:.3f} average over {len(confidences)}",

@@ -10,6 +10,7 @@ same text.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def _performance(data: ReportData) -> list[Block]:
         confs = [e.confidence for e in correct if e.confidence is not None and e.pattern]
         rows.append((category, str(len(mine)), str(len(classified)), str(len(correct)),
                      _pct(len(correct) / len(classified) if classified else None),
-                     f"{sum(confs) / len(confs):.3f}" if confs else "-"))
+                     f"{math.fsum(confs) / len(confs):.3f}" if confs else "-"))
     return [_h("Performance Metrics"), _ul([
         f"Detection accuracy: {_pct(scores['accuracy'])} ({scores['correct']} of "
         f"{scores['events_classified']} classified events correct against the scenario's "

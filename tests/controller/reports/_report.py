@@ -109,10 +109,10 @@ def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
                     or started <= a["ts_ms"] <= (ended or a["ts_ms"]))]
     return Recomputed(
         classified=len(classified), correct=correct,
-        latency_mean_s=float(np.mean(latencies)),
+        latency_mean_s=_mean(latencies),
         latency_p95_s=float(np.percentile(latencies, 95, method="inverted_cdf")),
         # every detection of the run, external events' included (the chart: the plan's)
-        confidence_mean=float(np.mean([c for p, c, _ in found.values() if p is not None])),
+        confidence_mean=_mean([c for p, c, _ in found.values() if p is not None]),
         confidences=confidences,
         cost_total=sum(usd for _, usd, _ in by_agent.values()), cost_by_agent=by_agent,
         cumulative_cost=cumulative,
@@ -126,6 +126,12 @@ def recompute(root: Path, log_dir: Path, run_id: str) -> Recomputed:
         failed=[o for o in outcomes if o[3] in ("failed", "plan_failed")],
         external=[(e, found[e][0] if e in found else None,
                    [o[3] for o in outcomes if o[1] == e]) for e in external_ids])
+
+
+def _mean(values: list[float]) -> float:
+    """The average as the report takes it: exactly rounded (``math.fsum``), so that the
+    two agree to the last bit whatever order each reads the records in."""
+    return math.fsum(values) / len(values)
 
 
 def _series(plotted: dict[str, Any], label: str) -> list[tuple[float, float]]:
