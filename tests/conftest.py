@@ -10,6 +10,7 @@ missing resource fails the test instead of skipping it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,18 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> ob
             return value
         time.sleep(0.05)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def modules_imported(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of the top-level modules ``names`` a fresh interpreter holds after running
+    ``code`` (the imports of a long-lived process: what each of them costs in memory)."""
+    probe = (f"{code}\nimport json, sys\n"
+             f"print(json.dumps(sorted(m for m in {names!r} if m in sys.modules)))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert found.returncode == 0, found.stderr
+    loaded: list[str] = json.loads(found.stdout)
+    return loaded
 
 
 def emit_every_event(controller: Any, journal: Any, run: Any, timeout_s: float = 10) -> None:
