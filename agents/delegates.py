@@ -2,9 +2,9 @@
 
 Each shape is a msgspec ``Struct``: its JSON schema constrains the model's decoding (so
 the answer is always parseable JSON of that shape) and the same type validates the
-answer. msgspec rather than pydantic: ARCHITECT, EXECUTOR and WITNESS each run for the
-whole test, and pydantic costs each of them ~10 MB of private memory where msgspec
-costs ~1 MB. String and list limits bound a complete answer to a few hundred characters; the
+answer. msgspec rather than pydantic: ARCHITECT and EXECUTOR run for the whole test, and
+pydantic costs each of them ~10 MB of private memory where msgspec costs ~1 MB. String
+and list limits bound a complete answer to a few hundred characters; the
 policy's ``max_tokens`` per agent leaves room for about one token per character (a
 small model spelling out digits), so an answer is not cut short.
 """

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import msgspec
@@ -95,6 +95,17 @@ def failure_rate(value: object) -> float | None:
     return rate
 
 
+def _rate_or_none(value: object) -> bool:
+    return value is None or failure_rate(value) is not None
+
+
+# What a named field's value must be beyond its type, and the reason when it is not.
+_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "message": (has_text, "no printable text"),
+    "failure_rate": (_rate_or_none, "not a rate"),
+}
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True):
     """One event. ``message`` is required; the other named fields are optional (null means
     absent) and typed; anything else is the producer's and passes through the bus as it
@@ -130,10 +141,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     }
 
     def __post_init__(self) -> None:
-        if not has_text(self.message):
-            raise ValueError("no printable text")
-        if self.failure_rate is not None and failure_rate(self.failure_rate) is None:
-            raise ValueError("not a rate")
+        for name, (ok, why) in _VALUE_CHECKS.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(why)
 
     @property
     def rate(self) -> float | None:
@@ -198,15 +208,13 @@ def _read(obj: Mapping[str, Any]) -> tuple[Event | None, set[str]]:
             if name == "message":
                 bad.add(name)
             continue
-        value = obj[name]
         try:
-            msgspec.convert(value, kind, strict=True)
+            msgspec.convert(obj[name], kind, strict=True)
         except msgspec.ValidationError:
             bad.add(name)
             continue
-        if ((name == "message" and not has_text(value))
-                or (name == "failure_rate" and value is not None
-                    and failure_rate(value) is None)):
+        check = _VALUE_CHECKS.get(name)
+        if check is not None and not check[0](obj[name]):
             bad.add(name)
     return None, bad
 

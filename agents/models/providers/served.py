@@ -58,16 +58,17 @@ def served_spec(model: str, model_path: str | None, n_ctx: int, n_threads: int |
     return {"model": model, "model_path": str(path), "n_ctx": n_ctx, "n_threads": n_threads}
 
 
-
 def monitor_event(frames: list[bytes]) -> int:
     """The event of a ZeroMQ socket-monitor message: its first frame is a 16-bit event
     and a 32-bit value in native byte order, its second the endpoint. (pyzmq's
     ``recv_monitor_message`` says the same, but its module imports asyncio: ~5.6 MB in
     each model agent.)"""
     if len(frames) < 2 or len(frames[0]) != 6:
-        raise ValueError(f"not a socket-monitor message: {len(frames)} frames")
+        raise ValueError(f"not a socket-monitor message: {len(frames)} frames, the first "
+                         f"of {len(frames[0]) if frames else 0} bytes")
     event: int = struct.unpack("=Hi", frames[0])[0]
     return event
+
 
 class ServedProvider:
     kind = "embedded"
