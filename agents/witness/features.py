@@ -208,7 +208,7 @@ _NO_PIECES: _Segment = (b"", 0, "", "")
 # constant tuples may be one object).
 _UNKNOWN_WORD: _Word = (b"", b"", "?", "?")
 _UNKNOWN_SEGMENT: _Segment = (b"", -1, "", "")
-_E = TypeVar("_E", _Word, _Segment)
+_E = TypeVar("_E", _Word, _Segment, bytes)
 
 
 def _remember(cache: dict[str, Any], key: str, value: Any) -> None:

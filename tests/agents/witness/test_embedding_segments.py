@@ -1,0 +1,123 @@
+"""The embedding's segment-wise tokenizing against tokenizing each text whole.
+
+``StaticEmbedder`` tokenizes a text's " "-separated segments alone and caches them
+(``embedding._segment_rule`` says why that gives the whole text's ids for WITNESS's two
+tokenizers). Here both tokenizers' ids must equal the whole-text ids exactly, on any
+text, cold and warm and with the cache overflowing; and the vectors must be the mean of
+those ids' rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.agents.witness.test_features_speed import _ODD_BITS
+from trinity.agents.witness import embedding, features
+from trinity.agents.witness.dataset import load_devset
+from trinity.agents.witness.embedding import MAX_TOKENS, Embedder, StaticEmbedder
+from trinity.agents.witness.text import event_text
+
+# SentencePiece's word marker and special tokens, and runs of spaces, which merge
+_METASPACE_BITS = st.sampled_from(
+    ["\u2581", "\u2581\u2581", " \u2581", "\u2581 ", "<s>", "</s>", "<unk>", "x<s>y", " <s> ",
+     "   ", "\u2581a", "a\u2581", "\t\u2581"])
+_TEXTS = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",))),
+    st.lists(st.one_of(_ODD_BITS, _METASPACE_BITS), max_size=60).map("".join),
+    st.lists(st.one_of(_ODD_BITS, _METASPACE_BITS), min_size=300, max_size=700).map(" ".join),
+)
+
+
+@pytest.fixture(scope="module")
+def parts(embedder: Embedder) -> tuple[StaticEmbedder, ...]:
+    return tuple(embedder.parts)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def _cold(parts: tuple[StaticEmbedder, ...]) -> Iterator[None]:
+    for part in parts:
+        part._segments.clear()
+    yield
+    for part in parts:
+        part._segments.clear()
+
+
+def _whole(part: StaticEmbedder, texts: list[str]) -> list[bytes]:
+    encodings = part._tok.encode_batch(texts, add_special_tokens=False)
+    return [np.asarray(e.ids[:MAX_TOKENS], dtype=np.int32).tobytes() for e in encodings]
+
+
+def _check(parts: tuple[StaticEmbedder, ...], texts: list[str]) -> None:
+    for part in parts:
+        ref = _whole(part, texts)
+        assert part._ids(texts) == ref  # cold
+        assert part._ids(texts) == ref  # warm
+        for text, ids in zip(texts, ref, strict=True):
+            assert part._ids([text]) == [ids]
+
+
+def test_both_tokenizers_are_tokenized_by_segment(parts: tuple[StaticEmbedder, ...]) -> None:
+    assert [part._rule for part in parts] == [embedding._SPLIT_ANY, embedding._SPLIT_NONEMPTY]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_TEXTS, max_size=6))
+def test_segment_ids_are_the_whole_texts_ids(parts: tuple[StaticEmbedder, ...],
+                                              texts: list[str]) -> None:
+    _check(parts, texts)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_TEXTS, max_size=6))
+def test_segment_ids_while_the_cache_overflows(parts: tuple[StaticEmbedder, ...],
+                                               texts: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "_CACHE_CAP", 3)
+        _check(parts, texts)
+    assert all(len(part._segments) <= 3 for part in parts)
+
+
+def test_segment_ids_on_the_devset(parts: tuple[StaticEmbedder, ...]) -> None:
+    texts = [event_text(event).text for event, _, _ in load_devset()]
+    _check(parts, texts)
+
+
+def test_a_warm_call_tokenizes_nothing(parts: tuple[StaticEmbedder, ...]) -> None:
+    texts = ["Server started on port 8080", "test_upload  is flaky"]
+    expected = [part.embed(texts) for part in parts]
+    calls: list[Any] = []
+
+    class Counting:
+        def __init__(self, tokenizer: Any) -> None:
+            self.tokenizer = tokenizer
+
+        def encode_batch(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            return self.tokenizer.encode_batch(*args, **kwargs)
+
+    for part, vectors in zip(parts, expected, strict=True):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(part, "_tok", Counting(part._tok))
+            # the first text is all segments; the second has a run of spaces, which the
+            # SentencePiece tokenizer must see whole
+            np.testing.assert_array_equal(part.embed(texts), vectors)
+    assert [len(args[0]) for args in calls] == [1]
+
+
+def test_vectors_are_the_mean_of_the_ids_rows(parts: tuple[StaticEmbedder, ...]) -> None:
+    texts = [event_text(event).text for event, _, _ in load_devset()[:200]] + ["", " \u2581 "]
+    for part in parts:
+        got = part.embed(texts)
+        for text, ids, row in zip(texts, _whole(part, texts), got, strict=True):
+            rows = part._table[np.frombuffer(ids, dtype=np.int32)]
+            if not text.strip() or not len(rows):
+                assert not row.any()
+                continue
+            mean = (rows["q"].astype(np.float64) * rows["s"][:, None]).mean(axis=0)
+            np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=2e-6)
