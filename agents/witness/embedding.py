@@ -282,6 +282,11 @@ class StaticEmbedder:
         encodings = self._tok.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(enc.ids, dtype=np.int32).tobytes() for enc in encodings]
 
+    def forget_segments(self) -> None:
+        """Empty the cache of segments' ids (after embedding a data set whose words a
+        stream of events mostly does not repeat)."""
+        self._segments.clear()
+
     def release_pages(self) -> None:
         """Give back the table's resident pages (a mapped table's clean file pages are read
         again when a text needs them). Embedding a thousand texts touches nearly every
@@ -396,6 +401,8 @@ class Embedder(Protocol):
 
     def release_pages(self) -> None: ...
 
+    def forget_segments(self) -> None: ...
+
 
 class JointEmbedder:
     """Several embedders side by side; each part's unit row is kept and the whole row is
@@ -414,6 +421,10 @@ class JointEmbedder:
     def release_pages(self) -> None:
         for part in self.parts:
             part.release_pages()
+
+    def forget_segments(self) -> None:
+        for part in self.parts:
+            part.forget_segments()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) float32 unit rows; a text with no tokens maps to the zero vector."""

@@ -10,6 +10,7 @@ those ids' rows.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from tests.agents.witness.test_features_speed import _ODD_BITS
 from trinity.agents.witness import embedding, features
 from trinity.agents.witness.dataset import load_devset
 from trinity.agents.witness.embedding import MAX_TOKENS, Embedder, StaticEmbedder
+from trinity.agents.witness.knowledge import Knowledge
 from trinity.agents.witness.text import event_text
+from trinity.settings import Settings
 
 # SentencePiece's word marker and special tokens, and runs of spaces, which merge
 _METASPACE_BITS = st.sampled_from(
@@ -121,3 +124,20 @@ def test_vectors_are_the_mean_of_the_ids_rows(parts: tuple[StaticEmbedder, ...])
                 continue
             mean = (rows["q"].astype(np.float64) * rows["s"][:, None]).mean(axis=0)
             np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=2e-6)
+
+
+def test_forgetting_empties_the_cache(embedder: Embedder,
+                                      parts: tuple[StaticEmbedder, ...]) -> None:
+    embedder.embed([event_text(event).text for event, _, _ in load_devset()[:100]])
+    assert all(part._segments for part in parts)
+    embedder.forget_segments()
+    assert not any(part._segments for part in parts)
+
+
+def test_a_fresh_witness_keeps_no_segments_of_its_seed(tmp_path: Path) -> None:
+    knowledge = Knowledge.open(Settings.from_env({"TRINITY_DATA_DIR": str(tmp_path)}))
+    try:
+        assert knowledge.store.exemplar_count() > 1000  # it seeded its store
+        assert not any(part._segments for part in knowledge.embedder.parts)  # type: ignore[attr-defined]
+    finally:
+        knowledge.close()
