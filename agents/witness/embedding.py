@@ -210,22 +210,29 @@ _UNKNOWN_IDS = b"?"  # a sentinel compared by identity (ids are 4 bytes each)
 
 def _segment_rule(tokenizer: Tokenizer) -> tuple[int, tuple[str, ...]]:
     """Which of the cases above ``tokenizer`` is (``_SPLIT_NONE``: neither, tokenize
-    whole), and its added tokens."""
-    spec = json.loads(tokenizer.to_str())
-    added = tuple(token["content"] for token in spec.get("added_tokens") or ())
-    normalizer, pre, model = spec.get("normalizer") or {}, spec.get("pre_tokenizer"), spec["model"]
-    if (normalizer.get("type") == "BertNormalizer" and (pre or {}).get("type") == "BertPreTokenizer"
-            and model["type"] == "WordPiece"):
+    whole), and its added tokens. Read part by part: parsing the whole tokenizer's JSON
+    (its vocabulary and merges) left ~2.7 MB of a WITNESS process's heap behind."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    added = tuple(token.content for token in tokenizer.get_added_tokens_decoder().values())
+    normalizer, pre, model = tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.model
+    if (isinstance(normalizer, normalizers.BertNormalizer)
+            and isinstance(pre, pre_tokenizers.BertPreTokenizer)
+            and isinstance(model, models.WordPiece)):
         return _SPLIT_ANY, added
+    if normalizer is None or pre is not None or not isinstance(model, models.BPE):
+        return _SPLIT_NONE, added
+    spec = json.loads(normalizer.__getstate__())
     steps = [(n.get("type"), n.get("prepend"), n.get("pattern"), n.get("content"))
-             for n in normalizer.get("normalizers", ())]
+             for n in spec.get("normalizers", ())]
     metaspace = [("Prepend", _METASPACE, None, None),
                  ("Replace", None, {"String": " "}, _METASPACE)]
-    if (normalizer.get("type") == "Sequence" and steps == metaspace and pre is None
-            and model["type"] == "BPE"
-            and not any(_METASPACE in token.lstrip(_METASPACE) for token in model["vocab"])):
-        return _SPLIT_NONEMPTY, added
-    return _SPLIT_NONE, added
+    if spec.get("type") != "Sequence" or steps != metaspace:
+        return _SPLIT_NONE, added
+    for i in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        if _METASPACE in (tokenizer.id_to_token(i) or "").lstrip(_METASPACE):
+            return _SPLIT_NONE, added
+    return _SPLIT_NONEMPTY, added
 
 
 class StaticEmbedder:

@@ -141,3 +141,19 @@ def test_a_fresh_witness_keeps_no_segments_of_its_seed(tmp_path: Path) -> None:
         assert not any(part._segments for part in knowledge.embedder.parts)  # type: ignore[attr-defined]
     finally:
         knowledge.close()
+
+
+def test_another_tokenizer_is_tokenized_whole(parts: tuple[StaticEmbedder, ...]) -> None:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    for part in parts:
+        changed = Tokenizer.from_str(part._tok.to_str())
+        changed.pre_tokenizer = pre_tokenizers.Punctuation()
+        assert embedding._segment_rule(changed)[0] == embedding._SPLIT_NONE
+        changed = Tokenizer.from_str(part._tok.to_str())
+        changed.normalizer = normalizers.Lowercase()
+        assert embedding._segment_rule(changed)[0] == embedding._SPLIT_NONE
+    # a vocabulary token with the word marker inside it could merge across a space
+    wordllama = Tokenizer.from_str(parts[1]._tok.to_str())
+    wordllama.add_tokens(["x\u2581y"])
+    assert embedding._segment_rule(wordllama)[0] == embedding._SPLIT_NONE
