@@ -259,11 +259,6 @@ class StaticEmbedder:
         self.dim: int = int(table.dtype["q"].shape[0])
         self.fingerprint: str = fingerprint
 
-    def token_ids(self, text: str) -> list[int]:
-        """WordPiece ids without special tokens, capped at ``MAX_TOKENS``."""
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
-        return ids[:MAX_TOKENS]
-
     def _ids(self, texts: list[str]) -> list[bytes]:
         """Each text's ids (native int32 bytes, capped at ``MAX_TOKENS``): its segments'
         ids end to end where ``_segment_rule`` allows, else the text tokenized whole."""
@@ -296,8 +291,8 @@ class StaticEmbedder:
 
     def release_pages(self) -> None:
         """Give back the table's resident pages (a mapped table's clean file pages are read
-        again when a text needs them). Embedding a thousand texts touches nearly every
-        page of the table; a stream of events touches few."""
+        again when a text needs them). Embedding a thousand texts touches nearly every page
+        of the table; a stream of events touches few."""
         mapping = getattr(self._table, "_mmap", None)
         if mapping is not None:
             mapping.madvise(mmap.MADV_DONTNEED)

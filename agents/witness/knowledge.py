@@ -136,7 +136,7 @@ class Knowledge:
             log.info("seeded the pattern store with %d labelled examples", seeded)
         # Seeding (or re-embedding a store) read nearly all of both mapped tables: ~16 MB
         # of their pages would stay resident for the process's life, and filled the
-        # embedding's segment caches with the dev set's words (~5 MB).
+        # embedding's segment caches with the dev set's words (~1.2 MB of USS).
         embedder.release_pages()
         embedder.forget_segments()
         return cls(embedder, store, load_model(embedder, train_apart=True))
