@@ -47,7 +47,7 @@ class ModelAgent(BusProcess):
                                          self.settings.model_server_endpoint),
             self.ledger,
             budget_usd=self.settings.budget_usd, budget_mode=self.settings.budget_mode,
-            waiter=self.wait_for)
+            waiter=self.wait_for, ticker=self.tick_during_call)
 
     def shutdown(self) -> None:
         self.router.close()

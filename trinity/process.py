@@ -214,6 +214,14 @@ class BaseProcess:
             raise call.error
         return call.value  # type: ignore[no-any-return]
 
+    def tick_during_call(self, cancel: threading.Event) -> None:
+        """What a call waiting on this thread does between its polls (a cooperative
+        provider's ``tick``): beat when a heartbeat is due, and cancel the call when
+        the process is asked to stop."""
+        self.beat()
+        if self.stopping:
+            cancel.set()
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from trinity.agents.models.providers.base import ChatRequest, Completion, TokenUsage
@@ -77,6 +77,13 @@ class InstantProvider:
 
     def unavailable_reason(self) -> str | None:
         return None
+
+    def complete_cooperating(
+        self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event,
+        tick: Callable[[], None],
+    ) -> Completion:
+        """``complete`` on the caller's thread: it never waits, so ``tick`` is not called."""
+        return self.complete(request, timeout_s=timeout_s, cancel=cancel)
 
     def complete(
         self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event

@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ GRACE_S = 2.0
 _TICK_MS = 50
 _ERRORS: dict[str, type[ModelError]] = {
     cls.error_class: cls for cls in (ModelTimeout, ModelUnavailable, InvalidModelOutput)}
+
+
+def _nothing() -> None:
+    """The tick of a call made with ``complete``: its caller does nothing meanwhile."""
 
 
 def served_spec(model: str, model_path: str | None, n_ctx: int, n_threads: int | None, *,
@@ -91,6 +96,15 @@ class ServedProvider:
     def complete(
         self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event
     ) -> Completion:
+        return self.complete_cooperating(request, timeout_s=timeout_s, cancel=cancel,
+                                         tick=_nothing)
+
+    def complete_cooperating(
+        self, request: ChatRequest, *, timeout_s: float, cancel: threading.Event,
+        tick: Callable[[], None],
+    ) -> Completion:
+        """``complete`` on the caller's thread: ``tick`` is called every poll (at most
+        every 50 ms) while the answer is waited for."""
         request_id = uuid.uuid4().hex
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
@@ -106,7 +120,7 @@ class ServedProvider:
                 "timeout_s": timeout_s,
             }).encode())
             reply = self._wait(socket, monitor, request_id,
-                               time.monotonic() + timeout_s + GRACE_S, cancel, timeout_s)
+                               time.monotonic() + timeout_s + GRACE_S, cancel, timeout_s, tick)
         finally:
             socket.disable_monitor()
             monitor.close()
@@ -124,13 +138,15 @@ class ServedProvider:
         return False
 
     def _wait(self, socket: Any, monitor: Any, request_id: str, deadline: float,
-              cancel: threading.Event, timeout_s: float) -> dict[str, Any]:
+              cancel: threading.Event, timeout_s: float,
+              tick: Callable[[], None]) -> dict[str, Any]:
         connected: list[bool] = []
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         while True:
             ready = dict(poller.poll(_TICK_MS))
+            tick()
             if socket in ready:
                 try:
                     reply = json.loads(socket.recv())

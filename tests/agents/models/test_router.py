@@ -33,9 +33,13 @@ from trinity.agents.delegates import schema_of
 from trinity.agents.models.policy import parse_policy
 from trinity.agents.models.providers.base import ChatRequest, Completion, Provider
 from trinity.agents.models.providers.embedded import EmbeddedProvider
+from trinity.agents.models.providers.instant import ENABLE_VAR, InstantProvider
 from trinity.agents.models.providers.openai_api import OpenAIProvider
 from trinity.agents.models.router import CallContext, Routed, Router
+from trinity.clock import ManualClock
 from trinity.errors import AllModelsFailed, InvalidModelOutput
+from trinity.process import BaseProcess
+from trinity.settings import Settings
 from trinity.stores.costs import CostLedger, summarize
 
 # The call timeout of the timeout case; it bounds the embedded fallback's answer too
@@ -432,3 +436,73 @@ def test_a_paid_call_the_ledger_cannot_take_is_recorded_when_its_request_comes_a
         ("flaky", "success", 1)]
     assert rows[0]["cost_usd"] > 0
     ledger.close()
+
+
+# -- where a call waits -------------------------------------------------------------------
+
+
+def test_a_cooperative_provider_is_called_on_the_caller_s_thread_and_others_by_the_waiter(
+        ledger: CostLedger, faults: FaultServer) -> None:
+    """The instant provider (cooperative: it never waits) answers on the router's own
+    thread, with the ticker given and no waiter; the openai provider (its client blocks
+    in its own I/O) is handed to the waiter, as before."""
+    instant = InstantProvider("instant", env={ENABLE_VAR: "1"}, source="test policy")
+    caller = threading.get_ident()
+    waited: list[int] = []
+
+    def waiter(fn: Callable[[], Completion], timeout_s: float,
+               cancel: threading.Event) -> Completion:
+        waited.append(threading.get_ident())
+        return fn()
+
+    pol = parse_policy({
+        "call": {"timeout_s": LONG_TIMEOUT_S, "max_attempts": 1},
+        "providers": {"flaky": {"kind": "openai", "model": "gpt-5", "price_model": "gpt-5"},
+                      "instant": {"kind": "instant"}},
+        "routes": [{"chain": ["instant"]}]}, "test policy")
+    router = Router(pol, {"instant": instant, "flaky": paid(faults.base_url)}, ledger,
+                    budget_usd=10.0, waiter=waiter)
+    got = router.call(REQUEST, CallContext(agent="architect", request_id="r-instant"), parse)
+    assert got.provider == "instant" and got.value == "yes"
+    assert waited == []
+    assert [r["status"] for r in rows_of(ledger, "r-instant")] == ["success"]
+
+    routed = Router(parse_policy({
+        "call": {"timeout_s": LONG_TIMEOUT_S, "max_attempts": 1},
+        "providers": {"flaky": {"kind": "openai", "model": "gpt-5", "price_model": "gpt-5"}},
+        "routes": [{"chain": ["flaky"]}]}, "test policy"),
+        {"flaky": paid(faults.base_url)}, ledger, budget_usd=10.0, waiter=waiter)
+    got = routed.call(REQUEST, CallContext(agent="architect", request_id="r-paid"), parse)
+    assert got.provider == "flaky"
+    assert waited == [caller]
+
+
+def test_a_process_s_tick_beats_when_a_beat_is_due_and_cancels_on_a_stop(
+        short_dir: Path) -> None:
+    """What a cooperative call does between its polls on an agent's thread
+    (``BaseProcess.tick_during_call``): a heartbeat once one is due, not on every tick;
+    after a stop request, the call's cancel flag."""
+
+    class Beating(BaseProcess):
+        beats = 0
+
+        def send_heartbeat(self) -> None:
+            self.beats += 1
+
+    clock = ManualClock()
+    settings = Settings.from_env({"TRINITY_DATA_DIR": str(short_dir),
+                                  "TRINITY_HEARTBEAT_INTERVAL": "1.0"})
+    process = Beating(settings, clock=clock)
+    cancel = threading.Event()
+    for _ in range(3):
+        process.tick_during_call(cancel)
+    assert process.beats == 1
+    clock.advance(0.5)
+    process.tick_during_call(cancel)
+    assert process.beats == 1
+    clock.advance(0.6)
+    process.tick_during_call(cancel)
+    assert process.beats == 2 and not cancel.is_set()
+    process.stopping = True
+    process.tick_during_call(cancel)
+    assert cancel.is_set()

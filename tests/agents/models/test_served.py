@@ -30,6 +30,7 @@ from trinity.agents.models.providers.base import ChatRequest
 from trinity.agents.models.providers.embedded import EmbeddedProvider
 from trinity.agents.models.providers.model_file import DEFAULT_MODEL, DEFAULT_N_CTX
 from trinity.agents.models.providers.served import ServedProvider, served_spec
+from trinity.agents.models.router import WaitsCooperatively
 from trinity.agents.models.serve import MAX_REQUEST_BYTES, call_threads
 from trinity.controller.process.run_driver import model_server_pid
 from trinity.errors import ConfigError, ModelTimeout, ModelUnavailable
@@ -154,6 +155,32 @@ def test_a_cancelled_call_stops_generating(running: Server) -> None:
     ask(running.provider(), max_tokens=8)
     # 900 tokens take well over 10 s here; a short answer after the cancel does not.
     assert time.monotonic() - started < 10
+
+
+def test_a_call_on_the_caller_s_thread_ticks_while_it_waits_and_a_tick_can_stop_it(
+        running: Server) -> None:
+    """The served provider is cooperative: the router runs it on the agent's own thread,
+    and it calls ``tick`` between its polls, so the agent keeps beating during a long
+    answer. A tick that sees a stop request sets the cancel flag, which ends the call."""
+    provider = running.provider()
+    assert isinstance(provider, WaitsCooperatively)
+    cancel = threading.Event()
+    ticks: list[tuple[float, int]] = []
+
+    def tick() -> None:
+        ticks.append((time.monotonic(), threading.get_ident()))
+        if len(ticks) == 20:  # what the agent's tick does once it is asked to stop
+            cancel.set()
+
+    request = ChatRequest(messages=MESSAGES, schema=SCHEMA, max_tokens=900)
+    with pytest.raises(ModelTimeout, match="cancelled"):
+        provider.complete_cooperating(request, timeout_s=60, cancel=cancel, tick=tick)
+    assert len(ticks) == 20
+    assert {ident for _, ident in ticks} == {threading.get_ident()}
+    # every 50 ms while it waits; a busy machine may stretch one poll, never to seconds
+    gaps = [b - a for (a, _), (b, _) in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps) < 1.0, gaps
+    ask(provider, max_tokens=8)  # the server was told, and serves the next call
 
 
 def test_no_server_is_unavailable_and_names_the_program(short_dir: Path) -> None:
