@@ -154,7 +154,16 @@ _MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{7,}\b"), " hex "),
 )
 _QUOTED = re.compile(r"'[^'\n]{1,80}'|\"[^\"\n]{1,80}\"|`[^`\n]{1,80}`")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\w.@~+-]*[/\\])+[\w.@+-]*")
+# A path: segments ending in a slash, then a last one, perhaps after a drive ("C:").
+# Written as "(?:[A-Za-z]:)?(?:[\w.@~+-]*[/\\])+[\w.@+-]*", the search tried every start
+# inside a word, each rescanning the word to its end (quadratic: 24 of normalise's
+# ~60 us a text). A match starting inside a run of path characters always has one at the
+# run's start, which is found first, except for a drive there ("xC:/a"): so a match
+# starts where no path character precedes, or at a drive. The matches are the same
+# (tests/agents/witness/test_text_masks.py holds it to the old pattern).
+_PATH = re.compile(
+    r"(?<![\w.@~+-])(?:[A-Za-z]:)?(?:[\w.@~+-]*[/\\])+[\w.@+-]*"
+    r"|[A-Za-z]:(?:[\w.@~+-]*[/\\])+[\w.@+-]*")
 _FILENAME = re.compile(r"\b[\w-]+\.(?:[a-z]{1,4})\b(?=[\s:(,)]|$)")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -179,7 +188,8 @@ def normalise(text: str) -> str:
     for pattern, repl in _MASKS:
         text = pattern.sub(repl, text)
     text = _QUOTED.sub(_mask_keep_test("quoted"), text)
-    text = _PATH.sub(_mask_keep_test("path"), text)
+    if "/" in text or "\\" in text:
+        text = _PATH.sub(_mask_keep_test("path"), text)
     text = _FILENAME.sub(_mask_keep_test("filename"), text)
     text = _CAMEL.sub(" ", text)
     text = text.replace("_", " ")
