@@ -25,6 +25,8 @@ from trinity.stores import runs
 from trinity.stores.costs import TIMEOUT, CallRecord, CostLedger
 
 # Event fields worth showing a model, in this order.
+# Runs whose budget a model agent keeps (cleared when full; a run is read again then).
+_MAX_RUN_BUDGETS = 64
 CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files",
                   "failure_rate", "source", "labels")
 
@@ -35,6 +37,7 @@ class ModelAgent(BusProcess):
     isolate_each_message: ClassVar[bool] = True
 
     def initialize(self) -> None:
+        self._run_budgets: dict[str, tuple[float, str]] = {}
         # Before any call thread exists: every extra malloc arena a call thread lands in
         # keeps another ~30 MB of grammar-sampling scratch (steps of +32 MB, measured).
         limit_malloc_arenas()
@@ -58,7 +61,15 @@ class ModelAgent(BusProcess):
                 task_id: str | None = None) -> CallContext:
         run_id = payload.get("run_id") if isinstance(payload.get("run_id"), str) else None
         # The budget the run was started with (`trinity run --budget`), else the settings'.
-        budget = runs.run_budget(self.journal.conn, run_id)
+        # A run's config is written once, when it starts: read (and its JSON parsed) once
+        # per run, not for every call (~15 us a call); a run not known yet is asked again.
+        budget = self._run_budgets.get(run_id) if run_id is not None else None
+        if budget is None:
+            budget = runs.run_budget(self.journal.conn, run_id)
+            if budget is not None and run_id is not None:
+                if len(self._run_budgets) >= _MAX_RUN_BUDGETS:
+                    self._run_budgets.clear()
+                self._run_budgets[run_id] = budget
         self.router.budget_usd, self.router.budget_mode = budget or (
             self.settings.budget_usd, self.settings.budget_mode)
         pattern = payload.get("pattern")
