@@ -37,6 +37,7 @@ import itertools
 import json
 import mmap
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -195,9 +196,11 @@ def quantise(table: np.ndarray) -> np.ndarray:
 # - LLaMA-2's SentencePiece as a ``tokenizers`` BPE (WordLlama): the normaliser prepends
 #   "▁" and turns every " " into "▁", there is no pre-tokenizer, and no token of the
 #   vocabulary has "▁" after another character, so no merge joins a word's end to the
-#   next word's "▁": a segment alone gets its own "▁" and the same pieces. Runs of
-#   spaces, and leading or trailing ones, do merge ("▁▁"), and so does a "▁" in the
-#   text itself: a text with an empty segment or a "▁" is tokenized whole.
+#   next word's "▁": a segment alone gets its own "▁" and the same pieces. A run of
+#   spaces does merge ("▁▁", "▁▁▁return"), but only with the word after it, never across
+#   a word's end: there the text is cut at the run's first space, and the rest of the run
+#   stays with its word (" b" alone is "▁▁b", as in "a  b"). Leading or trailing spaces
+#   (an empty segment) and a "▁" in the text itself: the text is tokenized whole.
 # Added tokens ("<s>", "[CLS]") are cut out of the raw text before normalising, which
 # would move the spaces beside them into other pieces: a text holding one is tokenized
 # whole. So each segment's ids are cached (words recur from event to event) and a text
@@ -205,6 +208,8 @@ def quantise(table: np.ndarray) -> np.ndarray:
 # texts.
 _SPLIT_NONE, _SPLIT_ANY, _SPLIT_NONEMPTY = 0, 1, 2
 _METASPACE = "\u2581"
+# the cuts of a text with runs of spaces, for _SPLIT_NONEMPTY: at each run's first space
+_RUN_STARTS = re.compile(r"(?<! ) ")
 _UNKNOWN_IDS = b"?"  # a sentinel compared by identity (ids are 4 bytes each)
 
 
@@ -266,6 +271,8 @@ class StaticEmbedder:
         split: list[list[str]] = []
         for i, text in enumerate(texts):
             segments = text.split(" ") if self._rule else []
+            if self._rule == _SPLIT_NONEMPTY and "" in segments:
+                segments = _RUN_STARTS.split(text)  # runs of spaces: stacks had them all
             if (self._rule == _SPLIT_NONEMPTY and ("" in segments or _METASPACE in text)) or any(
                     token in text for token in self._added):
                 segments = []

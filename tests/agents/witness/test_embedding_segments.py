@@ -92,7 +92,7 @@ def test_segment_ids_on_the_devset(parts: tuple[StaticEmbedder, ...]) -> None:
 
 
 def test_a_warm_call_tokenizes_nothing(parts: tuple[StaticEmbedder, ...]) -> None:
-    texts = ["Server started on port 8080", "test_upload  is flaky"]
+    texts = ["Server started on port 8080", "test_upload  is flaky", " indented"]
     expected = [part.embed(texts) for part in parts]
     calls: list[Any] = []
 
@@ -107,8 +107,9 @@ def test_a_warm_call_tokenizes_nothing(parts: tuple[StaticEmbedder, ...]) -> Non
     for part, vectors in zip(parts, expected, strict=True):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(part, "_tok", Counting(part._tok))
-            # the first text is all segments; the second has a run of spaces, which the
-            # SentencePiece tokenizer must see whole
+            # the first two are all segments (a run of spaces stays with the word after
+            # it); the third begins with a space, which the SentencePiece tokenizer must
+            # see whole
             np.testing.assert_array_equal(part.embed(texts), vectors)
     assert [len(args[0]) for args in calls] == [1]
 
