@@ -211,8 +211,9 @@ _UNKNOWN_SEGMENT: _Segment = (b"", -1, "", "")
 _E = TypeVar("_E", _Word, _Segment, bytes)
 
 
-def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
-    if len(key) <= _CACHED_CHARS:
+def _remember(cache: dict[str, Any], key: str, value: Any,
+              max_chars: int = _CACHED_CHARS) -> None:
+    if len(key) <= max_chars:
         if len(cache) >= _CACHE_CAP:
             cache.clear()
         cache[key] = value
@@ -223,16 +224,17 @@ def _entries(
     unknown: _E,
     split: list[list[str]],
     new_entries: Callable[[list[str]], list[_E]],
+    max_chars: int = _CACHED_CHARS,
 ) -> dict[str, _E]:
     """The entry of every key in ``split``: from ``cache``, or ``new_entries`` of those
-    not in it (computed together, then cached)."""
+    not in it (computed together, then cached if at most ``max_chars`` long)."""
     get = cache.get
     table = {key: get(key, unknown) for keys in split for key in keys}
     new = [key for key, entry in table.items() if entry is unknown]
     if new:
         for key, entry in zip(new, new_entries(new), strict=True):
             table[key] = entry
-            _remember(cache, key, entry)
+            _remember(cache, key, entry, max_chars)
     return table
 
 

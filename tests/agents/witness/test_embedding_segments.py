@@ -158,3 +158,34 @@ def test_another_tokenizer_is_tokenized_whole(parts: tuple[StaticEmbedder, ...])
     wordllama = Tokenizer.from_str(parts[1]._tok.to_str())
     wordllama.add_tokens(["x\u2581y"])
     assert embedding._segment_rule(wordllama)[0] == embedding._SPLIT_NONE
+
+
+def test_segments_up_to_the_cached_length_are_cached_and_longer_ones_are_not(
+        parts: tuple[StaticEmbedder, ...]) -> None:
+    """A log's long segments (a path, a test id) recur and are cached; one longer than
+    ``_CACHED_SEGMENT_CHARS`` is tokenized each time, so an entry's size stays bounded."""
+    limit = embedding._CACHED_SEGMENT_CHARS
+    path = "src/" + "a" * (limit - len("src/.py") - 3) + "_io.py"
+    longer = "lib/" + "b" * limit + ".py"
+    assert 32 < len(path) <= limit < len(longer)
+    texts = [f"Traceback in {path} line 3", f"error at {longer}"]
+    for part in parts:
+        ids = part._ids(texts)
+        assert path in part._segments and longer not in part._segments
+        counting = _Counting(part._tok)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(part, "_tok", counting)
+            assert part._ids(texts) == ids
+        assert counting.calls == [[longer]]
+
+
+class _Counting:
+    """A tokenizer that notes the texts of each ``encode_batch`` call."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[list[str]] = []
+
+    def encode_batch(self, batch: list[str], **kwargs: Any) -> Any:
+        self.calls.append(list(batch))
+        return self.tokenizer.encode_batch(batch, **kwargs)
