@@ -23,6 +23,8 @@ from trinity.errors import ConfigError, InvalidModelOutput, ModelTimeout
 
 ENABLE_VAR = "TRINITY_INSTANT_PROVIDER"
 MODEL = "instant"
+# Schema objects whose answer is kept by identity (the agents use a handful).
+_MAX_SCHEMAS = 64
 
 
 def minimal_instance(schema: Mapping[str, Any], root: Mapping[str, Any] | None = None,
@@ -74,6 +76,7 @@ class InstantProvider:
         self.name = name
         self.model = MODEL
         self._answers: dict[str, str] = {}
+        self._by_object: dict[int, tuple[Any, str]] = {}
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -90,11 +93,20 @@ class InstantProvider:
     ) -> Completion:
         if cancel.is_set():
             raise ModelTimeout(f"{self.name}: cancelled")
-        key = json.dumps(request.schema, sort_keys=True)
-        content = self._answers.get(key)
-        if content is None:
-            content = json.dumps(minimal_instance(request.schema or {"type": "object"}))
-            self._answers[key] = content
+        # By the schema object (callers pass the same one each time; it is kept with its
+        # answer, so its id cannot be reused), then by its JSON: dumping the schema on
+        # every call cost more than the rest of the answer.
+        known = self._by_object.get(id(request.schema))
+        if known is not None and known[0] is request.schema:
+            content = known[1]
+        else:
+            key = json.dumps(request.schema, sort_keys=True)
+            if key not in self._answers:
+                self._answers[key] = json.dumps(
+                    minimal_instance(request.schema or {"type": "object"}))
+            content = self._answers[key]
+            if len(self._by_object) < _MAX_SCHEMAS:
+                self._by_object[id(request.schema)] = (request.schema, content)
         return Completion(content, TokenUsage(0, 0), self.model, "stop")
 
     def close(self) -> None:
