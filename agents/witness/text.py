@@ -140,18 +140,22 @@ def _event_text(raw: Mapping[str, Any]) -> EventText:
 
 # -- normalisation for hashed features ----------------------------------------
 
-_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"https?://\S+|www\.\S+"), " url "),
+# Each mask with the strings one of which a text must hold for it to match (none: no
+# such test), so a text without them is not scanned: ~1 us a pattern a text.
+_MASKS: tuple[tuple[re.Pattern[str], str, tuple[str, ...]], ...] = (
+    (re.compile(r"https?://\S+|www\.\S+"), " url ", ("http", "www.")),
     (
         re.compile(
             r"\d{4}[-/]\d{2}[-/]\d{2}(?:[T ]\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?)?"
             r"(?:Z|\s?[+-]\d{2}:?\d{2}|\s?UTC)?"
         ),
         " timestamp ",
+        (),
     ),
-    (re.compile(r"\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?\b"), " timestamp "),
-    (re.compile(r"\b0x[0-9a-fA-F]+\b"), " hex "),
-    (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{7,}\b"), " hex "),
+    (re.compile(r"\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?\b"), " timestamp ", (":",)),
+    (re.compile(r"\b0x[0-9a-fA-F]+\b"), " hex ", ("0x",)),
+    (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{7,}\b"), " hex ",
+     ()),
 )
 _QUOTED = re.compile(r"'[^'\n]{1,80}'|\"[^\"\n]{1,80}\"|`[^`\n]{1,80}`")
 # A path: segments ending in a slash, then a last one, perhaps after a drive ("C:").
@@ -185,13 +189,17 @@ def normalise(text: str) -> str:
     # line-start markers: "Added ..." opening a line (a done change) is not "add ..."
     # inside a sentence, and a log's line heads carry its format
     text = "xxbos " + text.replace("\n", " xxbos ")
-    for pattern, repl in _MASKS:
-        text = pattern.sub(repl, text)
-    text = _QUOTED.sub(_mask_keep_test("quoted"), text)
+    for pattern, repl, needles in _MASKS:
+        if not needles or any(needle in text for needle in needles):
+            text = pattern.sub(repl, text)
+    if "'" in text or '"' in text or "`" in text:
+        text = _QUOTED.sub(_mask_keep_test("quoted"), text)
     if "/" in text or "\\" in text:
         text = _PATH.sub(_mask_keep_test("path"), text)
-    text = _FILENAME.sub(_mask_keep_test("filename"), text)
-    text = _CAMEL.sub(" ", text)
+    if "." in text:
+        text = _FILENAME.sub(_mask_keep_test("filename"), text)
+    if text != text.lower():  # _CAMEL needs an upper-case letter
+        text = _CAMEL.sub(" ", text)
     text = text.replace("_", " ")
     text = _NUMBER.sub("0", text)
     return _WS.sub(" ", text).strip().lower()
