@@ -10,8 +10,9 @@ routing policy, calling the model as it does under supervisord: in a real ``trin
 model-server`` process over its ipc socket (``--in-process``: llama.cpp in the agent's
 own process, as without the server). That is everything the agent does per call:
 decoding the message, the run lookups, building the request, Router.call (route
-planning, stored-answer lookup, the worker thread with heartbeats, the provider's call
-with its per-token counter, pydantic validation, the ledger row) and building the
+planning, stored-answer lookup, the provider's call with its per-token counter — on
+the agent's own thread, ticking its heartbeats, for the served provider; in the call
+thread for the in-process one — answer validation, the ledger row) and building the
 outputs.
 The commit that follows (a journal transaction) is timed apart and not counted.
 
@@ -144,8 +145,14 @@ class AgentPath:
         self.reference = reference if reference is not None else self.provider
         # The model server's process: its CPU time is the call's too.
         self.server = psutil.Process(server_pid) if server_pid else None
+        from trinity.agents.models.router import WaitsCooperatively
+
         self._inside: list[float] = []
-        original = self.provider.complete
+        # The method the router calls: a cooperative provider's (the served one, on the
+        # agent's thread), else ``complete`` (the in-process one, in the call thread).
+        method = ("complete_cooperating" if isinstance(self.provider, WaitsCooperatively)
+                  else "complete")
+        original = getattr(self.provider, method)
 
         def timed_complete(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -154,7 +161,7 @@ class AgentPath:
             finally:
                 self._inside.append(time.perf_counter() - started)
 
-        self.provider.complete = timed_complete  # one extra Python frame per call
+        setattr(self.provider, method, timed_complete)  # one extra Python frame per call
 
     def _server_cpu(self) -> float:
         if self.server is None:
