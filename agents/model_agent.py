@@ -24,9 +24,9 @@ from trinity.memory import limit_malloc_arenas
 from trinity.stores import runs
 from trinity.stores.costs import TIMEOUT, CallRecord, CostLedger
 
-# Event fields worth showing a model, in this order.
 # Runs whose budget a model agent keeps (cleared when full; a run is read again then).
 _MAX_RUN_BUDGETS = 64
+# Event fields worth showing a model, in this order.
 CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files",
                   "failure_rate", "source", "labels")
 

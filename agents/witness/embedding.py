@@ -280,7 +280,7 @@ class StaticEmbedder:
         for i, text in enumerate(texts):
             segments = text.split(" ") if self._rule else []
             if self._rule == _SPLIT_NONEMPTY and "" in segments:
-                segments = _RUN_STARTS.split(text)  # runs of spaces: stacks had them all
+                segments = _RUN_STARTS.split(text)  # runs of spaces (indented traces)
             if (self._rule == _SPLIT_NONEMPTY and ("" in segments or _METASPACE in text)) or any(
                     token in text for token in self._added):
                 segments = []

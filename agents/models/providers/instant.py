@@ -75,8 +75,7 @@ class InstantProvider:
                 f"model and is for benchmarks only; set {ENABLE_VAR}=1 to use it")
         self.name = name
         self.model = MODEL
-        self._answers: dict[str, str] = {}
-        self._by_object: dict[int, tuple[Any, str]] = {}
+        self._answers: dict[int, tuple[Any, str]] = {}
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -93,20 +92,16 @@ class InstantProvider:
     ) -> Completion:
         if cancel.is_set():
             raise ModelTimeout(f"{self.name}: cancelled")
-        # By the schema object (callers pass the same one each time; it is kept with its
-        # answer, so its id cannot be reused), then by its JSON: dumping the schema on
-        # every call cost more than the rest of the answer.
-        known = self._by_object.get(id(request.schema))
+        # Kept by the schema object (callers pass the same shared one each time; it is
+        # kept with its answer, so its id cannot be reused): dumping the schema to JSON
+        # as a key on every call cost more than the rest of the answer.
+        known = self._answers.get(id(request.schema))
         if known is not None and known[0] is request.schema:
             content = known[1]
         else:
-            key = json.dumps(request.schema, sort_keys=True)
-            if key not in self._answers:
-                self._answers[key] = json.dumps(
-                    minimal_instance(request.schema or {"type": "object"}))
-            content = self._answers[key]
-            if len(self._by_object) < _MAX_SCHEMAS:
-                self._by_object[id(request.schema)] = (request.schema, content)
+            content = json.dumps(minimal_instance(request.schema or {"type": "object"}))
+            if len(self._answers) < _MAX_SCHEMAS:
+                self._answers[id(request.schema)] = (request.schema, content)
         return Completion(content, TokenUsage(0, 0), self.model, "stop")
 
     def close(self) -> None:
