@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exemplar_fill import fill_store
 from report_rows import figure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,25 +46,12 @@ def measure(size: int) -> dict[str, Any]:
     from trinity.agents.witness.knowledge import load_model
     from trinity.agents.witness.model import Detector
     from trinity.agents.witness.store import PatternStore
-    from trinity.agents.witness.text import event_text
 
     embedder = load_embedder()
     devset = load_devset()
-    texts = [event_text(event).text for event, _, _ in devset]
     with tempfile.TemporaryDirectory() as tmp:
         store = PatternStore(Path(tmp) / "trinity_patterns.db", embedder)
-        store.seed([(t, label, origin) for t, (_, label, origin) in zip(texts, devset,
-                                                                        strict=True)])
-        rng = random.Random(size)
-        extra = []
-        while store.exemplar_count() + len(extra) < size:
-            a, b = rng.sample(range(len(texts)), 2)
-            words = texts[a].split()[: rng.randint(3, 20)] + texts[b].split()[: rng.randint(0, 8)]
-            extra.append((" ".join(words), devset[a][1], "bench"))
-            if len(extra) == 5000:
-                store.add_exemplars(extra, source="bench")
-                extra = []
-        store.add_exemplars(extra, source="bench")
+        fill_store(store, size, seed=size)
         model = load_model(embedder)
         detector = Detector(embedder, model, store)
         events = [event for event, _, _ in devset]
