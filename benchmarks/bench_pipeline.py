@@ -236,6 +236,23 @@ class Pipeline:
                     beating.add(str(msg.json().get("agent")))
             self.node.ephemeral_inbox.clear()
 
+    def witness_text_cache(self) -> dict[str, int]:
+        """WITNESS's text-cache counters (texts decided without embedding or n-grams, and
+        texts worked out) from its next heartbeat, the ones already queued dropped."""
+        for _ in range(1000):
+            if not self.node.receive(timeout_ms=0):
+                break
+        self.node.ephemeral_inbox.clear()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.node.receive(timeout_ms=100)
+            beats = [m.json() for m in self.node.ephemeral_inbox if m.stream == HEARTBEATS]
+            self.node.ephemeral_inbox.clear()
+            for beat in beats:
+                if beat.get("agent") == "witness" and "text_cache" in beat:
+                    return {k: int(v) for k, v in beat["text_cache"].items()}
+        raise SystemExit("no heartbeat from WITNESS with its text-cache counters in 10 s")
+
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
@@ -476,6 +493,7 @@ def throughput(pipe: Pipeline, n: int) -> dict[str, Any]:
     time.sleep(0.1)
     base = dict(watch.cursors[-1][1]) if watch.cursors else {}
     exemplars_before = pipe.marks[-1][1].exemplars if pipe.marks else 0
+    cache_before = pipe.witness_text_cache()
     cpu_before = pipe.cpu_s()
     started = time.monotonic()
     for batch in batches:
@@ -483,6 +501,7 @@ def throughput(pipe: Pipeline, n: int) -> dict[str, Any]:
     published = time.monotonic()
     pipe.wait_done(ids, timeout_s=120 + n / 20)
     cpu_after = pipe.cpu_s()
+    cache_after = pipe.witness_text_cache()
     watch.sample_cursors = False
     watch.interval_s = 0.001
     seen = watch.seen
@@ -507,6 +526,7 @@ def throughput(pipe: Pipeline, n: int) -> dict[str, Any]:
               "publisher_per_s": round(n / (published - started)),
               "statuses": _statuses(seen, ids), "stages": stages,
               "agents_cpu_ms_per_event": round(1000 * cpu_per_event, 3),
+              "witness_text_cache": {k: cache_after[k] - cache_before[k] for k in cache_after},
               "cpu_bound_events_per_s": round((os.cpu_count() or 1) / cpu_per_event)}
     print(f"  throughput: {n:,} events in {result['seconds']:.2f} s = "
           f"{result['events_per_s']:,.0f} events/s (publisher alone "
@@ -514,6 +534,10 @@ def throughput(pipe: Pipeline, n: int) -> dict[str, Any]:
           f"ms per event (all {os.cpu_count()} cores busy: at most "
           f"{result['cpu_bound_events_per_s']:,} events/s); WITNESS's store held "
           f"{exemplars_before:,} exemplars at the start", flush=True)
+    cache = result["witness_text_cache"]
+    print(f"    WITNESS's text cache: {cache['hits']:,} events of a text seen lately, "
+          f"{cache['misses']:,} worked out (the plan's scenario reuses its variants; "
+          f"bench-witness and bench-witness-stream time texts not seen before)", flush=True)
     for name, stage in stages.items():
         print(f"    {name:<10} applied {stage['applied']:>6,} at {stage['per_s']:>6,}/s, done "
               f"{stage['finished_after_s']:>6.2f} s after the first publish, "

@@ -64,9 +64,10 @@ trained model, inference: ``Detector``), ``train`` (fitting all of it) and ``dat
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -178,9 +179,28 @@ class Detection:
     key: str = ""  # ``text.key_of`` its normalised form: the same event has the same key
 
 
+# Event texts whose text-only work (normalised form, embedding, base log-probabilities)
+# a detector keeps, least recently seen dropped first. Recurring events are the common case
+# (a crash loop logs one line, a gate prints one finding, the plan's scenario reuses its
+# variants); a text's neighbours are still searched every time, the store changes. An
+# entry is ~2.5 kB (the vector is most of it), so ~2.5 MB when full.
+TEXT_CACHE = 1024
+
+
+class _Prepared(NamedTuple):
+    """What a text decides before the exemplars are asked: a pure function of the text and
+    the model, so it is kept per text (``Detector.text_cache``)."""
+
+    normalised: str
+    key: str
+    vector: np.ndarray  # (dim,) the embedding
+    base_logp: np.ndarray  # (labels,) the base classifier's log-probabilities
+
+
 class Detector:
     def __init__(
-        self, embedder: Embedder, model: TrainedModel, exemplars: NeighbourSearch
+        self, embedder: Embedder, model: TrainedModel, exemplars: NeighbourSearch, *,
+        text_cache: int = TEXT_CACHE,
     ) -> None:
         if model.embedder_fingerprint != embedder.fingerprint:
             # A model trained on another table would read its vectors as noise.
@@ -188,6 +208,19 @@ class Detector:
         self.embedder = embedder
         self.model = model
         self.exemplars = exemplars
+        self.text_cache = text_cache  # 0: every text is worked out afresh
+        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
+        self.text_hits = self.text_misses = 0
+
+    def _base_logp(self, normalised: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        return _log_softmax(self.model.base_logits(vectors, _sparse_features(normalised)))
+
+    def _probabilities(self, base_logp: np.ndarray,
+                       neighbours: Sequence[Sequence[Neighbour]]) -> np.ndarray:
+        knn = np.stack([_neighbour_features(nb, self.model.vote_temperature)
+                        for nb in neighbours])
+        probs: np.ndarray = np.exp(_log_softmax(self.model.combined_logits(base_logp, knn)))
+        return probs
 
     def probabilities_many(
         self, normalised: Sequence[str], vectors: np.ndarray,
@@ -195,27 +228,51 @@ class Detector:
     ) -> np.ndarray:
         """(n, labels) calibrated probabilities of the texts (given ``normalise``d): one
         n-gram pass and one matrix product for all of them."""
-        sparse = _sparse_features(normalised)
-        base_logp = _log_softmax(self.model.base_logits(vectors, sparse))
-        knn = np.stack([_neighbour_features(nb, self.model.vote_temperature)
-                        for nb in neighbours])
-        probs: np.ndarray = np.exp(_log_softmax(self.model.combined_logits(base_logp, knn)))
-        return probs
+        return self._probabilities(self._base_logp(normalised, vectors), neighbours)
+
+    def _prepare(self, texts: Sequence[str]) -> list[_Prepared]:
+        """Each text's text-only work: from the cache, or for the texts it lacks (each
+        once) with one normalising pass, one embedding call and one matrix product."""
+        cache = self._prepared
+        missing = list(dict.fromkeys(text for text in texts if text not in cache))
+        fresh: dict[str, _Prepared] = {}
+        if missing:
+            normalised = [normalise(text) for text in missing]
+            vectors = self.embedder.embed(missing)
+            logp = self._base_logp(normalised, vectors)
+            fresh = {text: _Prepared(normalised[i], key_of(normalised[i]), vectors[i].copy(),
+                                     logp[i].copy())
+                     for i, text in enumerate(missing)}
+        out = []
+        for text in texts:
+            hit = cache.get(text)
+            if hit is None:
+                out.append(fresh[text])
+            else:
+                cache.move_to_end(text)
+                out.append(hit)
+        self.text_hits += len(texts) - len(missing)
+        self.text_misses += len(missing)
+        if self.text_cache > 0:
+            cache.update(fresh)
+            while len(cache) > self.text_cache:
+                cache.popitem(last=False)
+        return out
 
     def classify(self, event: Mapping[str, Any]) -> Detection:
         return self.classify_many([event])[0]
 
     def classify_many(self, events: Sequence[Mapping[str, Any]]) -> list[Detection]:
         """Each event's decision; one embedding call, one index search, one n-gram pass and
-        one matrix product for them all, so a batch costs less per event than one."""
+        one matrix product for them all, so a batch costs less per event than one. A text
+        seen lately skips its text-only work (``TEXT_CACHE``)."""
         if not events:
             return []
         ets = [event_text(event) for event in events]
-        texts = [et.text for et in ets]
-        normalised = [normalise(text) for text in texts]
-        vectors = self.embedder.embed(texts)
+        prepared = self._prepare([et.text for et in ets])
+        vectors = np.stack([p.vector for p in prepared])
         neighbours = self.exemplars.search_many(vectors, self.model.k)
-        probs = self.probabilities_many(normalised, vectors, neighbours)
+        probs = self._probabilities(np.stack([p.base_logp for p in prepared]), neighbours)
         best_patterns, scores = _flag_scores(probs)
         bars = (np.asarray(self.model.class_thresholds)[best_patterns]
                 if self.model.class_thresholds is not None
@@ -235,9 +292,9 @@ class Detector:
                 confidence=confidence,
                 probabilities={lab: float(p) for lab, p in zip(LABELS, row, strict=True)},
                 neighbours=tuple(neighbours[i]),
-                vector=vectors[i],
+                vector=prepared[i].vector,
                 notes=et.notes,
                 text=et.text,
-                key=key_of(normalised[i]),
+                key=prepared[i].key,
             ))
         return out

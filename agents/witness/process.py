@@ -120,6 +120,10 @@ class Witness(BusProcess):
             # Detections are safe in the local outbox meanwhile; the controller alerts.
             beat["database_error"] = {"error": problem, "error_type": "FirestoreUnavailable",
                                       "database": "firestore", "ts_ms": now_ms()}
+        if hasattr(self, "knowledge"):
+            # texts decided from the detector's text cache (no embedding, no n-grams) and not
+            detector = self.knowledge.detector
+            beat["text_cache"] = {"hits": detector.text_hits, "misses": detector.text_misses}
         return beat
 
     def prepare(self, msg: Message) -> Callable[[Transaction], None]:
