@@ -17,7 +17,6 @@ module executes them, it names no table itself.
 from __future__ import annotations
 
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from trinity.bus.message import MAX_ID_LEN, Message
 from trinity.clock import now_ms
-from trinity.db import connect, create_schema
+from trinity.db import begin_immediate_polling, connect, create_schema
 from trinity.errors import InvalidPayload, JournalError
 from trinity.stores import journal as store
 from trinity.stores.journal import Backlog, DeadLetter
@@ -227,36 +226,8 @@ class Journal:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
 
     def _begin_immediate(self) -> None:
-        """``BEGIN IMMEDIATE``, polling for the write lock every 50 us to 0.5 ms.
-
-        SQLite's busy handler sleeps 1, 2, 5, 10, ... ms between attempts, while
-        the other writer (a publisher's or a consumer's batch) usually lets go
-        well within a millisecond: with two busy processes, a fifth of their time
-        went to those sleeps. So the busy timeout is off for this one statement
-        (it stays on for everything else) and the lock is polled here, still up
-        to ``busy_timeout_ms`` in all.
-        """
-        conn = self.conn
-        conn.execute("PRAGMA busy_timeout=0")
-        try:
-            deadline = 0.0
-            delay = 50e-6
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
-                        raise
-                    now = time.monotonic()
-                    if not deadline:
-                        deadline = now + self._busy_timeout_ms / 1000
-                    elif now > deadline:
-                        raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.0005)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        """``BEGIN IMMEDIATE``, polling for the write lock (``begin_immediate_polling``)."""
+        begin_immediate_polling(self.conn, self._busy_timeout_ms)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

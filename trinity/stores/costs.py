@@ -216,6 +216,7 @@ class CostLedger:
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
         self.conn = connect(self.path, timeout_s=busy_timeout_ms / 1000, check_same_thread=False)
+        self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.Lock()
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -224,7 +225,9 @@ class CostLedger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, immediate(self.conn) as conn:
+        # ARCHITECT and EXECUTOR write one row per model call each: the lock is polled
+        # for, not slept on (it is held for well under a millisecond)
+        with self._lock, immediate(self.conn, poll_busy_ms=self._busy_timeout_ms) as conn:
             yield conn
 
     def record(self, call: CallRecord, *, answer: str | None = None) -> None:

@@ -1,0 +1,77 @@
+"""Waiting for a store's write lock: the cost ledger, written by two busy agents at once,
+polls for it as the journal does, instead of sleeping in SQLite's busy handler."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trinity.db import begin_immediate_polling, connect
+from trinity.stores.costs import SUCCESS, CallRecord, CostLedger
+
+
+def hold_write_lock(db: Path, seconds: float) -> threading.Thread:
+    """Another connection holds the write lock for ``seconds`` (in a thread)."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            locked.set()
+            time.sleep(seconds)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(5)
+    return thread
+
+
+def record(call_id: str) -> CallRecord:
+    return CallRecord(call_id, f"req-{call_id}", 1, "primary", 1, None, None, "architect",
+                      "local", "llama_cpp", "m", True, 10, 5, 0, 0, False, 0.0, 1.0, SUCCESS,
+                      None, None, "e1", None)
+
+
+def test_the_ledger_polls_for_the_lock_another_agent_holds(tmp_path: Path) -> None:
+    ledger = CostLedger(tmp_path / "costs.db")
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    holder = hold_write_lock(tmp_path / "costs.db", 0.15)
+    started = time.monotonic()
+    ledger.record(record("c1"), answer="{}")
+    waited = time.monotonic() - started
+    holder.join()
+    assert 0.1 < waited < 2.0
+    assert [c["call_id"] for c in ledger.calls()] == ["c1"]
+    # polled: many attempts with the busy handler off, then the timeout put back
+    assert statements.count("BEGIN IMMEDIATE") > 10
+    assert statements[0] == "PRAGMA busy_timeout=0"
+    assert ledger.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    ledger.close()
+
+
+def test_polling_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    conn = connect(db, timeout_s=0.2)
+    conn.execute("PRAGMA journal_mode=WAL")
+    holder = hold_write_lock(db, 1.0)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate_polling(conn, 200)
+    waited = time.monotonic() - started
+    holder.join()
+    assert 0.15 < waited < 0.9
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 200
+    begin_immediate_polling(conn, 200)  # free again: taken at once
+    assert conn.in_transaction
+    conn.execute("ROLLBACK")
+    conn.close()
