@@ -30,7 +30,6 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, runtime_checkable
@@ -48,6 +47,7 @@ from trinity.stores.costs import (
     TIMEOUT,
     CallRecord,
     CostLedger,
+    new_call_id,
     price_usd,
 )
 
@@ -346,7 +346,7 @@ class Router:
         status = SUCCESS if error is None else (TIMEOUT if isinstance(error, ModelTimeout)
                                                 else ERROR)
         return CallRecord(
-            call_id=uuid.uuid4().hex, request_id=ctx.request_id, attempt=number, route=route,
+            call_id=new_call_id(), request_id=ctx.request_id, attempt=number, route=route,
             ts_ms=ts_ms, sim_elapsed_s=ctx.sim_elapsed_s, run_id=ctx.run_id, agent=ctx.agent,
             provider=provider.name, provider_kind=provider.kind,
             model=completion.model if completion is not None else provider.model,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trinity.db import begin_immediate_polling, connect
-from trinity.stores.costs import SUCCESS, CallRecord, CostLedger
+from trinity.stores.costs import SUCCESS, CallRecord, CostLedger, new_call_id
 
 
 def hold_write_lock(db: Path, seconds: float) -> threading.Thread:
@@ -75,3 +75,21 @@ def test_polling_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
     assert conn.in_transaction
     conn.execute("ROLLBACK")
     conn.close()
+
+
+def test_call_ids_are_unique_and_sort_by_time(tmp_path: Path) -> None:
+    """So each new ledger row lands at the right edge of the call-id index."""
+    ids = []
+    for _ in range(3):
+        ids += [new_call_id() for _ in range(500)]
+        time.sleep(0.002)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)
+    assert ids[0][:12] < ids[-1][:12]
+    ledger = CostLedger(tmp_path / "costs.db")
+    ledger.record(record(ids[0]))
+    row = ledger.calls()[0]
+    assert row["call_id"] == ids[0] and row["local"] == 1 and row["tokens_estimated"] == 0
+    assert row["input_tokens"] == 10 and row["event_id"] == "e1" and row["sim_elapsed_s"] is None
+    ledger.close()
