@@ -34,7 +34,10 @@ CONTEXT_FIELDS = ("severity", "file", "line", "error_type", "test_name", "files"
 class ModelAgent(BusProcess):
     topology = TOPOLOGY
     prepares: ClassVar[bool] = True
-    isolate_each_message: ClassVar[bool] = True
+    # A commit only writes inside the journal transaction (the call was paid and
+    # recorded before it): a batch runs without a savepoint per message, and again with
+    # one only if a commit raises (a message that is bad input, dead-lettered alone).
+    isolate_each_message: ClassVar[bool] = False
 
     def initialize(self) -> None:
         self._run_budgets: dict[str, tuple[float, str]] = {}
