@@ -265,20 +265,24 @@ class Detector:
     def classify_many(self, events: Sequence[Mapping[str, Any]]) -> list[Detection]:
         """Each event's decision; one embedding call, one index search, one n-gram pass and
         one matrix product for them all, so a batch costs less per event than one. A text
-        seen lately skips its text-only work (``TEXT_CACHE``)."""
+        seen lately skips its text-only work (``TEXT_CACHE``), and events of one text in
+        a batch are decided once: the store does not change within a batch."""
         if not events:
             return []
         ets = [event_text(event) for event in events]
-        prepared = self._prepare([et.text for et in ets])
+        texts = list(dict.fromkeys(et.text for et in ets))
+        prepared = self._prepare(texts)
+        self.text_hits += len(ets) - len(texts)
         vectors = np.stack([p.vector for p in prepared])
         neighbours = self.exemplars.search_many(vectors, self.model.k)
         probs = self._probabilities(np.stack([p.base_logp for p in prepared]), neighbours)
         best_patterns, scores = _flag_scores(probs)
         bars = (np.asarray(self.model.class_thresholds)[best_patterns]
                 if self.model.class_thresholds is not None
-                else np.full(len(events), self.model.threshold))
-        out = []
-        for i, et in enumerate(ets):
+                else np.full(len(texts), self.model.threshold))
+        decided: dict[str, tuple[str | None, str, float, dict[str, float],
+                                 tuple[Neighbour, ...], _Prepared]] = {}
+        for i, text in enumerate(texts):
             best, score, row = int(best_patterns[i]), float(scores[i]), probs[i]
             if score >= float(bars[i]) and score > 0.5:
                 pattern: str | None = PATTERNS[best]
@@ -286,15 +290,15 @@ class Detector:
             else:
                 pattern = None
                 confidence = float(row[_NONE_INDEX])
+            decided[text] = (pattern, LABELS[int(row.argmax())], confidence,
+                             {lab: float(p) for lab, p in zip(LABELS, row, strict=True)},
+                             tuple(neighbours[i]), prepared[i])
+        out = []
+        for et in ets:
+            pattern, label, confidence, probabilities, near, prep = decided[et.text]
             out.append(Detection(
-                pattern=pattern,
-                label=LABELS[int(row.argmax())],
-                confidence=confidence,
-                probabilities={lab: float(p) for lab, p in zip(LABELS, row, strict=True)},
-                neighbours=tuple(neighbours[i]),
-                vector=prepared[i].vector,
-                notes=et.notes,
-                text=et.text,
-                key=prepared[i].key,
+                pattern=pattern, label=label, confidence=confidence,
+                probabilities=dict(probabilities), neighbours=near, vector=prep.vector,
+                notes=et.notes, text=et.text, key=prep.key,
             ))
         return out

@@ -166,8 +166,9 @@ def test_each_benchmark_builds_rows_of_the_common_shape(rows: ModuleType) -> Non
             "p99_ms": 51.0, "delivered_per_s": 199.0}
     at = {"exemplars": 1000, "journal_messages": 10, "store_files_mb": 1.0,
           "total_rss_mb": 200.0}
-    built = pipeline.build_rows({"commits_per_s": 9000, "p99_ms": 0.3}, [tier],
-                                {"events_per_s": 2100.0},
+    thr = {"events_per_s": 2100.0, "exemplars_before": 10_050, "agents_cpu_ms_per_event": 0.9,
+           "stages": {"witness": {"cpu_ms_per_message": 0.55}}}
+    built = pipeline.build_rows({"commits_per_s": 9000, "p99_ms": 0.3}, [tier], thr,
                                 {"after_phase": {"warm-up": at}, "mb_per_1000_exemplars": 2.0})
     witness = _load("bench_witness").table_rows(
         [{"size": 1000, "exemplars": 1026, "p99_ms": 1.2, "rss_mb": 97.0},
@@ -181,6 +182,18 @@ def test_each_benchmark_builds_rows_of_the_common_shape(rows: ModuleType) -> Non
     verdicts = {r["name"]: r["met"] for r in built + witness if r["met"] is not None}
     assert verdicts == {
         "pipeline: events/s end to end": True,
+        "pipeline: WITNESS CPU per event at 10,050 exemplars (throughput phase)": False,
         "pipeline: p99 event-to-outcome at the latency target load (200 events/s)": False,
         "witness: p99 classification at 10,000 exemplars": False}
     assert [r["ratio"] for r in llm] == [1.01, 1.01]
+    # the same verdicts decide the exit, for the targets BENCH_GATE names
+    assert pipeline.target_verdicts([tier], thr) == {
+        "events": True, "latency": False, "witness": False}
+    thr["stages"]["witness"]["cpu_ms_per_message"] = 0.45
+    assert pipeline.target_verdicts([tier], thr)["witness"] is True
+    thr["exemplars_before"] = 1_200  # met, but not at the size the target names
+    assert pipeline.target_verdicts([tier], thr)["witness"] is False
+    assert pipeline.gates("") == {"events", "latency", "witness"}
+    assert pipeline.gates("latency, witness") == {"latency", "witness"}
+    with pytest.raises(SystemExit, match="unknown target"):
+        pipeline.gates("latency,speed")

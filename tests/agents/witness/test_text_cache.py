@@ -106,3 +106,34 @@ def test_without_the_cache_every_text_is_worked_out(
     plain.classify(CRASH)
     assert counting.embedded == [event_text(CRASH).text] * 2
     assert len(plain._prepared) == 0
+
+
+class CountingSearch:
+    """The real exemplars, counting the vectors searched for."""
+
+    def __init__(self, inner: InMemoryExemplars) -> None:
+        self.inner = inner
+        self.searched = 0
+
+    def search(self, vector: np.ndarray, k: int) -> list:  # type: ignore[type-arg]
+        return self.search_many(vector.reshape(1, -1), k)[0]
+
+    def search_many(self, vectors: np.ndarray, k: int) -> list:  # type: ignore[type-arg]
+        self.searched += len(vectors)
+        return self.inner.search_many(vectors, k)
+
+
+def test_events_of_one_text_in_a_batch_are_decided_once(
+        embedder: Embedder, model: TrainedModel) -> None:
+    exemplars = seeded(embedder)
+    counting = CountingSearch(exemplars)
+    detector = Detector(embedder, model, counting)  # type: ignore[arg-type]
+    batch = [CRASH, {"message": TEXTS[1]}, dict(CRASH, event_id="again"), CRASH]
+    decided = detector.classify_many(batch)
+    assert counting.searched == 2
+    alone = Detector(embedder, model, exemplars, text_cache=0)
+    for event, det in zip(batch, decided, strict=True):
+        same(det, alone.classify(event))
+    # each event gets its own decision object: one changed does not change the others
+    decided[0].probabilities["none"] = -1.0  # type: ignore[index]
+    assert decided[2].probabilities["none"] >= 0.0
