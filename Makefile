@@ -100,7 +100,7 @@ bench-24h: install ## Benchmark: compressed 24-hour run: wall time, peak total m
 bench: install ## Benchmark suite: bus, pipeline, witness, llm, 24h in one table, reports/bench_YYYYMMDD.md (exit 1 if a target is missed; BENCH_SHORT=1: short forms)
 	python benchmarks/bench_all.py
 
-bench-pipeline: install ## Benchmark: end to end with the instant provider: >= 2,000 events/s, p99 <= 50 ms at 200 events/s (exit 1 if missed)
+bench-pipeline: install ## Benchmark: end to end with the instant provider: >= 2,000 events/s, p99 <= 50 ms at 200 events/s, WITNESS <= 0.5 ms CPU/event at 10k exemplars (exit 1 if missed; BENCH_GATE=latency,witness: only those)
 	python benchmarks/bench_pipeline.py
 
 # CHAOS_ARGS="--duration 6 --kills 10 --stops 2" is the short form CI runs.
