@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,3 +159,24 @@ def firestore_emulator() -> Iterator[FirestoreEmulator]:
     emulator = FirestoreEmulator().start()
     yield emulator
     emulator.stop()
+
+
+def hold_write_lock(db: Path, seconds: float) -> threading.Thread:
+    """Another connection holds ``db``'s write lock for ``seconds`` (in a thread, started
+    and holding it when this returns)."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            locked.set()
+            time.sleep(seconds)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(5)
+    return thread

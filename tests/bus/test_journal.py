@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.bus._common import ALPHA, BETA, CONSUMER, TOPOLOGY
+from tests.conftest import hold_write_lock
 from trinity.bus.config import BusConfig
 from trinity.bus.journal import DEAD_LETTER_RAW_LIMIT, Journal, Transaction, message_id
 from trinity.bus.message import (
@@ -346,28 +345,8 @@ def test_failed_commit_is_rolled_back_and_the_journal_stays_usable(journal: Jour
 # -- waiting for the write lock -------------------------------------------------
 
 
-def _hold_write_lock(db: Path, seconds: float) -> threading.Thread:
-    """Another connection holds the write lock for ``seconds`` (in a thread)."""
-    locked = threading.Event()
-
-    def hold() -> None:
-        other = sqlite3.connect(db, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            locked.set()
-            time.sleep(seconds)
-            other.execute("COMMIT")
-        finally:
-            other.close()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert locked.wait(5)
-    return thread
-
-
 def test_transaction_waits_for_another_writer(journal: Journal, bus_settings: Settings) -> None:
-    holder = _hold_write_lock(bus_settings.messages_db, 0.15)
+    holder = hold_write_lock(bus_settings.messages_db, 0.15)
     start = time.monotonic()
     with journal.transaction() as tx:
         tx.publish(ALPHA, _payload(1))
@@ -382,7 +361,7 @@ def test_transaction_waits_for_another_writer(journal: Journal, bus_settings: Se
 def test_transaction_gives_up_after_the_busy_timeout(bus_settings: Settings) -> None:
     journal = Journal(bus_settings.messages_db, source="impatient", busy_timeout_ms=200)
     try:
-        holder = _hold_write_lock(bus_settings.messages_db, 1.0)
+        holder = hold_write_lock(bus_settings.messages_db, 1.0)
         start = time.monotonic()
         with pytest.raises(JournalError, match="locked"), journal.transaction() as tx:
             tx.publish(ALPHA, _payload(1))

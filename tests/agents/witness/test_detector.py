@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.agents.witness.conftest import seeded
 from trinity.agents.witness.dataset import load_devset
 from trinity.agents.witness.embedding import Embedder
 from trinity.agents.witness.evaluate import PLAN_EVENTS, SANITY_NEGATIVES
@@ -27,19 +28,6 @@ from trinity.agents.witness.text import EventText, event_text, normalise
 from trinity.agents.witness.train import train
 from trinity.contract import LABELS, NONE, PATTERNS
 from trinity.errors import InvalidPayload
-
-
-@pytest.fixture(scope="module")
-def model(embedder: Embedder) -> TrainedModel:
-    return train([(event, label) for event, label, _ in load_devset()], embedder)
-
-
-def seeded(embedder: Embedder) -> InMemoryExemplars:
-    data = load_devset()
-    exemplars = InMemoryExemplars(embedder.dim)
-    vectors = embedder.embed([event_text(event).text for event, _, _ in data])
-    exemplars.add(vectors, [label for _, label, _ in data], "seed")
-    return exemplars
 
 
 @pytest.fixture

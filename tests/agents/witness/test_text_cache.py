@@ -8,12 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from trinity.agents.witness.dataset import load_devset
+from tests.agents.witness.conftest import seeded
 from trinity.agents.witness.embedding import Embedder
 from trinity.agents.witness.exemplars import InMemoryExemplars
 from trinity.agents.witness.model import Detection, Detector, TrainedModel
 from trinity.agents.witness.text import event_text
-from trinity.agents.witness.train import train
 
 CRASH = {"message": "worker 3 died: segmentation fault (core dumped) in libvips resize"}
 TEXTS = ["the nightly job timed out talking to the billing gateway (502)",
@@ -34,19 +33,6 @@ class CountingEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.embedded.extend(texts)
         return self.inner.embed(texts)
-
-
-@pytest.fixture(scope="module")
-def model(embedder: Embedder) -> TrainedModel:
-    return train([(event, label) for event, label, _ in load_devset()], embedder)
-
-
-def seeded(embedder: Embedder) -> InMemoryExemplars:
-    data = load_devset()
-    exemplars = InMemoryExemplars(embedder.dim)
-    exemplars.add(embedder.embed([event_text(e).text for e, _, _ in data]),
-                  [label for _, label, _ in data], "seed")
-    return exemplars
 
 
 def same(a: Detection, b: Detection) -> None:

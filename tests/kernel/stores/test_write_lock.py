@@ -4,34 +4,14 @@ polls for it as the journal does, instead of sleeping in SQLite's busy handler."
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import hold_write_lock
 from trinity.db import begin_immediate_polling, connect
 from trinity.stores.costs import SUCCESS, CallRecord, CostLedger, new_call_id
-
-
-def hold_write_lock(db: Path, seconds: float) -> threading.Thread:
-    """Another connection holds the write lock for ``seconds`` (in a thread)."""
-    locked = threading.Event()
-
-    def hold() -> None:
-        other = sqlite3.connect(db, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            locked.set()
-            time.sleep(seconds)
-            other.execute("COMMIT")
-        finally:
-            other.close()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert locked.wait(5)
-    return thread
 
 
 def record(call_id: str) -> CallRecord:
