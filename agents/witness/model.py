@@ -222,14 +222,6 @@ class Detector:
         probs: np.ndarray = np.exp(_log_softmax(self.model.combined_logits(base_logp, knn)))
         return probs
 
-    def probabilities_many(
-        self, normalised: Sequence[str], vectors: np.ndarray,
-        neighbours: Sequence[Sequence[Neighbour]],
-    ) -> np.ndarray:
-        """(n, labels) calibrated probabilities of the texts (given ``normalise``d): one
-        n-gram pass and one matrix product for all of them."""
-        return self._probabilities(self._base_logp(normalised, vectors), neighbours)
-
     def _prepare(self, texts: Sequence[str]) -> list[_Prepared]:
         """Each text's text-only work: from the cache, or for the texts it lacks (each
         once) with one normalising pass, one embedding call and one matrix product."""

@@ -121,7 +121,8 @@ class Witness(BusProcess):
             beat["database_error"] = {"error": problem, "error_type": "FirestoreUnavailable",
                                       "database": "firestore", "ts_ms": now_ms()}
         if hasattr(self, "knowledge"):
-            # texts decided from the detector's text cache (no embedding, no n-grams) and not
+            # events decided from the detector's text cache (no embedding, no n-grams),
+            # and texts worked out
             detector = self.knowledge.detector
             beat["text_cache"] = {"hits": detector.text_hits, "misses": detector.text_misses}
         return beat
