@@ -82,10 +82,25 @@ def test_kill_9_of_the_stream_leader_loses_and_doubles_nothing(cluster: NatsClus
             for n in range(40, 60):  # republished around the kill: dropped by the server
                 await _publish(js, n)
             info = await js.stream_info("EVENTS")
-            sub = await js.pull_subscribe("events.>", durable="reader")
+            # The consumer is a replicated group of its own, made while a node is down:
+            # asked again until the cluster answers (a busy host can take seconds).
+            sub = None
+            for _ in range(30):
+                try:
+                    sub = await js.pull_subscribe("events.>", durable="reader")
+                    break
+                except (NatsTimeout, NoRespondersError, ServiceUnavailableError):
+                    await asyncio.sleep(0.5)
+            assert sub is not None, "no durable consumer in 30 tries"
             got: list[int] = []
-            while len(got) < info.state.messages:
-                for msg in await sub.fetch(100, timeout=5):
+            for _ in range(30):  # fetches of up to 5 s each; a lost message ends it short
+                if len(got) >= info.state.messages:
+                    break
+                try:
+                    batch = await sub.fetch(100, timeout=5)
+                except NatsTimeout:
+                    continue
+                for msg in batch:
                     got.append(int(msg.data))
                     await msg.ack()
             return leader, info.cluster.leader, got
